@@ -1,0 +1,95 @@
+r"""AutoRad-Lung: AIMv2 image features matched against radiomics-conditioned prompts.
+
+The argument after the colon picks the size:
+  tiny   random-init small towers, 32^3 crops, runs on a 2-core CPU in minutes (the demo uses it);
+  large  aimv2-large-patch14-224 vision tower (1024 wide, 24 layers) with the AIMv2-LiT text tower.
+
+CPU, demo data:
+  python run.py train --config configs/autorad_lung.py:tiny --workdir workdir/tiny
+
+One GPU or a TPU host, real weights and data (`run.py prepare` builds the dataset):
+  python run.py train --config configs/autorad_lung.py:large \
+    --config.model.aimv2_dir=/models/aimv2-large-patch14-224-lit \
+    --config.data.data_dir=/data/tensorflow_datasets --workdir workdir/large
+
+Baselines share everything else: --config.model.name=coop|radiomics_logreg|radiomics_mlp|linear_probe.
+"""
+
+import ml_collections
+
+CLASS_NAMES = ("benign lung nodule", "indeterminate lung nodule", "malignant lung nodule")
+
+
+def _tower(hidden: int, layers: int, heads: int, mlp: int, **extra) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp, **extra))
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """Returns the experiment config for `arg` in {'tiny', 'large'}."""
+    if arg not in ("tiny", "large"):
+        raise ValueError(f"configs/autorad_lung.py: unknown variant {arg!r}; use 'tiny' or 'large'.")
+    tiny = arg == "tiny"
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # One value for the pipeline's output size and the vision tower's input size; a checkpoint trained at
+    # another size gets its position-embedding grid interpolated to this one.
+    image_size = ml_collections.FieldReference(56 if tiny else 224)
+
+    config.data = ml_collections.ConfigDict(dict(
+        name="lidc_idri",
+        builder_config="crop32_1mm" if tiny else "crop64_1mm",
+        data_dir="workdir/tensorflow_datasets",
+        view="2.5d",  # '2.5d': centre axial slice and neighbours; 'planes': axial/coronal/sagittal centre slices.
+        window_hu=(-1000.0, 400.0),
+        image_size=image_size,
+        label_scheme="3class",  # '3class' (benign/unsure/malignant) or 'binary' (unsure band dropped).
+        augment=True,
+        batch_size=32 if tiny else 64,
+        eval_batch_size=64 if tiny else 128,
+        worker_count=0,  # grain worker processes per host; 0 reads in the main process.
+        cv_fold=-1,  # >=0: train on the other folds of train+validation, evaluate on this one.
+    ))
+
+    config.model = ml_collections.ConfigDict(dict(
+        name="autorad_lung",  # autorad_lung | coop | radiomics_logreg | radiomics_mlp | linear_probe
+            aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
+        dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+        vision=_tower(64, 2, 2, 128, patch_size=14, image_size=image_size, use_head=True) if tiny
+        else _tower(1024, 24, 8, 2816, patch_size=14, image_size=image_size, use_head=True),
+        text=_tower(64, 2, 2, 128, max_position_embeddings=32) if tiny
+        else _tower(768, 12, 6, 2048, max_position_embeddings=77),
+        projection_dim=64 if tiny else 768,
+        class_names=CLASS_NAMES,  # the binary scheme uses the first and last.
+        n_ctx=4,
+        ctx_init="a CT scan of a",  # empty: contexts drawn from N(0, 0.02).
+        conditioning="shared",  # shared (CoCoOp: one shift for all context tokens) | per_token
+        meta_hidden_dim=16 if tiny else 48,
+        pooling="head",  # head (attention-pool head) | mean (mean of patch tokens)
+        trainable="prompt",  # prompt | last_k (+ last k vision blocks) | full
+        trainable_last_k=0,
+        prompt_chunk_size=0,  # >0 bounds the text pass to this many prompts at once (memory: B*classes*tokens*width).
+        radiomics_mlp_hidden=(64,),
+    ))
+
+    config.optim = ml_collections.ConfigDict(dict(
+        name="adamw",  # adamw | sgd
+        learning_rate=2e-3,
+        weight_decay=1e-4,
+        momentum=0.9,
+        warmup_steps=20 if tiny else 200,
+        grad_clip_norm=1.0,
+        grad_accum_steps=1,
+    ))
+
+    config.train = ml_collections.ConfigDict(dict(
+        num_steps=200 if tiny else 5000,
+        log_every=10 if tiny else 50,
+        eval_every=100 if tiny else 500,
+        checkpoint_every=100 if tiny else 500,
+        keep_checkpoints=3,
+    ))
+
+    # Mesh axis sizes; -1 takes the remaining devices.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    return config

@@ -1,0 +1,118 @@
+r"""autorad-jax: lung-nodule malignancy from CT with AutoRad-Lung in JAX/Flax.
+
+Usage: python run.py [SUBCOMMAND] [--flags]
+
+Subcommands (default: demo):
+  demo     make demo data if absent, build the dataset, train and evaluate the tiny model and a baseline
+  synth    write demo LIDC-IDRI data (real geometry and ratings, simulated intensities) in the TCIA layout
+  prepare  build the lidc_idri TFDS dataset from LIDC-IDRI on disk (--manual_dir) into --data_dir
+  train    train and evaluate a config in --workdir (resumes from its checkpoints)
+  eval     evaluate the best checkpoint of --workdir on --split
+  cv       5-fold patient cross-validation of the model and the baselines, with a summary table
+  predict  malignancy of one nodule in a new CT (--ct with --mask, --center/--diameter or --xml)
+  export   write the trained model of --workdir as transformers and PyTorch folders to --out
+
+Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error).
+"""
+
+import importlib
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_ROOT, "configs", "autorad_lung.py:tiny"), "Experiment config file:variant.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Checkpoints, metrics and reports go here.")
+_MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded from TCIA (prepare).")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; overrides config.data.data_dir.")
+_BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes for dataset generation (prepare).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (synth, export).")
+_NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval).")
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (eval, export); default: the best.")
+_AIMV2_DIR = flags.DEFINE_string("aimv2_dir", None, "Local AIMv2(-LiT) save_pretrained folder (demo).")
+_CT = flags.DEFINE_string("ct", None, "CT: DICOM series folder, or NIfTI / NRRD / MetaImage file (predict).")
+_MASK = flags.DEFINE_string("mask", None, "Nodule mask on the CT grid (predict).")
+_CENTER = flags.DEFINE_list("center", None, "Nodule centre x,y,z in mm, with --diameter (predict).")
+_DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a sphere is used as the mask (predict).")
+_XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
+_EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
+_BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
+
+SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export")
+
+
+def _library(module: str, function: str):
+    """Imports `module.function`; exits with a one-line message if that part of the library is not built yet."""
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as e:
+        if e.name and module.startswith(e.name):
+            sys.exit(f"run.py: this subcommand is not built yet ({module} is missing).")
+        raise
+
+
+def _config():
+    config = flags.FLAGS.config
+    if _DATA_DIR.value:
+        config.data.data_dir = _DATA_DIR.value
+    return config
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error for a config override naming a key the config does not have."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        reason = str(e.args[0]).strip("\"'").replace("\\n", " ").replace("\\'", "'")
+        sys.exit(f"run.py: --config override: the config has no key {reason}")
+    except SystemExit as e:  # absl prints the usage for --help and exits 1; asking for help is no error.
+        sys.exit(0 if set(argv) & {"-h", "-?", "--help", "--helpshort", "--helpfull"} else e.code)
+    except flags.Error as e:
+        sys.exit(f"run.py: {e}\nSee python run.py --help.")
+
+
+def main(argv):
+    if len(argv) > 2:
+        raise app.UsageError(f"Expected one subcommand, got {argv[1:]}")
+    command = argv[1] if len(argv) == 2 else "demo"
+    if command not in SUBCOMMANDS:
+        raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
+    logging.info("run.py %s", command)
+
+    if command == "demo":
+        _library("autorad_jax.demo", "run_demo")(_config(), _WORKDIR.value, aimv2_dir=_AIMV2_DIR.value)
+    elif command == "synth":
+        _library("tfds_lidc.synth", "generate")(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value)
+    elif command == "prepare":
+        if not _MANUAL_DIR.value:
+            raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")
+        _library("tfds_lidc", "prepare")(
+            _MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
+            builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value)
+    elif command == "train":
+        _library("autorad_jax.train", "train_and_evaluate")(_config(), _WORKDIR.value)
+    elif command == "eval":
+        _library("autorad_jax.train", "evaluate")(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
+    elif command == "cv":
+        _library("autorad_jax.train", "cross_validate")(_config(), _WORKDIR.value)
+    elif command == "export":
+        if not _OUT.value:
+            raise app.UsageError("export needs --out.")
+        _library("autorad_jax.weights.export", "export")(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value)
+    elif command == "predict":
+        result = _library("autorad_jax.predict", "predict")(
+            ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value, xml=_XML.value,
+            workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
+        print(result)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
