@@ -1,0 +1,98 @@
+"""Models: `Model(config.model, ...)` builds the one config.model.name asks for; `trainable_filter` picks what trains.
+
+Names: autorad_lung (radiomics-conditioned prompts), coop (learned context, no meta-network), radiomics_logreg,
+radiomics_mlp, linear_probe. All share `__call__(images, radiomics, *, train=False) -> (logits [B, C], aux)`.
+
+Trainable parameters by config.model.trainable (the text tower, text projection and logit scale never train):
+  prompt  the prompt learner (`ctx`, `meta_net`) and the baselines' own layers (`classifier`, `hidden`);
+  last_k  + the last `trainable_last_k` vision blocks and the top of the vision tower: its final RMSNorm, its
+          attention-pool head and `visual_projection` (with k = 0 only that top trains);
+  full    + the whole vision tower (patch embedding and position embedding included).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+from flax import nnx
+
+from autorad_jax.data.tokenizer import load_tokenizer
+from autorad_jax.models.autorad_lung import AutoRadLung, build_aimv2
+from autorad_jax.models.baselines import LinearProbe, RadiomicsLogReg, RadiomicsMLP, build_vision
+from autorad_jax.models.prompt_learner import PromptLearner
+from autorad_jax.weights import hf_aimv2  # module import: hf_aimv2 itself imports autorad_jax.models.aimv2
+
+__all__ = ["MODEL_NAMES", "TRAINABLE_MODES", "Model", "trainable_filter"]
+
+MODEL_NAMES = ("autorad_lung", "coop", "radiomics_logreg", "radiomics_mlp", "linear_probe")
+TRAINABLE_MODES = ("prompt", "last_k", "full")
+_FROZEN = frozenset({"text_model", "text_projection", "logit_scale"})
+_VISION = frozenset({"vision_model", "visual_projection"})
+_VISION_TOP = frozenset({"rms_norm", "head"})  # children of vision_model that train in 'last_k'
+
+
+def Model(model_config, *, class_names: Sequence[str], num_radiomics: int, rngs: nnx.Rngs) -> nnx.Module:
+    """The model config.model.name names, for `class_names` and `num_radiomics` standardised radiomic features."""
+    name = model_config.name
+    dtype = jnp.dtype(model_config.dtype)
+    num_classes = len(class_names)
+    if name == "radiomics_logreg":
+        return RadiomicsLogReg(num_radiomics, num_classes, dtype=dtype, rngs=rngs)
+    if name == "radiomics_mlp":
+        return RadiomicsMLP(num_radiomics, num_classes, tuple(model_config.radiomics_mlp_hidden), dtype=dtype,
+                            rngs=rngs)
+    if name == "linear_probe":
+        return LinearProbe(build_vision(model_config, rngs=rngs), num_classes, pooling=model_config.pooling,
+                           dtype=dtype, rngs=rngs)
+    if name in ("autorad_lung", "coop"):
+        aimv2 = build_aimv2(model_config, rngs=rngs)
+        prompt_learner = PromptLearner(
+            class_names=class_names, tokenizer=load_tokenizer(model_config.aimv2_dir or None),
+            token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
+            context_length=aimv2.config.text_config.max_position_embeddings, n_ctx=model_config.n_ctx,
+            ctx_init=model_config.ctx_init, num_radiomics=num_radiomics, meta_hidden_dim=model_config.meta_hidden_dim,
+            conditioning=model_config.conditioning if name == "autorad_lung" else None, dtype=dtype, rngs=rngs)
+        return AutoRadLung(aimv2, prompt_learner, pooling=model_config.pooling,
+                           prompt_chunk_size=model_config.prompt_chunk_size)
+    raise ValueError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def _num_vision_layers(model_config) -> int:
+    if not model_config.aimv2_dir:
+        return model_config.vision.num_hidden_layers
+    config = hf_aimv2.read_config(model_config.aimv2_dir)
+    return getattr(config, "vision_config", config).num_hidden_layers
+
+
+def trainable_filter(model_config) -> Callable[[tuple, object], bool]:
+    """nnx filter `(path, variable) -> bool` of the trainable `nnx.Param`s for config.model.trainable (see above)."""
+    mode = model_config.trainable
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"config.model.trainable must be one of {TRAINABLE_MODES}, got {mode!r}")
+    first_block = 0
+    if mode == "last_k":
+        num_layers, k = _num_vision_layers(model_config), model_config.trainable_last_k
+        if not 0 <= k <= num_layers:
+            raise ValueError(f"trainable_last_k={k} is not in [0, {num_layers}] (vision blocks)")
+        first_block = num_layers - k
+
+    def vision_trains(path: tuple) -> bool:
+        if mode != "last_k":
+            return mode == "full"
+        if "vision_model" not in path:
+            return True  # visual_projection
+        below = path[path.index("vision_model") + 1:]
+        if below[0] in _VISION_TOP:
+            return True
+        return below[:2] == ("encoder", "layers") and int(below[2]) >= first_block
+
+    def is_trainable(path: tuple, variable) -> bool:
+        if not isinstance(variable, nnx.Param):
+            return False
+        names = {p for p in path if isinstance(p, str)}
+        if names & _FROZEN:
+            return False
+        return vision_trains(tuple(path)) if names & _VISION else True
+
+    return is_trainable

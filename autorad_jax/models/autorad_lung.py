@@ -1,0 +1,120 @@
+"""AutoRad-Lung: an AIMv2 image feature matched by cosine against radiomics-conditioned class prompts.
+
+    image  -> AIMv2 vision tower -> pooled (attention-pool head, or mean of tokens) -> visual_projection -> f_img [B, P]
+    radiomics -> PromptLearner -> prompts [B, C, L, D] -> frozen AIMv2-LiT text tower (pooled at EOS)
+              -> text_projection -> f_txt [B, C, P]
+    logits[b, c] = logit_scale * cos(f_img[b], f_txt[b, c])
+
+Memory of the text path: every sample has its own C class prompts, so the text tower encodes N = B x C sequences
+(N = C for CoOp, whose prompts do not depend on the sample) of L tokens (the prompt up to its EOS, ~15) at width D; each
+of its layers holds activations of N x L x D (x intermediate_size / D in the MLP, plus N x heads x L x L attention
+weights), and training keeps them for every layer for the backward pass. `prompt_chunk_size = k > 0` bounds this: the
+tower runs over ceil(N / k) chunks of k sequences one after another (`jax.lax.map`), each chunk rematerialised in the
+backward pass (`jax.checkpoint`), so only one chunk's activations (k x L x D per layer) are live at once, on top of the
+N x L x D prompt embeddings themselves. Chunking changes memory and speed, never the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autorad_jax.models.aimv2 import Aimv2Config, Aimv2Model, Aimv2TextConfig, Aimv2VisionConfig
+from autorad_jax.models.prompt_learner import PromptLearner
+from autorad_jax.weights import hf_aimv2
+
+Array = jax.Array
+POOLINGS = ("head", "mean")
+# The CLIP BPE vocabulary that the AIMv2-LiT text tower reads (see autorad_jax.data.tokenizer).
+CLIP_VOCAB_SIZE, CLIP_EOS_TOKEN_ID = 49408, 49407
+
+
+def l2_normalize(x: Array) -> Array:
+    """x / ||x|| along the last axis, in float32."""
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
+
+
+def aimv2_config(model_config) -> Aimv2Config:
+    """Joint AIMv2 config of random-init towers from config.model.vision/text/projection_dim (CLIP vocabulary)."""
+    return Aimv2Config(
+        vision_config=Aimv2VisionConfig(**model_config.vision.to_dict()),
+        text_config=Aimv2TextConfig(**model_config.text.to_dict(), vocab_size=CLIP_VOCAB_SIZE,
+                                    eos_token_id=CLIP_EOS_TOKEN_ID),
+        projection_dim=model_config.projection_dim)
+
+
+def build_aimv2(model_config, *, rngs: nnx.Rngs) -> Aimv2Model:
+    """The joint AIMv2 model: loaded from config.model.aimv2_dir when set, else random-init from the config."""
+    dtype = jnp.dtype(model_config.dtype)
+    if model_config.aimv2_dir:
+        model = hf_aimv2.load_pretrained(model_config.aimv2_dir, dtype=dtype)
+        if not isinstance(model, Aimv2Model):
+            raise ValueError(f"{model_config.aimv2_dir} holds a {type(model).__name__}; AutoRad-Lung needs a joint "
+                             "AIMv2(-LiT) image-text model (config.json model_type 'aimv2').")
+        return model
+    return Aimv2Model(aimv2_config(model_config), dtype=dtype, rngs=rngs)
+
+
+def pooled_image_features(vision_model, images: Array, pooling: str) -> Array:
+    """Vision tower output pooled by the attention-pool head ('head', when the tower has one) or token mean ('mean')."""
+    out = vision_model(images)
+    return out.pooler_output if pooling == "head" else jnp.mean(out.last_hidden_state, axis=1)
+
+
+class AutoRadLung(nnx.Module):
+    """AIMv2 towers + prompt learner. `__call__(images [B,H,W,3], radiomics [B,F]) -> (logits [B, C], aux)`.
+
+    `aux`: `image_features` [B, P] and `text_features` [B, C, P] (both L2-normalised), `logit_scale` (scalar).
+    A prompt learner without a meta-network gives CoOp.
+    """
+
+    def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str = "head",
+                 prompt_chunk_size: int = 0):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.aimv2 = aimv2
+        self.prompt_learner = prompt_learner
+        self.pooling = pooling
+        self.prompt_chunk_size = int(prompt_chunk_size)
+
+    def image_features(self, images: Array) -> Array:
+        """Projected (not normalised) image features [B, P]."""
+        return self.aimv2.visual_projection(pooled_image_features(self.aimv2.vision_model, images, self.pooling))
+
+    def text_features(self, prompts: Array) -> Array:
+        """Projected (not normalised) class features [B, C, P] of prompt embeddings [B, C, L, D]."""
+        b, c, length, d = prompts.shape
+        ids = jnp.broadcast_to(self.prompt_learner.tokenized_prompts[...][None], (b, c, length))
+        feats = self._encode_text(prompts.reshape(b * c, length, d), ids.reshape(b * c, length))
+        return feats.reshape(b, c, -1)
+
+    def _encode_text(self, embeds: Array, ids: Array) -> Array:
+        n, length, d = embeds.shape
+        k = self.prompt_chunk_size
+        if k <= 0 or n <= k:
+            return self.aimv2.get_text_features(ids, inputs_embeds=embeds)
+        graphdef, state = nnx.split((self.aimv2.text_model, self.aimv2.text_projection))
+
+        def encode(chunk: tuple[Array, Array]) -> Array:
+            text_model, text_projection = nnx.merge(graphdef, state)
+            chunk_embeds, chunk_ids = chunk
+            return text_projection(text_model(chunk_ids, inputs_embeds=chunk_embeds).pooler_output)
+
+        pad = -n % k  # padded rows are encoded and dropped
+        embeds = jnp.pad(embeds, ((0, pad), (0, 0), (0, 0))).reshape(-1, k, length, d)
+        ids = jnp.pad(ids, ((0, pad), (0, 0)), mode="edge").reshape(-1, k, length)
+        feats = jax.lax.map(jax.checkpoint(encode), (embeds, ids))
+        return feats.reshape(n + pad, -1)[:n]
+
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+        del train  # no dropout or batch statistics
+        image = l2_normalize(self.image_features(images))
+        text = l2_normalize(self.text_features(self.prompt_learner(radiomics)))
+        text = jnp.broadcast_to(text, (image.shape[0], *text.shape[1:]))  # CoOp: one set of class features
+        scale = self.aimv2.logit_scale_value()
+        logits = scale * jnp.einsum("bp,bcp->bc", image, text)
+        return logits, {"image_features": image, "text_features": text, "logit_scale": scale}

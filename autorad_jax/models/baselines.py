@@ -1,0 +1,88 @@
+"""Baselines with AutoRad-Lung's call signature: `__call__(images, radiomics, *, train=False) -> (logits, aux)`.
+
+  RadiomicsLogReg  one linear layer on the standardised radiomics (logistic regression through softmax cross-entropy);
+  RadiomicsMLP     Linear -> ReLU blocks on the radiomics, then a linear classifier;
+  LinearProbe      AIMv2 vision features (frozen unless config.model.trainable says otherwise) -> linear classifier.
+CoOp is `AutoRadLung` with a prompt learner without meta-network (see `autorad_jax.models.Model`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from autorad_jax.models.aimv2 import Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
+from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features
+from autorad_jax.weights import hf_aimv2
+
+Array = jax.Array
+
+
+def build_vision(model_config, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
+    """The AIMv2 vision tower: from config.model.aimv2_dir (a joint or vision-only folder) or random-init."""
+    dtype = jnp.dtype(model_config.dtype)
+    if not model_config.aimv2_dir:
+        return Aimv2VisionModel(Aimv2VisionConfig(**model_config.vision.to_dict()), dtype=dtype, rngs=rngs)
+    model = hf_aimv2.load_pretrained(model_config.aimv2_dir, dtype=dtype)
+    if isinstance(model, Aimv2Model):
+        return model.vision_model
+    if isinstance(model, Aimv2VisionModel):
+        return model
+    raise ValueError(f"{model_config.aimv2_dir} holds a {type(model).__name__}, which has no vision tower.")
+
+
+def _dense(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+class RadiomicsLogReg(nnx.Module):
+    """Logits = `classifier(radiomics)`; `aux` is empty."""
+
+    def __init__(self, num_radiomics: int, num_classes: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.classifier = _dense(num_radiomics, num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+        del images, train
+        return self.classifier(radiomics.astype(self.dtype)).astype(jnp.float32), {}
+
+
+class RadiomicsMLP(nnx.Module):
+    """Logits = `classifier(relu(hidden[-1](... relu(hidden[0](radiomics)))))`; `aux['features']` is the last hidden."""
+
+    def __init__(self, num_radiomics: int, num_classes: int, hidden: Sequence[int], *, dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        dims = [num_radiomics, *hidden]
+        self.dtype = dtype
+        self.hidden = nnx.List([_dense(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
+        self.classifier = _dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)
+
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+        del images, train
+        x = radiomics.astype(self.dtype)
+        for layer in self.hidden:
+            x = jax.nn.relu(layer(x))
+        return self.classifier(x).astype(jnp.float32), {"features": x}
+
+
+class LinearProbe(nnx.Module):
+    """Logits = `classifier(pooled AIMv2 vision features)`; `aux['image_features']` are the pooled features."""
+
+    def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, *, pooling: str = "head", dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.vision_model = vision_model
+        self.pooling = pooling
+        self.classifier = nnx.Linear(
+            vision_model.config.hidden_size, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None), eager_sharding=False),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,), eager_sharding=False))
+
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+        del radiomics, train
+        features = pooled_image_features(self.vision_model, images, self.pooling)
+        return self.classifier(features).astype(jnp.float32), {"image_features": features}

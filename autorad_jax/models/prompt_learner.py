@@ -1,0 +1,125 @@
+"""Radiomics-conditioned prompt learner (CoCoOp's `PromptLearner` with radiomic features in place of image features).
+
+For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]`. The context vectors `ctx` are
+learned; the meta-network `meta_net` (linear1 -> ReLU -> linear2) maps a nodule's standardised radiomic features to a
+shift of the context: one shift for all context tokens (`conditioning='shared'`, CoCoOp) or one per token
+(`'per_token'`). Without a meta-network (`conditioning=None`) this is CoOp: one context for every sample.
+
+`token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
+table at construction. Prompts are tokenised padded to the tower's max_position_embeddings, then cut after the last EOS
+of the class prompts: the text tower is causal and pools at EOS, so later positions cannot change any class feature and
+dropping them is exact (the prompt length `L` is ~15 of the tower's 77 positions).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from transformers import CLIPTokenizer
+
+from autorad_jax.data.tokenizer import count_tokens, tokenize_prompts
+
+Array = jax.Array
+CONDITIONINGS = ("shared", "per_token")
+
+
+class PromptBuffer(nnx.Variable):
+    """A constant of the prompt (token ids, fixed token embeddings): saved with the model, never trained."""
+
+
+def _partitioned(init, names: tuple):
+    return nnx.with_partitioning(init, names, eager_sharding=False)
+
+
+class MetaNet(nnx.Module):
+    """`linear2(relu(linear1(radiomics)))`: radiomic features [B, F] -> context shift [B, out_dim]."""
+
+    def __init__(self, num_radiomics: int, hidden_dim: int, out_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.linear1 = nnx.Linear(num_radiomics, hidden_dim, **kw,
+                                  kernel_init=_partitioned(nnx.initializers.lecun_normal(), (None, None)),
+                                  bias_init=_partitioned(nnx.initializers.zeros_init(), (None,)))
+        self.linear2 = nnx.Linear(hidden_dim, out_dim, **kw,
+                                  kernel_init=_partitioned(nnx.initializers.lecun_normal(), (None, "embed")),
+                                  bias_init=_partitioned(nnx.initializers.zeros_init(), ("embed",)))
+
+    def __call__(self, x: Array) -> Array:
+        return self.linear2(jax.nn.relu(self.linear1(x)))
+
+
+class PromptLearner(nnx.Module):
+    """Learnable context + meta-network; builds the per-sample class prompts as text-tower input embeddings.
+
+    Args:
+        class_names: one name per class (e.g. "malignant lung nodule").
+        tokenizer: CLIP tokenizer of the text tower.
+        token_embedding: the frozen text tower's token table [vocab, width].
+        context_length: the text tower's max_position_embeddings.
+        n_ctx: number of context tokens when `ctx_init` is empty (then drawn from N(0, 0.02)); with `ctx_init` the
+            context is that phrase's token embeddings and n_ctx is its token count (as CoOp).
+        num_radiomics: radiomic feature count F.
+        meta_hidden_dim: hidden width of the meta-network.
+        conditioning: 'shared' | 'per_token' | None (CoOp: no meta-network).
+    """
+
+    def __init__(self, *, class_names: Sequence[str], tokenizer: CLIPTokenizer, token_embedding: Array,
+                 context_length: int, n_ctx: int, ctx_init: str, num_radiomics: int, meta_hidden_dim: int,
+                 conditioning: Optional[str], dtype=jnp.float32, rngs: nnx.Rngs):
+        if conditioning is not None and conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
+        ctx_init = ctx_init.strip()
+        if ctx_init:
+            n_ctx = count_tokens(tokenizer, ctx_init)
+            prompt_prefix = ctx_init
+        else:
+            prompt_prefix = " ".join(["X"] * n_ctx)
+        width = token_embedding.shape[-1]
+        tokens = tokenize_prompts(tokenizer, [f"{prompt_prefix} {name}." for name in class_names], context_length)
+        length = int(tokens.eos_index.max()) + 1  # causal tower: nothing after the last EOS reaches a pooled feature
+        ids = tokens.input_ids[:, :length]
+        embedding = jnp.asarray(token_embedding)[jnp.asarray(ids)].astype(jnp.float32)  # [C, L, width]
+
+        self.n_ctx = n_ctx
+        self.conditioning = conditioning
+        self.dtype = dtype
+        if ctx_init:
+            ctx = embedding[0, 1:1 + n_ctx]
+        else:
+            ctx = nnx.initializers.normal(0.02)(rngs.params(), (n_ctx, width), jnp.float32)
+        self.ctx = nnx.Param(ctx, out_sharding=(None, "embed"), eager_sharding=False)
+        out_dim = width if conditioning == "shared" else n_ctx * width
+        self.meta_net = (MetaNet(num_radiomics, meta_hidden_dim, out_dim, dtype=dtype, rngs=rngs)
+                         if conditioning is not None else None)
+        self.tokenized_prompts = PromptBuffer(jnp.asarray(ids), out_sharding=(None, None), eager_sharding=False)
+        self.token_prefix = PromptBuffer(embedding[:, :1], out_sharding=(None, None, "embed"), eager_sharding=False)
+        self.token_suffix = PromptBuffer(embedding[:, 1 + n_ctx:], out_sharding=(None, None, "embed"),
+                                         eager_sharding=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.tokenized_prompts.shape[0]
+
+    def context(self, radiomics: Array) -> Array:
+        """Context per sample [B, n_ctx, width] (CoOp: [1, n_ctx, width], shared by all samples)."""
+        ctx = self.ctx[...].astype(self.dtype)[None]
+        if self.meta_net is None:
+            return ctx
+        shift = self.meta_net(radiomics.astype(self.dtype))
+        shift = shift.reshape(shift.shape[0], -1, ctx.shape[-1])  # [B, 1 or n_ctx, width]
+        return ctx + shift
+
+    def construct_prompts(self, ctx: Array) -> Array:
+        """`[prefix | ctx | suffix]` for every sample and class: ctx [B, n_ctx, D] -> prompts [B, C, L, D]."""
+        b, c = ctx.shape[0], self.num_classes
+        prefix = jnp.broadcast_to(self.token_prefix[...].astype(ctx.dtype)[None], (b, *self.token_prefix.shape))
+        suffix = jnp.broadcast_to(self.token_suffix[...].astype(ctx.dtype)[None], (b, *self.token_suffix.shape))
+        ctx = jnp.broadcast_to(ctx[:, None], (b, c, *ctx.shape[1:]))
+        return jnp.concatenate([prefix, ctx, suffix], axis=2)
+
+    def __call__(self, radiomics: Array) -> Array:
+        """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
+        return self.construct_prompts(self.context(radiomics))
+
