@@ -16,62 +16,62 @@ CONFIG = 'crop32_1mm'
 
 @pytest.fixture(scope='module')
 def good(tmp_path_factory) -> str:
-  """One demo series (downsampled, so small) in its own manual_dir."""
-  out = str(tmp_path_factory.mktemp('good'))
-  tfds_lidc.synth.generate(out, 1, seed=1, downsample=2, max_slices=40, verbose=False)
-  return out
+    """One demo series (downsampled, so small) in its own manual_dir."""
+    out = str(tmp_path_factory.mktemp('good'))
+    tfds_lidc.synth.generate(out, 1, seed=1, downsample=2, max_slices=40, verbose=False)
+    return out
 
 
 def _copy(good: str, dest: str, patient: str) -> str:  # pylint: disable=redefined-outer-name
-  shutil.copytree(os.path.join(good, os.listdir(good)[0]), os.path.join(dest, patient))
-  for root, _, files in os.walk(os.path.join(dest, patient)):
-    if any(f.endswith('.dcm') for f in files):
-      return root
-  raise FileNotFoundError(patient)
+    shutil.copytree(os.path.join(good, os.listdir(good)[0]), os.path.join(dest, patient))
+    for root, _, files in os.walk(os.path.join(dest, patient)):
+        if any(f.endswith('.dcm') for f in files):
+            return root
+    raise FileNotFoundError(patient)
 
 
 def _middle(series_dir: str) -> str:
-  files = ct_series.dicom_files(series_dir)
-  return files[len(files) // 2]
+    files = ct_series.dicom_files(series_dir)
+    return files[len(files) // 2]
 
 
 def _xml(series_dir: str) -> str:
-  return next(os.path.join(series_dir, f) for f in os.listdir(series_dir) if f.endswith('.xml'))
+    return next(os.path.join(series_dir, f) for f in os.listdir(series_dir) if f.endswith('.xml'))
 
 
 def _corrupt(d):
-  path = _middle(d)
-  data = open(path, 'rb').read()
-  open(path, 'wb').write(data[:len(data) // 2])
+    path = _middle(d)
+    data = open(path, 'rb').read()
+    open(path, 'wb').write(data[:len(data) // 2])
 
 
 def _missing_slice(d):
-  os.remove(_middle(d))
+    os.remove(_middle(d))
 
 
 def _uneven(d):
-  path = _middle(d)
-  ds = pydicom.dcmread(path)
-  ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.4 *
-                             float(ds.SliceThickness)]
-  ds.save_as(path)
+    path = _middle(d)
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [*ds.ImagePositionPatient[:2], float(ds.ImagePositionPatient[2]) + 0.4 *
+                               float(ds.SliceThickness)]
+    ds.save_as(path)
 
 
 def _bad_xml(d):
-  open(_xml(d), 'w').write('<LidcReadMessage xmlns="http://www.nih.gov"><readingSession>')
+    open(_xml(d), 'w').write('<LidcReadMessage xmlns="http://www.nih.gov"><readingSession>')
 
 
 def _roi_no_slice(d):
-  text = open(_xml(d)).read()
-  text = re.sub(r'<imageZposition>[^<]*</imageZposition>\s*<imageSOP_UID>[^<]*</imageSOP_UID>',
-                '<imageZposition>99999.0</imageZposition><imageSOP_UID>1.2.3.4</imageSOP_UID>', text, count=1)
-  open(_xml(d), 'w').write(text)
+    text = open(_xml(d)).read()
+    text = re.sub(r'<imageZposition>[^<]*</imageZposition>\s*<imageSOP_UID>[^<]*</imageSOP_UID>',
+                  '<imageZposition>99999.0</imageZposition><imageSOP_UID>1.2.3.4</imageSOP_UID>', text, count=1)
+    open(_xml(d), 'w').write(text)
 
 
 def _no_nodules(d):
-  text = open(_xml(d)).read()
-  text = re.sub(r'<characteristics>.*?</characteristics>', '', text, flags=re.S)
-  open(_xml(d), 'w').write(text)
+    text = open(_xml(d)).read()
+    text = re.sub(r'<characteristics>.*?</characteristics>', '', text, flags=re.S)
+    open(_xml(d), 'w').write(text)
 
 
 VARIANTS = {
@@ -83,64 +83,64 @@ VARIANTS = {
 
 
 def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
-  for manual in (str(tmp_path / 'absent'), str(tmp_path)):
-    with pytest.raises(FileNotFoundError, match='LIDC-IDRI-0001/'):
-      tfds_lidc.prepare(manual, str(tmp_path / 'data'), CONFIG)
+    for manual in (str(tmp_path / 'absent'), str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match='LIDC-IDRI-0001/'):
+            tfds_lidc.prepare(manual, str(tmp_path / 'data'), CONFIG)
 
 
 def _task(manual: str, series_dir: str, patient: str, report_dir: str):
-  from tfds_lidc import series_examples  # pylint: disable=import-outside-toplevel
-  return series_examples.SeriesTask(manual, os.path.relpath(series_dir, manual), patient, 'train', 0, 32, 1.0,
-                                    0.5, tfds_lidc.radiomics_features.DEFAULT_PARAMS, report_dir)
+    from tfds_lidc import series_examples  # pylint: disable=import-outside-toplevel
+    return series_examples.SeriesTask(manual, os.path.relpath(series_dir, manual), patient, 'train', 0, 32, 1.0,
+                                      0.5, tfds_lidc.radiomics_features.DEFAULT_PARAMS, report_dir)
 
 
 def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable=redefined-outer-name
-  from tfds_lidc import report, series_examples  # pylint: disable=import-outside-toplevel
-  manual, report_dir = str(tmp_path / 'manual'), str(tmp_path / 'data')
-  dirs = {}
-  for patient, (damage, _) in VARIANTS.items():
-    dirs[patient] = _copy(good, manual, patient)
-    damage(dirs[patient])
-  dirs['LIDC-IDRI-9005'] = _copy(good, manual, 'LIDC-IDRI-9005')
-  _roi_no_slice(dirs['LIDC-IDRI-9005'])
-  dirs['LIDC-IDRI-9006'] = _copy(good, manual, 'LIDC-IDRI-9006')
-  _no_nodules(dirs['LIDC-IDRI-9006'])
-  written = {p: series_examples.series_examples(_task(manual, d, p, report_dir)) for p, d in dirs.items()}
-  rep = report.merge_parts(report_dir)
-  assert os.path.exists(os.path.join(report_dir, 'build_report.json'))
-  skipped = {e['patient_id']: e['reason'] for e in rep['series_skipped']}
-  assert skipped.keys() == VARIANTS.keys()
-  for patient, (_, reason) in VARIANTS.items():
-    assert reason in skipped[patient], skipped[patient]
-    assert not written[patient]
-  issues = {e['patient_id']: e['issues'] for e in rep['series']}
-  assert any('matches no slice' in i for i in issues['LIDC-IDRI-9005'])
-  assert written['LIDC-IDRI-9005']
-  assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
-  assert not written['LIDC-IDRI-9006']
-  assert rep['series_read'] == 2 and rep['nodules_written'] == len(written['LIDC-IDRI-9005'])
+    from tfds_lidc import report, series_examples  # pylint: disable=import-outside-toplevel
+    manual, report_dir = str(tmp_path / 'manual'), str(tmp_path / 'data')
+    dirs = {}
+    for patient, (damage, _) in VARIANTS.items():
+        dirs[patient] = _copy(good, manual, patient)
+        damage(dirs[patient])
+    dirs['LIDC-IDRI-9005'] = _copy(good, manual, 'LIDC-IDRI-9005')
+    _roi_no_slice(dirs['LIDC-IDRI-9005'])
+    dirs['LIDC-IDRI-9006'] = _copy(good, manual, 'LIDC-IDRI-9006')
+    _no_nodules(dirs['LIDC-IDRI-9006'])
+    written = {p: series_examples.series_examples(_task(manual, d, p, report_dir)) for p, d in dirs.items()}
+    rep = report.merge_parts(report_dir)
+    assert os.path.exists(os.path.join(report_dir, 'build_report.json'))
+    skipped = {e['patient_id']: e['reason'] for e in rep['series_skipped']}
+    assert skipped.keys() == VARIANTS.keys()
+    for patient, (_, reason) in VARIANTS.items():
+        assert reason in skipped[patient], skipped[patient]
+        assert not written[patient]
+    issues = {e['patient_id']: e['issues'] for e in rep['series']}
+    assert any('matches no slice' in i for i in issues['LIDC-IDRI-9005'])
+    assert written['LIDC-IDRI-9005']
+    assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
+    assert not written['LIDC-IDRI-9006']
+    assert rep['series_read'] == 2 and rep['nodules_written'] == len(written['LIDC-IDRI-9005'])
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name
-  """A slab ending at the nodule: the crop's planes beyond the last slice are -1000 HU."""
-  series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-9007')
-  ct = ct_series.load_ct_series(series_dir).image
-  from tfds_lidc import nodules, series_examples, xml_reader  # pylint: disable=import-outside-toplevel
-  series = ct_series.load_ct_series(series_dir)
-  anns, _ = nodules.place_annotations(xml_reader.parse_reader_xml(_xml(series_dir)), series.sop_uids,
-                                      series.z_positions, ct.GetSpacing()[2])
-  cluster = nodules.cluster_annotations(anns, series.slice_thickness)[0]
-  top = max(c.k for a in cluster for c in a.contours)
-  for path in ct_series.dicom_files(series_dir):   # drop every slice above the nodule's top contour
-    if float(pydicom.dcmread(path).ImagePositionPatient[2]) > series.z_positions[top] + 1e-3:
-      os.remove(path)
-  examples = dict(series_examples.series_examples(
-      _task(str(tmp_path), series_dir, 'LIDC-IDRI-9007', str(tmp_path / 'report'))))
-  ex = next(iter(examples.values()))
-  z_last = series.z_positions[top]
-  plane_z = ex['centroid_mm'][2] + (np.arange(32) - 15.5)
-  beyond = plane_z > z_last + 0.5 * ct.GetSpacing()[2] + 1e-3   # a slice covers half its spacing each side
-  assert beyond.any()
-  assert np.all(ex['ct'][beyond] == -1000)
-  entry = json.load(open(next((tmp_path / 'report' / 'build_report_parts').glob('*.json'))))
-  assert any('padded with air' in i for i in entry['issues'])
+    """A slab ending at the nodule: the crop's planes beyond the last slice are -1000 HU."""
+    series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-9007')
+    ct = ct_series.load_ct_series(series_dir).image
+    from tfds_lidc import nodules, series_examples, xml_reader  # pylint: disable=import-outside-toplevel
+    series = ct_series.load_ct_series(series_dir)
+    anns, _ = nodules.place_annotations(xml_reader.parse_reader_xml(_xml(series_dir)), series.sop_uids,
+                                        series.z_positions, ct.GetSpacing()[2])
+    cluster = nodules.cluster_annotations(anns, series.slice_thickness)[0]
+    top = max(c.k for a in cluster for c in a.contours)
+    for path in ct_series.dicom_files(series_dir):   # drop every slice above the nodule's top contour
+        if float(pydicom.dcmread(path).ImagePositionPatient[2]) > series.z_positions[top] + 1e-3:
+            os.remove(path)
+    examples = dict(series_examples.series_examples(
+        _task(str(tmp_path), series_dir, 'LIDC-IDRI-9007', str(tmp_path / 'report'))))
+    ex = next(iter(examples.values()))
+    z_last = series.z_positions[top]
+    plane_z = ex['centroid_mm'][2] + (np.arange(32) - 15.5)
+    beyond = plane_z > z_last + 0.5 * ct.GetSpacing()[2] + 1e-3   # a slice covers half its spacing each side
+    assert beyond.any()
+    assert np.all(ex['ct'][beyond] == -1000)
+    entry = json.load(open(next((tmp_path / 'report' / 'build_report_parts').glob('*.json'))))
+    assert any('padded with air' in i for i in entry['issues'])

@@ -20,109 +20,109 @@ from tfds_lidc import radiomics_features
 
 @pytest.fixture(scope='module')
 def examples(built):  # noqa: F811
-  return read_all(built)
+    return read_all(built)
 
 
 def _scan(series_uid: str) -> pl.Scan:
-  return pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
+    return pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
 
 
 def _series_dir(manual_dir: str, series_uid: str) -> str:  # noqa: F811
-  for root, _, files in os.walk(manual_dir):
-    if os.path.basename(root) == series_uid:
-      return root
-  raise FileNotFoundError(series_uid)
+    for root, _, files in os.walk(manual_dir):
+        if os.path.basename(root) == series_uid:
+            return root
+    raise FileNotFoundError(series_uid)
 
 
 def test_read_back_without_tensorflow(built, examples):  # noqa: F811
-  assert importlib.util.find_spec('tensorflow') is None
-  info = tfds.builder(f'lidc_idri/{CONFIG}', data_dir=built).info
-  names = info.metadata['radiomics_feature_names']
-  assert names == list(radiomics_features.feature_names()) and info.metadata['pyradiomics_version']
-  ex = next(iter(examples.values()))
-  assert ex['ct'].dtype == np.int16 and ex['ct'].shape == (32, 32, 32)
-  assert ex['mask'].dtype == np.uint8 and ex['radiomics'].shape == (len(names),)
-  assert ex['ratings'].shape == (4,) and ex['attributes'].shape == (4, 9)
-  np.testing.assert_array_equal(ex['ratings'], ex['attributes'][:, -1])
-  # No patient in two splits; folds in 0..4.
-  splits_of = collections.defaultdict(set)
-  for e in examples.values():
-    splits_of[e['patient_id']].add(e['split'])
-    assert 0 <= e['fold'] < 5
-  assert all(len(s) == 1 for s in splits_of.values())
-  report = json.load(open(os.path.join(built, 'lidc_idri', CONFIG, '1.0.0', 'build_report.json')))
-  assert report['series_read'] == NUM_SCANS and report['nodules_written'] == len(examples)
+    assert importlib.util.find_spec('tensorflow') is None
+    info = tfds.builder(f'lidc_idri/{CONFIG}', data_dir=built).info
+    names = info.metadata['radiomics_feature_names']
+    assert names == list(radiomics_features.feature_names()) and info.metadata['pyradiomics_version']
+    ex = next(iter(examples.values()))
+    assert ex['ct'].dtype == np.int16 and ex['ct'].shape == (32, 32, 32)
+    assert ex['mask'].dtype == np.uint8 and ex['radiomics'].shape == (len(names),)
+    assert ex['ratings'].shape == (4,) and ex['attributes'].shape == (4, 9)
+    np.testing.assert_array_equal(ex['ratings'], ex['attributes'][:, -1])
+    # No patient in two splits; folds in 0..4.
+    splits_of = collections.defaultdict(set)
+    for e in examples.values():
+        splits_of[e['patient_id']].add(e['split'])
+        assert 0 <= e['fold'] < 5
+    assert all(len(s) == 1 for s in splits_of.values())
+    report = json.load(open(os.path.join(built, 'lidc_idri', CONFIG, '1.0.0', 'build_report.json')))
+    assert report['series_read'] == NUM_SCANS and report['nodules_written'] == len(examples)
 
 
 def test_nodules_and_ratings_match_pylidc(examples):
-  by_series = collections.defaultdict(list)
-  for (uid, _), e in examples.items():
-    by_series[uid].append(e)
-  assert len(by_series) == NUM_SCANS
-  for uid, exs in by_series.items():
-    clusters = _scan(uid).cluster_annotations(verbose=False)
-    ours = sorted(sorted(int(r) for r in e['ratings'] if r > 0) for e in exs)
-    theirs = sorted(sorted(a.malignancy for a in c) for c in clusters)
-    assert ours == theirs, uid
-    for e in exs:
-      mean = e['ratings'][e['ratings'] > 0].mean()
-      assert e['malignancy_mean'] == pytest.approx(mean)
-      assert e['label'] == (0 if mean < 2.5 else 2 if mean > 3.5 else 1)
+    by_series = collections.defaultdict(list)
+    for (uid, _), e in examples.items():
+        by_series[uid].append(e)
+    assert len(by_series) == NUM_SCANS
+    for uid, exs in by_series.items():
+        clusters = _scan(uid).cluster_annotations(verbose=False)
+        ours = sorted(sorted(int(r) for r in e['ratings'] if r > 0) for e in exs)
+        theirs = sorted(sorted(a.malignancy for a in c) for c in clusters)
+        assert ours == theirs, uid
+        for e in exs:
+            mean = e['ratings'][e['ratings'] > 0].mean()
+            assert e['malignancy_mean'] == pytest.approx(mean)
+            assert e['label'] == (0 if mean < 2.5 else 2 if mean > 3.5 else 1)
 
 
 def _pylidc_consensus_image(scan: pl.Scan, cluster, ct: sitk.Image) -> sitk.Image:
-  """pylidc's 50% consensus of the cluster on the series grid (the generated slab of the scan)."""
-  cmask, cbbox, _ = consensus(cluster, clevel=0.5)
-  k0 = int(np.argmin(np.abs(scan.slice_zvals - ct.GetOrigin()[2])))
-  vol = np.zeros(ct.GetSize()[::-1], dtype=np.uint8)
-  i, j, k = cbbox
-  vol[k.start - k0:k.stop - k0, i, j] = np.transpose(cmask, (2, 0, 1))
-  img = sitk.GetImageFromArray(vol)
-  img.CopyInformation(ct)
-  return img
+    """pylidc's 50% consensus of the cluster on the series grid (the generated slab of the scan)."""
+    cmask, cbbox, _ = consensus(cluster, clevel=0.5)
+    k0 = int(np.argmin(np.abs(scan.slice_zvals - ct.GetOrigin()[2])))
+    vol = np.zeros(ct.GetSize()[::-1], dtype=np.uint8)
+    i, j, k = cbbox
+    vol[k.start - k0:k.stop - k0, i, j] = np.transpose(cmask, (2, 0, 1))
+    img = sitk.GetImageFromArray(vol)
+    img.CopyInformation(ct)
+    return img
 
 
 def test_radiomics_and_mask_match_references(manual_dir, examples):  # noqa: F811
-  extractor = featureextractor.RadiomicsFeatureExtractor(radiomics_features.DEFAULT_PARAMS)
-  names = radiomics_features.feature_names()
-  checked = 0
-  for (uid, index), ex in examples.items():
-    scan = _scan(uid)
-    reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(reader.GetGDCMSeriesFileNames(_series_dir(manual_dir, uid)))
-    ct = reader.Execute()
-    cluster = scan.cluster_annotations(verbose=False)[index]
-    ref_mask = _pylidc_consensus_image(scan, cluster, ct)
-    # Dice of the stored mask against pylidc's consensus resampled to the crop grid.
-    ref = sitk.Image([32] * 3, sitk.sitkUInt8)
-    ref.SetSpacing((1.0,) * 3)
-    ref.SetOrigin(tuple(np.asarray(ex['centroid_mm'], np.float64) - 15.5))
-    resampled = sitk.Resample(sitk.Cast(ref_mask, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0)
-    ref_crop = sitk.GetArrayFromImage(resampled) >= 0.5
-    dice = 2 * np.sum(ref_crop & (ex['mask'] > 0)) / (ref_crop.sum() + ex['mask'].astype(bool).sum())
-    assert dice >= 0.9, (uid, index, dice)
-    # The same function on SimpleITK's own reading of the series and pylidc's mask gives the stored
-    # crop, and pyradiomics run directly on its isotropic volume and whole mask gives the stored vector.
-    sample = tfds_lidc.nodule_example(ct, ref_mask, crop_size=32, spacing_mm=1.0)
-    np.testing.assert_array_equal(sample.ct, ex['ct'])
-    np.testing.assert_array_equal(sample.mask, ex['mask'])
-    direct = extractor.execute(sample.roi_ct, sample.roi_mask, label=1)
-    direct = np.array([float(direct[n]) for n in names])
-    np.testing.assert_allclose(ex['radiomics'], direct, rtol=1e-6, atol=1e-30)
-    assert sitk.GetArrayViewFromImage(sample.roi_mask).sum() >= ex['mask'].sum()
-    checked += 1
-  assert checked == len(examples) > 0
+    extractor = featureextractor.RadiomicsFeatureExtractor(radiomics_features.DEFAULT_PARAMS)
+    names = radiomics_features.feature_names()
+    checked = 0
+    for (uid, index), ex in examples.items():
+        scan = _scan(uid)
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(_series_dir(manual_dir, uid)))
+        ct = reader.Execute()
+        cluster = scan.cluster_annotations(verbose=False)[index]
+        ref_mask = _pylidc_consensus_image(scan, cluster, ct)
+        # Dice of the stored mask against pylidc's consensus resampled to the crop grid.
+        ref = sitk.Image([32] * 3, sitk.sitkUInt8)
+        ref.SetSpacing((1.0,) * 3)
+        ref.SetOrigin(tuple(np.asarray(ex['centroid_mm'], np.float64) - 15.5))
+        resampled = sitk.Resample(sitk.Cast(ref_mask, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+        ref_crop = sitk.GetArrayFromImage(resampled) >= 0.5
+        dice = 2 * np.sum(ref_crop & (ex['mask'] > 0)) / (ref_crop.sum() + ex['mask'].astype(bool).sum())
+        assert dice >= 0.9, (uid, index, dice)
+        # The same function on SimpleITK's own reading of the series and pylidc's mask gives the stored
+        # crop, and pyradiomics run directly on its isotropic volume and whole mask gives the stored vector.
+        sample = tfds_lidc.nodule_example(ct, ref_mask, crop_size=32, spacing_mm=1.0)
+        np.testing.assert_array_equal(sample.ct, ex['ct'])
+        np.testing.assert_array_equal(sample.mask, ex['mask'])
+        direct = extractor.execute(sample.roi_ct, sample.roi_mask, label=1)
+        direct = np.array([float(direct[n]) for n in names])
+        np.testing.assert_allclose(ex['radiomics'], direct, rtol=1e-6, atol=1e-30)
+        assert sitk.GetArrayViewFromImage(sample.roi_mask).sum() >= ex['mask'].sum()
+        checked += 1
+    assert checked == len(examples) > 0
 
 
 def test_beam_direct_runner_matches(manual_dir, built, examples, tmp_path):  # noqa: F811
-  builder = tfds_lidc.Builder(data_dir=str(tmp_path), config=CONFIG)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, beam_options=PipelineOptions(['--runner=DirectRunner'])))
-  beam_examples = read_all(str(tmp_path))
-  assert beam_examples.keys() == examples.keys()
-  for key, ex in examples.items():
-    np.testing.assert_array_equal(beam_examples[key]['ct'], ex['ct'])
-    np.testing.assert_array_equal(beam_examples[key]['radiomics'], ex['radiomics'])
-    assert beam_examples[key]['split'] == ex['split']
-  report = json.load(open(os.path.join(builder.data_dir, 'build_report.json')))
-  assert report['nodules_written'] == len(examples)
+    builder = tfds_lidc.Builder(data_dir=str(tmp_path), config=CONFIG)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, beam_options=PipelineOptions(['--runner=DirectRunner'])))
+    beam_examples = read_all(str(tmp_path))
+    assert beam_examples.keys() == examples.keys()
+    for key, ex in examples.items():
+        np.testing.assert_array_equal(beam_examples[key]['ct'], ex['ct'])
+        np.testing.assert_array_equal(beam_examples[key]['radiomics'], ex['radiomics'])
+        assert beam_examples[key]['split'] == ex['split']
+    report = json.load(open(os.path.join(builder.data_dir, 'build_report.json')))
+    assert report['nodules_written'] == len(examples)

@@ -12,10 +12,10 @@ from tensorflow_datasets.scripts.cli import cli_utils
 
 
 def main() -> None:
-  argv = [a for i, a in enumerate(sys.argv) if not (i == 1 and a == 'build')]
-  parse = cli_utils.make_flags_parser(build.Args, description='Build the lidc_idri TFDS dataset.')
-  app.run(lambda args: args.execute(), argv=argv, flags_parser=parse)
+    argv = [a for i, a in enumerate(sys.argv) if not (i == 1 and a == 'build')]
+    parse = cli_utils.make_flags_parser(build.Args, description='Build the lidc_idri TFDS dataset.')
+    app.run(lambda args: args.execute(), argv=argv, flags_parser=parse)
 
 
 if __name__ == '__main__':
-  main()
+    main()

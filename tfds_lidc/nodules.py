@@ -13,141 +13,141 @@ from tfds_lidc import xml_reader
 
 @dataclasses.dataclass(frozen=True)
 class Contour:
-  k: int                 # slice index in the series
-  inclusion: bool
-  ij: np.ndarray         # int (row, column) = (y, x) pixel indices
+    k: int                 # slice index in the series
+    inclusion: bool
+    ij: np.ndarray         # int (row, column) = (y, x) pixel indices
 
 
 @dataclasses.dataclass(frozen=True)
 class Annotation:
-  """One reader's marking of one nodule with characteristics, placed on the series grid."""
-  reader: int
-  nodule_id: str
-  characteristics: tuple[int, ...]
-  contours: tuple[Contour, ...]
+    """One reader's marking of one nodule with characteristics, placed on the series grid."""
+    reader: int
+    nodule_id: str
+    characteristics: tuple[int, ...]
+    contours: tuple[Contour, ...]
 
-  @property
-  def points(self) -> np.ndarray:
-    """All contour points as (i, j, k) indices, as pylidc's `Annotation.contours_matrix`."""
-    return np.vstack([np.c_[c.ij, np.full(len(c.ij), c.k)] for c in sorted(self.contours, key=lambda c: c.k)])
+    @property
+    def points(self) -> np.ndarray:
+        """All contour points as (i, j, k) indices, as pylidc's `Annotation.contours_matrix`."""
+        return np.vstack([np.c_[c.ij, np.full(len(c.ij), c.k)] for c in sorted(self.contours, key=lambda c: c.k)])
 
 
 def place_annotations(reader_xml: xml_reader.ReaderXml, sop_uids: list[str], z_positions: np.ndarray,
                       slice_spacing: float) -> tuple[list[Annotation], list[str]]:
-  """Matches every roi to a slice (by SOP UID, else by z within half a slice); returns annotations and issues.
+    """Matches every roi to a slice (by SOP UID, else by z within half a slice); returns annotations and issues.
 
-  Only nodules with characteristics (>= 3 mm) are kept, as in pylidc; unmatched rois are dropped and reported.
-  """
-  uid_to_k = {uid: k for k, uid in enumerate(sop_uids)}
-  annotations, issues = [], []
-  for nod in reader_xml.nodules:
-    if nod.characteristics is None:
-      continue
-    contours = []
-    for roi in nod.rois:
-      k = uid_to_k.get(roi.sop_uid)
-      if k is None:
-        nearest = int(np.argmin(np.abs(z_positions - roi.z)))
-        if abs(z_positions[nearest] - roi.z) <= 0.5 * slice_spacing:
-          k = nearest
-      if k is None or len(roi.xy) == 0:
-        issues.append(f'reader {roi_owner(nod)}: roi at z={roi.z:.2f} (SOP {roi.sop_uid}) matches no slice; dropped')
-        continue
-      ij = np.round(roi.xy[:, ::-1]).astype(np.int64)
-      contours.append(Contour(k=k, inclusion=roi.inclusion, ij=ij))
-    if not contours:
-      issues.append(f'reader {roi_owner(nod)}: no roi matches the series; annotation dropped')
-      continue
-    annotations.append(Annotation(reader=nod.reader, nodule_id=nod.nodule_id,
-                                  characteristics=nod.characteristics, contours=tuple(contours)))
-  return annotations, issues
+    Only nodules with characteristics (>= 3 mm) are kept, as in pylidc; unmatched rois are dropped and reported.
+    """
+    uid_to_k = {uid: k for k, uid in enumerate(sop_uids)}
+    annotations, issues = [], []
+    for nod in reader_xml.nodules:
+        if nod.characteristics is None:
+            continue
+        contours = []
+        for roi in nod.rois:
+            k = uid_to_k.get(roi.sop_uid)
+            if k is None:
+                nearest = int(np.argmin(np.abs(z_positions - roi.z)))
+                if abs(z_positions[nearest] - roi.z) <= 0.5 * slice_spacing:
+                    k = nearest
+            if k is None or len(roi.xy) == 0:
+                issues.append(f'reader {roi_owner(nod)}: roi at z={roi.z:.2f} (SOP {roi.sop_uid}) matches no slice; dropped')
+                continue
+            ij = np.round(roi.xy[:, ::-1]).astype(np.int64)
+            contours.append(Contour(k=k, inclusion=roi.inclusion, ij=ij))
+        if not contours:
+            issues.append(f'reader {roi_owner(nod)}: no roi matches the series; annotation dropped')
+            continue
+        annotations.append(Annotation(reader=nod.reader, nodule_id=nod.nodule_id,
+                                      characteristics=nod.characteristics, contours=tuple(contours)))
+    return annotations, issues
 
 
 def roi_owner(nod: xml_reader.ReaderNodule) -> str:
-  return f'{nod.reader} nodule {nod.nodule_id!r}'
+    return f'{nod.reader} nodule {nod.nodule_id!r}'
 
 
 def cluster_annotations(annotations: list[Annotation], tol: float, factor: float = 0.9,
                         min_tol: float = 0.1) -> list[list[Annotation]]:
-  """Groups annotations of one lesion exactly as pylidc's `Scan.cluster_annotations()` (metric 'min').
+    """Groups annotations of one lesion exactly as pylidc's `Scan.cluster_annotations()` (metric 'min').
 
-  Annotations are adjacent when the minimum distance between their contour points (in index units) is
-  <= tol (pylidc uses the slice thickness); `tol` shrinks by `factor` while a group holds more than 4.
-  Groups are sorted by the mean slice index of their annotations' centroids.
-  """
-  n = len(annotations)
-  if n == 0:
-    return []
-  points = [a.points.astype(np.float64) for a in annotations]
-  dist = np.zeros((n, n))
-  for i in range(n):
-    for j in range(i + 1, n):
-      dist[i, j] = dist[j, i] = cdist(points[i], points[j]).min()
-  _, labels = connected_components(dist <= tol, directed=False)
-  while np.bincount(labels).max() > 4 and tol * factor >= min_tol:
-    tol *= factor
+    Annotations are adjacent when the minimum distance between their contour points (in index units) is
+    <= tol (pylidc uses the slice thickness); `tol` shrinks by `factor` while a group holds more than 4.
+    Groups are sorted by the mean slice index of their annotations' centroids.
+    """
+    n = len(annotations)
+    if n == 0:
+        return []
+    points = [a.points.astype(np.float64) for a in annotations]
+    dist = np.zeros((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            dist[i, j] = dist[j, i] = cdist(points[i], points[j]).min()
     _, labels = connected_components(dist <= tol, directed=False)
-  clusters = [[annotations[i] for i in np.flatnonzero(labels == c)] for c in range(labels.max() + 1)]
-  return sorted(clusters, key=lambda cl: np.mean([p[:, 2].mean() for p in (a.points for a in cl)]))
+    while np.bincount(labels).max() > 4 and tol * factor >= min_tol:
+        tol *= factor
+        _, labels = connected_components(dist <= tol, directed=False)
+    clusters = [[annotations[i] for i in np.flatnonzero(labels == c)] for c in range(labels.max() + 1)]
+    return sorted(clusters, key=lambda cl: np.mean([p[:, 2].mean() for p in (a.points for a in cl)]))
 
 
 def cluster_bbox(cluster: list[Annotation], shape: tuple[int, int, int], pad: int = 1) -> tuple[slice, ...]:
-  """(z, y, x) slices of the cluster's contour extent plus `pad`, clipped to the volume `shape` (z, y, x)."""
-  pts = np.vstack([a.points for a in cluster])
-  lo = np.maximum(pts.min(0)[[2, 0, 1]] - pad, 0)
-  hi = np.minimum(pts.max(0)[[2, 0, 1]] + pad + 1, shape)
-  return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    """(z, y, x) slices of the cluster's contour extent plus `pad`, clipped to the volume `shape` (z, y, x)."""
+    pts = np.vstack([a.points for a in cluster])
+    lo = np.maximum(pts.min(0)[[2, 0, 1]] - pad, 0)
+    hi = np.minimum(pts.max(0)[[2, 0, 1]] + pad + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
 def _fill(contour: Contour, grid: np.ndarray, offset: np.ndarray) -> np.ndarray:
-  """Pixels of the (y, x) sub-grid inside the closed contour (pixel centres)."""
-  pts = contour.ij
-  if (pts[0] != pts[-1]).any():
-    pts = np.vstack([pts, pts[:1]])
-  return mplpath.Path(pts, closed=True).contains_points(grid + offset)
+    """Pixels of the (y, x) sub-grid inside the closed contour (pixel centres)."""
+    pts = contour.ij
+    if (pts[0] != pts[-1]).any():
+        pts = np.vstack([pts, pts[:1]])
+    return mplpath.Path(pts, closed=True).contains_points(grid + offset)
 
 
 def annotation_mask(annotation: Annotation, bbox: tuple[slice, ...]) -> np.ndarray:
-  """Boolean (z, y, x) mask of one annotation inside `bbox`, as pylidc's `boolean_mask()`.
+    """Boolean (z, y, x) mask of one annotation inside `bbox`, as pylidc's `boolean_mask()`.
 
-  Inclusion contours are filled, then exclusion (inclusion FALSE) contours are cut out; the contour
-  points themselves are outside the nodule (LIDC draws outlines just outside the lesion) unless that
-  would leave the annotation empty, in which case they are kept.
-  """
-  shape = tuple(s.stop - s.start for s in bbox)
-  offset = np.array([bbox[1].start, bbox[2].start])
-  ii, jj = np.indices(shape[1:])
-  grid = np.c_[ii.ravel(), jj.ravel()]
+    Inclusion contours are filled, then exclusion (inclusion FALSE) contours are cut out; the contour
+    points themselves are outside the nodule (LIDC draws outlines just outside the lesion) unless that
+    would leave the annotation empty, in which case they are kept.
+    """
+    shape = tuple(s.stop - s.start for s in bbox)
+    offset = np.array([bbox[1].start, bbox[2].start])
+    ii, jj = np.indices(shape[1:])
+    grid = np.c_[ii.ravel(), jj.ravel()]
 
-  def rasterise(with_points: bool) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for include in (True, False):
-      for c in annotation.contours:
-        if c.inclusion != include or not bbox[0].start <= c.k < bbox[0].stop:
-          continue
-        z = c.k - bbox[0].start
-        inside = _fill(c, grid, offset).reshape(shape[1:])
-        mask[z] = (mask[z] | inside) if include else (mask[z] & ~inside)
-        local = c.ij - offset
-        ok = np.all((local >= 0) & (local < shape[1:]), axis=1)
-        if include and with_points:
-          mask[z, local[ok, 0], local[ok, 1]] = True
-        elif not include or not with_points:
-          mask[z, local[ok, 0], local[ok, 1]] = False
-    return mask
+    def rasterise(with_points: bool) -> np.ndarray:
+        mask = np.zeros(shape, dtype=bool)
+        for include in (True, False):
+            for c in annotation.contours:
+                if c.inclusion != include or not bbox[0].start <= c.k < bbox[0].stop:
+                    continue
+                z = c.k - bbox[0].start
+                inside = _fill(c, grid, offset).reshape(shape[1:])
+                mask[z] = (mask[z] | inside) if include else (mask[z] & ~inside)
+                local = c.ij - offset
+                ok = np.all((local >= 0) & (local < shape[1:]), axis=1)
+                if include and with_points:
+                    mask[z, local[ok, 0], local[ok, 1]] = True
+                elif not include or not with_points:
+                    mask[z, local[ok, 0], local[ok, 1]] = False
+        return mask
 
-  mask = rasterise(with_points=False)
-  return mask if mask.any() else rasterise(with_points=True)
+    mask = rasterise(with_points=False)
+    return mask if mask.any() else rasterise(with_points=True)
 
 
 def consensus_mask(cluster: list[Annotation], bbox: tuple[slice, ...], level: float = 0.5) -> np.ndarray:
-  """Voxels marked by at least `level` of the cluster's readers (pylidc `utils.consensus`)."""
-  return np.mean([annotation_mask(a, bbox) for a in cluster], axis=0) >= level
+    """Voxels marked by at least `level` of the cluster's readers (pylidc `utils.consensus`)."""
+    return np.mean([annotation_mask(a, bbox) for a in cluster], axis=0) >= level
 
 
 def reader_ratings(cluster: list[Annotation], max_readers: int = 4) -> np.ndarray:
-  """int32 [max_readers, 9] semantic ratings in reader order, 0 rows where no reader."""
-  out = np.zeros((max_readers, len(xml_reader.ATTRIBUTE_NAMES)), dtype=np.int32)
-  for row, ann in enumerate(sorted(cluster, key=lambda a: a.reader)[:max_readers]):
-    out[row] = ann.characteristics
-  return out
+    """int32 [max_readers, 9] semantic ratings in reader order, 0 rows where no reader."""
+    out = np.zeros((max_readers, len(xml_reader.ATTRIBUTE_NAMES)), dtype=np.int32)
+    for row, ann in enumerate(sorted(cluster, key=lambda a: a.reader)[:max_readers]):
+        out[row] = ann.characteristics
+    return out

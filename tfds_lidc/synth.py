@@ -31,245 +31,245 @@ NATIVE_SIZE = 512
 
 @dataclasses.dataclass
 class _Scan:
-  """What the generator needs of one pylidc scan."""
-  patient_id: str
-  study_uid: str
-  series_uid: str
-  pixel_spacing: float
-  slice_thickness: float
-  zvals: np.ndarray
-  annotations: list  # (nodule_id, characteristics tuple, [(z, inclusion, xy ndarray)])
+    """What the generator needs of one pylidc scan."""
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    pixel_spacing: float
+    slice_thickness: float
+    zvals: np.ndarray
+    annotations: list  # (nodule_id, characteristics tuple, [(z, inclusion, xy ndarray)])
 
 
 def _candidates() -> list[tuple[int, float, float, int]]:
-  """(scan id, min contour z, max contour z, slice thickness) of scans with annotations, by scan id."""
-  import pylidc as pl  # pylint: disable=g-import-not-at-top
-  from sqlalchemy import func  # pylint: disable=g-import-not-at-top
-  rows = (pl.query(pl.Annotation.scan_id, func.min(pl.Contour.image_z_position),
-                   func.max(pl.Contour.image_z_position), pl.Scan.slice_thickness)
-          .join(pl.Contour, pl.Contour.annotation_id == pl.Annotation.id)
-          .join(pl.Scan, pl.Scan.id == pl.Annotation.scan_id)
-          .group_by(pl.Annotation.scan_id).order_by(pl.Annotation.scan_id).all())
-  return [tuple(r) for r in rows]
+    """(scan id, min contour z, max contour z, slice thickness) of scans with annotations, by scan id."""
+    import pylidc as pl  # pylint: disable=g-import-not-at-top
+    from sqlalchemy import func  # pylint: disable=g-import-not-at-top
+    rows = (pl.query(pl.Annotation.scan_id, func.min(pl.Contour.image_z_position),
+                     func.max(pl.Contour.image_z_position), pl.Scan.slice_thickness)
+            .join(pl.Contour, pl.Contour.annotation_id == pl.Annotation.id)
+            .join(pl.Scan, pl.Scan.id == pl.Annotation.scan_id)
+            .group_by(pl.Annotation.scan_id).order_by(pl.Annotation.scan_id).all())
+    return [tuple(r) for r in rows]
 
 
 def _load_scan(scan_id: int) -> _Scan:
-  import pylidc as pl  # pylint: disable=g-import-not-at-top
-  scan = pl.query(pl.Scan).filter(pl.Scan.id == scan_id).one()
-  anns = []
-  for a in scan.annotations:
-    contours = [(c.image_z_position, bool(c.inclusion),
-                 np.array([[int(v) for v in p.split(',')] for p in c.coords.split('\n') if p], dtype=np.float64))
-                for c in a.contours]
-    anns.append((a._nodule_id, tuple(int(getattr(a, n)) for n in xml_reader.ATTRIBUTE_NAMES), contours))  # pylint: disable=protected-access
-  return _Scan(scan.patient_id, scan.study_instance_uid, scan.series_instance_uid, float(scan.pixel_spacing),
-               float(scan.slice_thickness), np.sort([z.val for z in scan.zvals]), anns)
+    import pylidc as pl  # pylint: disable=g-import-not-at-top
+    scan = pl.query(pl.Scan).filter(pl.Scan.id == scan_id).one()
+    anns = []
+    for a in scan.annotations:
+        contours = [(c.image_z_position, bool(c.inclusion),
+                     np.array([[int(v) for v in p.split(',')] for p in c.coords.split('\n') if p], dtype=np.float64))
+                    for c in a.contours]
+        anns.append((a._nodule_id, tuple(int(getattr(a, n)) for n in xml_reader.ATTRIBUTE_NAMES), contours))  # pylint: disable=protected-access
+    return _Scan(scan.patient_id, scan.study_instance_uid, scan.series_instance_uid, float(scan.pixel_spacing),
+                 float(scan.slice_thickness), np.sort([z.val for z in scan.zvals]), anns)
 
 
 def _slab(scan: _Scan, margin_mm: float, max_slices: int) -> np.ndarray | None:
-  """Slice indices around all contours, or None when too many or unevenly spaced."""
-  zs = np.concatenate([[c[0] for c in a[2]] for a in scan.annotations])
-  keep = np.flatnonzero((scan.zvals >= zs.min() - margin_mm) & (scan.zvals <= zs.max() + margin_mm))
-  diffs = np.diff(scan.zvals[keep])
-  if len(keep) > max_slices or len(keep) < 2 or np.ptp(diffs) > 0.01 * np.median(diffs) or diffs.min() <= 0:
-    return None
-  return keep
+    """Slice indices around all contours, or None when too many or unevenly spaced."""
+    zs = np.concatenate([[c[0] for c in a[2]] for a in scan.annotations])
+    keep = np.flatnonzero((scan.zvals >= zs.min() - margin_mm) & (scan.zvals <= zs.max() + margin_mm))
+    diffs = np.diff(scan.zvals[keep])
+    if len(keep) > max_slices or len(keep) < 2 or np.ptp(diffs) > 0.01 * np.median(diffs) or diffs.min() <= 0:
+        return None
+    return keep
 
 
 def _downsample_xy(xy: np.ndarray, factor: int) -> np.ndarray:
-  """Native (x, y) pixel coordinates to the downsampled grid; consecutive duplicates removed."""
-  out = np.round((xy - (factor - 1) / 2) / factor).astype(np.int64)
-  keep = np.r_[True, np.any(np.diff(out, axis=0) != 0, axis=1)]
-  return out[keep]
+    """Native (x, y) pixel coordinates to the downsampled grid; consecutive duplicates removed."""
+    out = np.round((xy - (factor - 1) / 2) / factor).astype(np.int64)
+    keep = np.r_[True, np.any(np.diff(out, axis=0) != 0, axis=1)]
+    return out[keep]
 
 
 def _reader_slots(scan: _Scan, slab_z: np.ndarray, factor: int) -> tuple[list[int], list]:
-  """Reader session of each annotation: the annotations of one lesion go to different sessions."""
-  placed = []
-  for reader, (nid, chars, contours) in enumerate(scan.annotations):
-    cs = tuple(nodules_lib.Contour(k=int(np.argmin(np.abs(slab_z - z))), inclusion=inc,
-                                   ij=_downsample_xy(xy, factor)[:, ::-1]) for z, inc, xy in contours)
-    placed.append(nodules_lib.Annotation(reader=reader, nodule_id=nid, characteristics=chars, contours=cs))
-  slots = [0] * len(placed)
-  for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
-    for slot, ann in enumerate(cluster):
-      slots[ann.reader] = slot % 4
-  return slots, placed
+    """Reader session of each annotation: the annotations of one lesion go to different sessions."""
+    placed = []
+    for reader, (nid, chars, contours) in enumerate(scan.annotations):
+        cs = tuple(nodules_lib.Contour(k=int(np.argmin(np.abs(slab_z - z))), inclusion=inc,
+                                       ij=_downsample_xy(xy, factor)[:, ::-1]) for z, inc, xy in contours)
+        placed.append(nodules_lib.Annotation(reader=reader, nodule_id=nid, characteristics=chars, contours=cs))
+    slots = [0] * len(placed)
+    for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
+        for slot, ann in enumerate(cluster):
+            slots[ann.reader] = slot % 4
+    return slots, placed
 
 
 def _phantom(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float) -> np.ndarray:
-  """Chest wall, fat, spine and lungs with vessels, in HU (z, y, x)."""
-  nz, ny, nx = shape
-  fov = nx * spacing
-  yy, xx = np.mgrid[:ny, :nx] * spacing - fov / 2
-  ellipse = lambda cx, cy, ax, ay: ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1  # noqa: E731
-  body = ellipse(0, 0.02 * fov, 0.44 * fov, 0.33 * fov)
-  muscle = ellipse(0, 0.02 * fov, 0.40 * fov, 0.29 * fov)
-  lungs = ellipse(-0.19 * fov, -0.01 * fov, 0.15 * fov, 0.22 * fov) | ellipse(0.19 * fov, -0.01 * fov,
-                                                                             0.15 * fov, 0.22 * fov)
-  spine = ellipse(0, 0.25 * fov, 0.05 * fov, 0.05 * fov)
-  hu2d = np.full((ny, nx), -1000.0)
-  hu2d[body], hu2d[muscle], hu2d[spine] = -100.0, 40.0, 450.0
-  vol = np.repeat(hu2d[None], nz, axis=0)
-  field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0.7, 1.5 / spacing, 1.5 / spacing))
-  vessels = np.abs(field) < 0.02 * field.std() * 3
-  lung_hu = -850.0 + 25 * ndimage.gaussian_filter(rng.normal(size=shape), (0.5, 1, 1))
-  lung_hu[vessels] = rng.uniform(-150, 40)
-  lung3d = np.repeat(lungs[None], nz, axis=0)
-  vol[lung3d] = lung_hu[lung3d]
-  return vol
+    """Chest wall, fat, spine and lungs with vessels, in HU (z, y, x)."""
+    nz, ny, nx = shape
+    fov = nx * spacing
+    yy, xx = np.mgrid[:ny, :nx] * spacing - fov / 2
+    ellipse = lambda cx, cy, ax, ay: ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2 <= 1  # noqa: E731
+    body = ellipse(0, 0.02 * fov, 0.44 * fov, 0.33 * fov)
+    muscle = ellipse(0, 0.02 * fov, 0.40 * fov, 0.29 * fov)
+    lungs = ellipse(-0.19 * fov, -0.01 * fov, 0.15 * fov, 0.22 * fov) | ellipse(0.19 * fov, -0.01 * fov,
+                                                                                0.15 * fov, 0.22 * fov)
+    spine = ellipse(0, 0.25 * fov, 0.05 * fov, 0.05 * fov)
+    hu2d = np.full((ny, nx), -1000.0)
+    hu2d[body], hu2d[muscle], hu2d[spine] = -100.0, 40.0, 450.0
+    vol = np.repeat(hu2d[None], nz, axis=0)
+    field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=(0.7, 1.5 / spacing, 1.5 / spacing))
+    vessels = np.abs(field) < 0.02 * field.std() * 3
+    lung_hu = -850.0 + 25 * ndimage.gaussian_filter(rng.normal(size=shape), (0.5, 1, 1))
+    lung_hu[vessels] = rng.uniform(-150, 40)
+    lung3d = np.repeat(lungs[None], nz, axis=0)
+    vol[lung3d] = lung_hu[lung3d]
+    return vol
 
 
 def _nodule_hu(chars: np.ndarray) -> float:
-  """Mean HU of a nodule from its readers' texture (1 ground glass .. 5 solid) and calcification."""
-  texture, calcification = np.mean(chars[:, 7]), np.median(chars[:, 2])
-  solid = -650.0 + (texture - 1) / 4 * 690.0
-  return 350.0 if calcification < 6 and calcification != 3 else solid
+    """Mean HU of a nodule from its readers' texture (1 ground glass .. 5 solid) and calcification."""
+    texture, calcification = np.mean(chars[:, 7]), np.median(chars[:, 2])
+    solid = -650.0 + (texture - 1) / 4 * 690.0
+    return 350.0 if calcification < 6 and calcification != 3 else solid
 
 
 def _write_series(out_dir: str, scan: _Scan, slab: np.ndarray, volume: np.ndarray, factor: int) -> tuple[str, list]:
-  study_dir = os.path.join(out_dir, scan.patient_id, scan.study_uid, scan.series_uid)
-  os.makedirs(study_dir, exist_ok=True)
-  spacing = scan.pixel_spacing * factor
-  origin_xy = -scan.pixel_spacing * (NATIVE_SIZE - 1) / 2 + (factor - 1) / 2 * scan.pixel_spacing
-  frame_uid = generate_uid(UID_PREFIX, [scan.series_uid, 'frame'])
-  sop_uids = []
-  stored = np.clip(np.round(volume - INTERCEPT), -32768, 32767).astype(np.int16)
-  for k, z in enumerate(scan.zvals[slab]):
-    sop = generate_uid(UID_PREFIX, [scan.series_uid, repr(float(z))])
-    sop_uids.append(sop)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, sop
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-    ds.PatientID = ds.PatientName = scan.patient_id
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = scan.study_uid, scan.series_uid, frame_uid
-    ds.Modality, ds.ImageType = 'CT', ['ORIGINAL', 'PRIMARY', 'AXIAL']
-    ds.SeriesDescription = 'SIMULATED INTENSITIES (demo)'
-    ds.InstanceNumber = k + 1
-    ds.ImagePositionPatient = [origin_xy, origin_xy, float(z)]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SliceLocation = float(z)
-    ds.PixelSpacing = [spacing, spacing]
-    ds.SliceThickness = scan.slice_thickness
-    ds.Rows, ds.Columns = volume.shape[1:]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = INTERCEPT, 1.0, 'HU'
-    ds.PixelData = stored[k].tobytes()
-    ds.save_as(os.path.join(study_dir, f'1-{k + 1:03d}.dcm'), enforce_file_format=True)
-  return study_dir, sop_uids
+    study_dir = os.path.join(out_dir, scan.patient_id, scan.study_uid, scan.series_uid)
+    os.makedirs(study_dir, exist_ok=True)
+    spacing = scan.pixel_spacing * factor
+    origin_xy = -scan.pixel_spacing * (NATIVE_SIZE - 1) / 2 + (factor - 1) / 2 * scan.pixel_spacing
+    frame_uid = generate_uid(UID_PREFIX, [scan.series_uid, 'frame'])
+    sop_uids = []
+    stored = np.clip(np.round(volume - INTERCEPT), -32768, 32767).astype(np.int16)
+    for k, z in enumerate(scan.zvals[slab]):
+        sop = generate_uid(UID_PREFIX, [scan.series_uid, repr(float(z))])
+        sop_uids.append(sop)
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, sop
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = pydicom.Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
+        ds.PatientID = ds.PatientName = scan.patient_id
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = scan.study_uid, scan.series_uid, frame_uid
+        ds.Modality, ds.ImageType = 'CT', ['ORIGINAL', 'PRIMARY', 'AXIAL']
+        ds.SeriesDescription = 'SIMULATED INTENSITIES (demo)'
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [origin_xy, origin_xy, float(z)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.SliceLocation = float(z)
+        ds.PixelSpacing = [spacing, spacing]
+        ds.SliceThickness = scan.slice_thickness
+        ds.Rows, ds.Columns = volume.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, 'MONOCHROME2'
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = INTERCEPT, 1.0, 'HU'
+        ds.PixelData = stored[k].tobytes()
+        ds.save_as(os.path.join(study_dir, f'1-{k + 1:03d}.dcm'), enforce_file_format=True)
+    return study_dir, sop_uids
 
 
 def _sub(parent: ET.Element, tag: str, text=None) -> ET.Element:
-  e = ET.SubElement(parent, tag)
-  if text is not None:
-    e.text = str(text)
-  return e
+    e = ET.SubElement(parent, tag)
+    if text is not None:
+        e.text = str(text)
+    return e
 
 
 def _write_xml(series_dir: str, scan: _Scan, slab_z: np.ndarray, sop_uids: list[str], slots: list[int],
                factor: int, rng: np.random.Generator, size: int) -> None:
-  root = ET.Element('LidcReadMessage', {'xmlns': 'http://www.nih.gov', 'uid': generate_uid(UID_PREFIX,
-                                                                                          [scan.series_uid, 'xml'])})
-  header = _sub(root, 'ResponseHeader')
-  _sub(header, 'Version', '1.8.1')
-  _sub(header, 'SeriesInstanceUid', scan.series_uid)
-  _sub(header, 'StudyInstanceUID', scan.study_uid)
-  _sub(header, 'TaskDescription', 'Second unblinded read')
-  sessions = [_sub(root, 'readingSession') for _ in range(max(4, max(slots, default=0) + 1))]
-  for reader, session in enumerate(sessions):
-    _sub(session, 'annotationVersion', '3.12')
-    _sub(session, 'servicingRadiologistID', f'reader{reader}')
-  for (nid, chars, contours), slot in zip(scan.annotations, slots):
-    nod = _sub(sessions[slot], 'unblindedReadNodule')
-    _sub(nod, 'noduleID', nid)
-    ch = _sub(nod, 'characteristics')
-    for name, value in zip(xml_reader.ATTRIBUTE_NAMES, chars):
-      _sub(ch, name, value)
-    for z, inclusion, xy in contours:
-      roi = _sub(nod, 'roi')
-      _sub(roi, 'imageZposition', f'{z:.6f}')
-      _sub(roi, 'imageSOP_UID', sop_uids[int(np.argmin(np.abs(slab_z - z)))])
-      _sub(roi, 'inclusion', 'TRUE' if inclusion else 'FALSE')
-      for x, y in _downsample_xy(xy, factor):
-        edge = _sub(roi, 'edgeMap')
-        _sub(edge, 'xCoord', x)
-        _sub(edge, 'yCoord', y)
-  # A small-nodule mark (one point, no characteristics) and a non-nodule, as readers also leave them.
-  k = int(rng.integers(len(slab_z)))
-  x, y = (int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
-  small = _sub(sessions[0], 'unblindedReadNodule')
-  _sub(small, 'noduleID', 'small-1')
-  roi = _sub(small, 'roi')
-  for tag, val in (('imageZposition', f'{slab_z[k]:.6f}'), ('imageSOP_UID', sop_uids[k]), ('inclusion', 'TRUE')):
-    _sub(roi, tag, val)
-  edge = _sub(roi, 'edgeMap')
-  _sub(edge, 'xCoord', x)
-  _sub(edge, 'yCoord', y)
-  non = _sub(sessions[1], 'nonNodule')
-  _sub(non, 'nonNoduleID', 'non-1')
-  _sub(non, 'imageZposition', f'{slab_z[k]:.6f}')
-  _sub(non, 'imageSOP_UID', sop_uids[k])
-  locus = _sub(non, 'locus')
-  _sub(locus, 'xCoord', size - x)
-  _sub(locus, 'yCoord', y)
-  ET.indent(root)
-  ET.ElementTree(root).write(os.path.join(series_dir, '069.xml'), encoding='UTF-8', xml_declaration=True)
+    root = ET.Element('LidcReadMessage', {'xmlns': 'http://www.nih.gov', 'uid': generate_uid(UID_PREFIX,
+                                                                                             [scan.series_uid, 'xml'])})
+    header = _sub(root, 'ResponseHeader')
+    _sub(header, 'Version', '1.8.1')
+    _sub(header, 'SeriesInstanceUid', scan.series_uid)
+    _sub(header, 'StudyInstanceUID', scan.study_uid)
+    _sub(header, 'TaskDescription', 'Second unblinded read')
+    sessions = [_sub(root, 'readingSession') for _ in range(max(4, max(slots, default=0) + 1))]
+    for reader, session in enumerate(sessions):
+        _sub(session, 'annotationVersion', '3.12')
+        _sub(session, 'servicingRadiologistID', f'reader{reader}')
+    for (nid, chars, contours), slot in zip(scan.annotations, slots):
+        nod = _sub(sessions[slot], 'unblindedReadNodule')
+        _sub(nod, 'noduleID', nid)
+        ch = _sub(nod, 'characteristics')
+        for name, value in zip(xml_reader.ATTRIBUTE_NAMES, chars):
+            _sub(ch, name, value)
+        for z, inclusion, xy in contours:
+            roi = _sub(nod, 'roi')
+            _sub(roi, 'imageZposition', f'{z:.6f}')
+            _sub(roi, 'imageSOP_UID', sop_uids[int(np.argmin(np.abs(slab_z - z)))])
+            _sub(roi, 'inclusion', 'TRUE' if inclusion else 'FALSE')
+            for x, y in _downsample_xy(xy, factor):
+                edge = _sub(roi, 'edgeMap')
+                _sub(edge, 'xCoord', x)
+                _sub(edge, 'yCoord', y)
+    # A small-nodule mark (one point, no characteristics) and a non-nodule, as readers also leave them.
+    k = int(rng.integers(len(slab_z)))
+    x, y = (int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
+    small = _sub(sessions[0], 'unblindedReadNodule')
+    _sub(small, 'noduleID', 'small-1')
+    roi = _sub(small, 'roi')
+    for tag, val in (('imageZposition', f'{slab_z[k]:.6f}'), ('imageSOP_UID', sop_uids[k]), ('inclusion', 'TRUE')):
+        _sub(roi, tag, val)
+    edge = _sub(roi, 'edgeMap')
+    _sub(edge, 'xCoord', x)
+    _sub(edge, 'yCoord', y)
+    non = _sub(sessions[1], 'nonNodule')
+    _sub(non, 'nonNoduleID', 'non-1')
+    _sub(non, 'imageZposition', f'{slab_z[k]:.6f}')
+    _sub(non, 'imageSOP_UID', sop_uids[k])
+    locus = _sub(non, 'locus')
+    _sub(locus, 'xCoord', size - x)
+    _sub(locus, 'yCoord', y)
+    ET.indent(root)
+    ET.ElementTree(root).write(os.path.join(series_dir, '069.xml'), encoding='UTF-8', xml_declaration=True)
 
 
 def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int = 2, margin_mm: float = 10.0,
                   max_slices: int = 48) -> str | None:
-  """Writes one pylidc scan as a TCIA series folder; None when its nodules do not fit `max_slices`."""
-  scan = _load_scan(scan_id)
-  slab = _slab(scan, margin_mm, max_slices)
-  if slab is None:
-    return None
-  rng = np.random.default_rng([seed, scan_id])
-  size = NATIVE_SIZE // downsample
-  slab_z = scan.zvals[slab]
-  slots, placed = _reader_slots(scan, slab_z, downsample)
-  spacing = scan.pixel_spacing * downsample
-  volume = _phantom(rng, (len(slab), size, size), spacing)
-  shape = volume.shape
-  for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
-    bbox = nodules_lib.cluster_bbox(cluster, shape, pad=3)
-    fraction = np.mean([nodules_lib.annotation_mask(a, bbox) for a in cluster], axis=0)
-    weight = ndimage.gaussian_filter(fraction, sigma=(0.3, 0.6, 0.6))
-    chars = np.array([a.characteristics for a in cluster])
-    texture = _nodule_hu(chars) + 60 * ndimage.gaussian_filter(rng.normal(size=fraction.shape), 0.8)
-    region = volume[bbox]
-    volume[bbox] = region * (1 - weight) + texture * weight
-  volume += rng.normal(0, 12, shape)
-  series_dir, sop_uids = _write_series(out_dir, scan, slab, volume, downsample)
-  _write_xml(series_dir, scan, slab_z, sop_uids, slots, downsample, rng, size)
-  return series_dir
+    """Writes one pylidc scan as a TCIA series folder; None when its nodules do not fit `max_slices`."""
+    scan = _load_scan(scan_id)
+    slab = _slab(scan, margin_mm, max_slices)
+    if slab is None:
+        return None
+    rng = np.random.default_rng([seed, scan_id])
+    size = NATIVE_SIZE // downsample
+    slab_z = scan.zvals[slab]
+    slots, placed = _reader_slots(scan, slab_z, downsample)
+    spacing = scan.pixel_spacing * downsample
+    volume = _phantom(rng, (len(slab), size, size), spacing)
+    shape = volume.shape
+    for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
+        bbox = nodules_lib.cluster_bbox(cluster, shape, pad=3)
+        fraction = np.mean([nodules_lib.annotation_mask(a, bbox) for a in cluster], axis=0)
+        weight = ndimage.gaussian_filter(fraction, sigma=(0.3, 0.6, 0.6))
+        chars = np.array([a.characteristics for a in cluster])
+        texture = _nodule_hu(chars) + 60 * ndimage.gaussian_filter(rng.normal(size=fraction.shape), 0.8)
+        region = volume[bbox]
+        volume[bbox] = region * (1 - weight) + texture * weight
+    volume += rng.normal(0, 12, shape)
+    series_dir, sop_uids = _write_series(out_dir, scan, slab, volume, downsample)
+    _write_xml(series_dir, scan, slab_z, sop_uids, slots, downsample, rng, size)
+    return series_dir
 
 
 def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2, margin_mm: float = 10.0,
              max_slices: int = 48, verbose: bool = True) -> list[str]:
-  """Writes `num_scans` series (TCIA layout) for real scans picked deterministically from `seed`.
+    """Writes `num_scans` series (TCIA layout) for real scans picked deterministically from `seed`.
 
-  Scans with annotated nodules (with characteristics) whose slab fits `max_slices` evenly spaced
-  slices are picked in a seeded random order. Returns the series folders.
-  """
-  if verbose:
-    print(SIMULATED_NOTICE, flush=True)
-  candidates = _candidates()
-  order = np.random.default_rng(seed).permutation(len(candidates))
-  written = []
-  for i in order:
-    if len(written) == num_scans:
-      break
-    scan_id, zmin, zmax, thickness = candidates[i]
-    if (zmax - zmin + 2 * margin_mm) / thickness > 1.5 * max_slices:
-      continue
-    series_dir = generate_scan(out_dir, scan_id, seed=seed, downsample=downsample, margin_mm=margin_mm,
-                               max_slices=max_slices)
-    if series_dir is not None:
-      written.append(series_dir)
-  if verbose:
-    print(f'Wrote {len(written)} series to {out_dir} (intensities simulated).', flush=True)
-  return written
+    Scans with annotated nodules (with characteristics) whose slab fits `max_slices` evenly spaced
+    slices are picked in a seeded random order. Returns the series folders.
+    """
+    if verbose:
+        print(SIMULATED_NOTICE, flush=True)
+    candidates = _candidates()
+    order = np.random.default_rng(seed).permutation(len(candidates))
+    written = []
+    for i in order:
+        if len(written) == num_scans:
+            break
+        scan_id, zmin, zmax, thickness = candidates[i]
+        if (zmax - zmin + 2 * margin_mm) / thickness > 1.5 * max_slices:
+            continue
+        series_dir = generate_scan(out_dir, scan_id, seed=seed, downsample=downsample, margin_mm=margin_mm,
+                                   max_slices=max_slices)
+        if series_dir is not None:
+            written.append(series_dir)
+    if verbose:
+        print(f'Wrote {len(written)} series to {out_dir} (intensities simulated).', flush=True)
+    return written
