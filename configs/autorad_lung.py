@@ -55,6 +55,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         name="autorad_lung",  # autorad_lung | coop | radiomics_logreg | radiomics_mlp | linear_probe
             aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+        attention_implementation="",  # '' (XLA) | 'cudnn' (fused attention on NVIDIA GPUs)
+        remat="none",  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
         vision=_tower(64, 2, 2, 128, patch_size=14, image_size=image_size, use_head=True) if tiny
         else _tower(1024, 24, 8, 2816, patch_size=14, image_size=image_size, use_head=True),
         text=_tower(64, 2, 2, 128, max_position_embeddings=32) if tiny

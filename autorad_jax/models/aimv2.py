@@ -192,8 +192,8 @@ def _init(names: tuple, init: Callable = nnx.initializers.normal(_INIT_STD)) -> 
 
 def _linear(din: int, dout: int, names: tuple, *, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(
-            din, dout, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-            kernel_init=_init(names), bias_init=_init(names[-1:], nnx.initializers.zeros_init()))
+        din, dout, use_bias=bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        kernel_init=_init(names), bias_init=_init(names[-1:], nnx.initializers.zeros_init()))
 
 
 class Aimv2RMSNorm(nnx.Module):
@@ -239,8 +239,8 @@ class Aimv2Attention(nnx.Module):
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
         out = jax.nn.dot_product_attention(
-                split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                mask=mask, is_causal=causal, implementation=self.implementation)
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+            mask=mask, is_causal=causal, implementation=self.implementation)
         return self.out_proj(out.reshape(b, t, d))
 
 
@@ -266,10 +266,10 @@ class Aimv2Encoder(nnx.Module):
     """A list of ``Aimv2EncoderLayer``; ``remat=True`` wraps each layer in ``jax.checkpoint`` (``remat_policy``)."""
 
     def __init__(self, config, *, dtype, rngs: nnx.Rngs, attention_implementation: Optional[str] = None,
-                              remat: bool = False, remat_policy: Optional[Callable[..., bool]] = None):
+                 remat: bool = False, remat_policy: Optional[Callable[..., bool]] = None):
         self.layers = nnx.List([
-                Aimv2EncoderLayer(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation)
-                for _ in range(config.num_hidden_layers)])
+            Aimv2EncoderLayer(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation)
+            for _ in range(config.num_hidden_layers)])
         self.remat = remat
         self.remat_policy = remat_policy
 
@@ -334,13 +334,13 @@ class Aimv2VisionEmbeddings(nnx.Module):
         self.patch_size = p
         self.dtype = dtype
         self.patch_embed = nnx.Conv(
-                config.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=True, dtype=dtype,
-                param_dtype=jnp.float32, rngs=rngs, kernel_init=_init((None, None, None, "embed")),
-                bias_init=_init(("embed",), nnx.initializers.zeros_init()))
+            config.num_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", use_bias=True, dtype=dtype,
+            param_dtype=jnp.float32, rngs=rngs, kernel_init=_init((None, None, None, "embed")),
+            bias_init=_init(("embed",), nnx.initializers.zeros_init()))
         self.rms_norm = Aimv2RMSNorm(d, config.rms_norm_eps, dtype=dtype)
         self.position_embedding = nnx.Embed(
-                self.grid_size[0] * self.grid_size[1], d, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
-                embedding_init=_init((None, "embed")))
+            self.grid_size[0] * self.grid_size[1], d, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
+            embedding_init=_init((None, "embed")))
 
     def __call__(self, pixel_values: Array) -> Array:
         x = self.patch_embed(pixel_values.astype(self.dtype))
@@ -359,7 +359,7 @@ class Aimv2AttentionPoolingHead(nnx.Module):
         self.k_proj = _linear(d, d, ("embed", "heads"), bias=b, dtype=dtype, rngs=rngs)
         self.v_proj = _linear(d, d, ("embed", "heads"), bias=b, dtype=dtype, rngs=rngs)
         self.cls_token = nnx.Param(
-                _init((None, None, "embed"))(rngs.params(), (1, 1, d), jnp.float32))
+            _init((None, None, "embed"))(rngs.params(), (1, 1, d), jnp.float32))
         self.output_proj = _linear(d, d, ("heads", "embed"), bias=True, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
@@ -382,12 +382,12 @@ class Aimv2VisionModel(nnx.Module):
     """
 
     def __init__(self, config: Aimv2VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                              attention_implementation: Optional[str] = None, remat: bool = False,
-                              remat_policy: Optional[Callable[..., bool]] = None):
+                 attention_implementation: Optional[str] = None, remat: bool = False,
+                 remat_policy: Optional[Callable[..., bool]] = None):
         self.config = config
         self.embeddings = Aimv2VisionEmbeddings(config, dtype=dtype, rngs=rngs)
         self.encoder = Aimv2Encoder(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation,
-                                                                remat=remat, remat_policy=remat_policy)
+                                    remat=remat, remat_policy=remat_policy)
         self.rms_norm = Aimv2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.head = Aimv2AttentionPoolingHead(config, dtype=dtype, rngs=rngs) if config.use_head else None
 
@@ -436,16 +436,16 @@ class Aimv2TextModel(nnx.Module):
     """
 
     def __init__(self, config: Aimv2TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                              attention_implementation: Optional[str] = None, remat: bool = False,
-                              remat_policy: Optional[Callable[..., bool]] = None):
+                 attention_implementation: Optional[str] = None, remat: bool = False,
+                 remat_policy: Optional[Callable[..., bool]] = None):
         self.config = config
         self.embeddings = Aimv2TextEmbeddings(config, rngs=rngs)
         self.encoder = Aimv2Encoder(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation,
-                                                                remat=remat, remat_policy=remat_policy)
+                                    remat=remat, remat_policy=remat_policy)
         self.rms_norm = Aimv2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
-                              inputs_embeds: Optional[Array] = None) -> BaseModelOutputWithPooling:
+                 inputs_embeds: Optional[Array] = None) -> BaseModelOutputWithPooling:
         x = self.embeddings(input_ids, inputs_embeds)
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = self.rms_norm(self.encoder(x, mask, True))
@@ -472,18 +472,18 @@ class Aimv2Model(nnx.Module):
     """
 
     def __init__(self, config: Aimv2Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
-                              attention_implementation: Optional[str] = None, remat: bool = False,
-                              remat_policy: Optional[Callable[..., bool]] = None):
+                 attention_implementation: Optional[str] = None, remat: bool = False,
+                 remat_policy: Optional[Callable[..., bool]] = None):
         self.config = config
         kw = dict(dtype=dtype, rngs=rngs, attention_implementation=attention_implementation, remat=remat,
-                            remat_policy=remat_policy)
+                  remat_policy=remat_policy)
         self.vision_model = Aimv2VisionModel(config.vision_config, **kw)
         self.text_model = Aimv2TextModel(config.text_config, **kw)
         p = config.projection_dim
         self.visual_projection = _linear(config.vision_config.hidden_size, p, ("embed", None), bias=False, dtype=dtype,
-                                                                          rngs=rngs)
+                                         rngs=rngs)
         self.text_projection = _linear(config.text_config.hidden_size, p, ("embed", None), bias=False, dtype=dtype,
-                                                                      rngs=rngs)
+                                       rngs=rngs)
         self.logit_scale = nnx.Param(jnp.asarray(config.logit_scale_init_value, jnp.float32))
 
     def logit_scale_value(self) -> Array:
@@ -494,7 +494,7 @@ class Aimv2Model(nnx.Module):
         return self.visual_projection(self.vision_model(pixel_values).pooler_output)
 
     def get_text_features(self, input_ids: Array, attention_mask: Optional[Array] = None,
-                                                inputs_embeds: Optional[Array] = None) -> Array:
+                          inputs_embeds: Optional[Array] = None) -> Array:
         """Projected (not normalised) pooled text features [B, projection_dim]."""
         out = self.text_model(input_ids, attention_mask, inputs_embeds=inputs_embeds)
         return self.text_projection(out.pooler_output)

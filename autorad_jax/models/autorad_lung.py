@@ -47,16 +47,27 @@ def aimv2_config(model_config) -> Aimv2Config:
         projection_dim=model_config.projection_dim)
 
 
+REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def tower_options(model_config) -> dict[str, Any]:
+    """Constructor options of the AIMv2 towers from config.model: compute dtype, attention kernel, rematerialisation."""
+    if model_config.remat not in REMAT_POLICIES:
+        raise ValueError(f"config.model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_config.remat!r}")
+    return dict(dtype=jnp.dtype(model_config.dtype), attention_implementation=model_config.attention_implementation or None,
+                remat=model_config.remat != "none", remat_policy=REMAT_POLICIES[model_config.remat])
+
+
 def build_aimv2(model_config, *, rngs: nnx.Rngs) -> Aimv2Model:
     """The joint AIMv2 model: loaded from config.model.aimv2_dir when set, else random-init from the config."""
-    dtype = jnp.dtype(model_config.dtype)
+    options = tower_options(model_config)
     if model_config.aimv2_dir:
-        model = hf_aimv2.load_pretrained(model_config.aimv2_dir, dtype=dtype)
+        model = hf_aimv2.load_pretrained(model_config.aimv2_dir, **options)
         if not isinstance(model, Aimv2Model):
             raise ValueError(f"{model_config.aimv2_dir} holds a {type(model).__name__}; AutoRad-Lung needs a joint "
                              "AIMv2(-LiT) image-text model (config.json model_type 'aimv2').")
         return model
-    return Aimv2Model(aimv2_config(model_config), dtype=dtype, rngs=rngs)
+    return Aimv2Model(aimv2_config(model_config), rngs=rngs, **options)
 
 
 def pooled_image_features(vision_model, images: Array, pooling: str) -> Array:

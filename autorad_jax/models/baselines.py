@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autorad_jax.models.aimv2 import Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
-from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features
+from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features, tower_options
 from autorad_jax.weights import hf_aimv2
 
 Array = jax.Array
@@ -23,10 +23,10 @@ Array = jax.Array
 
 def build_vision(model_config, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
     """The AIMv2 vision tower: from config.model.aimv2_dir (a joint or vision-only folder) or random-init."""
-    dtype = jnp.dtype(model_config.dtype)
+    options = tower_options(model_config)
     if not model_config.aimv2_dir:
-        return Aimv2VisionModel(Aimv2VisionConfig(**model_config.vision.to_dict()), dtype=dtype, rngs=rngs)
-    model = hf_aimv2.load_pretrained(model_config.aimv2_dir, dtype=dtype)
+        return Aimv2VisionModel(Aimv2VisionConfig(**model_config.vision.to_dict()), rngs=rngs, **options)
+    model = hf_aimv2.load_pretrained(model_config.aimv2_dir, **options)
     if isinstance(model, Aimv2Model):
         return model.vision_model
     if isinstance(model, Aimv2VisionModel):
