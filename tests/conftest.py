@@ -7,3 +7,36 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402  (after the environment above is set)
+
+
+@pytest.fixture(scope="session")
+def manual_dir(tmp_path_factory) -> str:
+    """A few real-geometry scans at native resolution (so pylidc's masks apply on the same grid)."""
+    import tfds_lidc
+    from lidc_testdata import NUM_SCANS
+    out = str(tmp_path_factory.mktemp("lidc_manual"))
+    tfds_lidc.synth.generate(out, NUM_SCANS, seed=0, downsample=1, margin_mm=5.0, max_slices=40, verbose=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def built(manual_dir, tmp_path_factory) -> str:
+    """data_dir holding lidc_idri/crop32_1mm of `manual_dir`, built with 2 worker processes."""
+    import tfds_lidc
+    from lidc_testdata import CONFIG
+    data_dir = str(tmp_path_factory.mktemp("lidc_data"))
+    tfds_lidc.prepare(manual_dir, data_dir, CONFIG, num_workers=2)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def lidc_data(tmp_path_factory) -> str:
+    """TFDS data dir holding lidc_idri/crop32_1mm built from 8 generated (downsampled) scans."""
+    import tfds_lidc
+    root = tmp_path_factory.mktemp("lidc")
+    tfds_lidc.synth.generate(str(root / "scans"), 8, seed=0)
+    tfds_lidc.prepare(str(root / "scans"), str(root / "tfds"), builder_config="crop32_1mm")
+    return str(root / "tfds")

@@ -14,7 +14,7 @@ from pylidc.utils import consensus
 from radiomics import featureextractor
 
 import tfds_lidc
-from tfds_fixtures import CONFIG, NUM_SCANS, built, manual_dir, read_all  # noqa: F401  pylint: disable=unused-import
+from lidc_testdata import CONFIG, NUM_SCANS, read_all
 from tfds_lidc import radiomics_features
 
 

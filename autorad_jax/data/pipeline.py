@@ -1,0 +1,340 @@
+"""Input pipeline: lidc_idri records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
+
+One example dict (as stored by the builder) becomes model inputs through `example_to_inputs`; training, evaluation,
+prediction and export all use that one function. The stored 3D crop gives the 2D view the model sees:
+  '2.5d'    the centre axial slice with the slices above and below as three channels;
+  'planes'  the axial, coronal and sagittal slices through the centre.
+The view is windowed to [0, 1], augmented (training only), resized to the image size and normalised with the AIMv2
+image statistics. Each split is read once through `tfds.data_source` (labels, folds, radiomics and the view, a
+few KB per nodule, kept in memory); grain then shards, shuffles, augments and batches from memory. Radiomics are
+standardised with the training split's statistics (`RadiomicsStats`), which are saved
+with every checkpoint and reused wherever the model runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
+
+import grain.python as grain
+import jax
+import ml_collections
+import numpy as np
+
+AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
+AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+STORED_CLASSES = ("benign", "unsure", "malignant")  # the dataset's ClassLabel names, in label order
+# Each scheme keeps some stored classes, in this order.
+SCHEME_CLASSES = {"3class": (0, 1, 2), "binary": (0, 2)}
+SPLITS = ("train", "validation", "test")
+_SHIFT_FRACTION = 0.0625  # largest augmentation shift, as a fraction of the crop size
+_CONTRAST_JITTER = 0.1
+_BRIGHTNESS_JITTER = 0.05
+
+
+class DatasetError(RuntimeError):
+    """The dataset is missing or does not match the config; the message says what to run."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One example -> model inputs.
+# ------------------------------------------------------------------------------------------------------------------
+
+def scheme_classes(label_scheme: str) -> tuple[int, ...]:
+    """Stored class ids kept by `label_scheme`, in model-output order."""
+    if label_scheme not in SCHEME_CLASSES:
+        raise ValueError(f"config.data.label_scheme={label_scheme!r}; use one of {sorted(SCHEME_CLASSES)}.")
+    return SCHEME_CLASSES[label_scheme]
+
+
+def label_names(label_scheme: str) -> tuple[str, ...]:
+    """Short names of the scheme's classes (as stored in the dataset), for metrics and reports."""
+    return tuple(STORED_CLASSES[i] for i in scheme_classes(label_scheme))
+
+
+def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The model's class names for the config's label scheme (binary: the first and last)."""
+    return tuple(config.model.class_names[i] for i in scheme_classes(config.data.label_scheme))
+
+
+def extract_view(ct: np.ndarray, view: str) -> np.ndarray:
+    """[S, S, S] (z, y, x) crop -> [S, S, 3] view through its centre (see the module docstring)."""
+    c = ct.shape[0] // 2
+    if view == "2.5d":
+        return np.stack([ct[c - 1], ct[c], ct[c + 1]], axis=-1)
+    if view == "planes":
+        return np.stack([ct[c, :, :], ct[:, c, :], ct[:, :, c]], axis=-1)
+    raise ValueError(f"config.data.view={view!r}; use '2.5d' or 'planes'.")
+
+
+def window(hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
+    """Linear CT window: HU in [lo, hi] -> [0, 1], clipped outside."""
+    lo, hi = (float(v) for v in window_hu)
+    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """[n_out, n_in] weights of linear interpolation with half-pixel centres (as jax.image.resize, no antialias)."""
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
+    x = np.clip(x, 0.0, n_in - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = x - lo
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(n_out), hi), frac)
+    return m.astype(np.float32)
+
+
+def resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of an [H, W, C] image to [size, size, C]."""
+    h, w, _ = image.shape
+    if (h, w) == (size, size):
+        return image
+    rows, cols = _linear_resize_matrix(h, size), _linear_resize_matrix(w, size)
+    return np.ascontiguousarray((rows @ image.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0), dtype=np.float32)
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Training augmentation of a windowed [H, W, C] image in [0, 1]: flips, 90-degree rotations, a small shift
+    (filled with 0 = air), contrast and brightness jitter."""
+    if rng.random() < 0.5:
+        image = image[:, ::-1]
+    if rng.random() < 0.5:
+        image = image[::-1]
+    image = np.rot90(image, k=int(rng.integers(4)), axes=(0, 1))
+    max_shift = int(round(_SHIFT_FRACTION * image.shape[0]))
+    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
+    shifted = np.zeros_like(image)
+    h, w = image.shape[:2]
+    shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    contrast = 1.0 + rng.uniform(-_CONTRAST_JITTER, _CONTRAST_JITTER)
+    brightness = rng.uniform(-_BRIGHTNESS_JITTER, _BRIGHTNESS_JITTER)
+    return np.clip(shifted * contrast + brightness, 0.0, 1.0).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class RadiomicsStats:
+    """Per-feature mean and standard deviation of the training split's radiomics."""
+    mean: np.ndarray
+    std: np.ndarray
+
+    @classmethod
+    def fit(cls, radiomics: np.ndarray) -> RadiomicsStats:
+        """Statistics of an [N, F] feature matrix (a constant feature gets std 1, so it standardises to 0)."""
+        x = np.asarray(radiomics, np.float64)
+        std = x.std(axis=0)
+        return cls(mean=x.mean(axis=0).astype(np.float32), std=np.where(std > 1e-12, std, 1.0).astype(np.float32))
+
+    def apply(self, radiomics: np.ndarray) -> np.ndarray:
+        """Standardised features; non-finite inputs become 0 (the training mean)."""
+        z = (np.asarray(radiomics, np.float32) - self.mean) / self.std
+        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> RadiomicsStats:
+        return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32))
+
+
+def view_to_inputs(view_hu: np.ndarray, radiomics: np.ndarray, data_config: ml_collections.ConfigDict,
+                   stats: RadiomicsStats, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """A [S, S, 3] HU view and raw radiomics -> {'image' [H, W, 3] normalised, 'radiomics' [F] standardised}.
+
+    `rng` turns on training augmentation.
+    """
+    image = window(view_hu, data_config.window_hu)
+    if rng is not None:
+        image = augment(image, rng)
+    image = (resize(image, data_config.image_size) - AIMV2_MEAN) / AIMV2_STD
+    return {"image": image.astype(np.float32), "radiomics": stats.apply(radiomics)}
+
+
+def scheme_label(stored_label: int, label_scheme: str) -> int:
+    """Index of a stored label among the scheme's classes (-1: not in the scheme, e.g. unsure under 'binary')."""
+    classes = scheme_classes(label_scheme)
+    return classes.index(int(stored_label)) if int(stored_label) in classes else -1
+
+
+def example_to_inputs(example: dict, data_config: ml_collections.ConfigDict, stats: RadiomicsStats,
+                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    """One stored example -> {'image' [H, W, 3] normalised, 'radiomics' [F] standardised, 'label' (when it has one)}.
+
+    The one path from a nodule crop to model inputs (training, evaluation, prediction and export all use it).
+    """
+    out = view_to_inputs(extract_view(np.asarray(example["ct"]), data_config.view), example["radiomics"],
+                         data_config, stats, rng)
+    if "label" in example:
+        out["label"] = np.int32(scheme_label(example["label"], data_config.label_scheme))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Records: the split (or cross-validation fold) a role reads, with its labels and radiomics.
+# ------------------------------------------------------------------------------------------------------------------
+
+def dataset_name(data_config: ml_collections.ConfigDict) -> str:
+    return f"{data_config.name}/{data_config.builder_config}"
+
+
+def _prepare_hint(data_config: ml_collections.ConfigDict) -> str:
+    return (f"Build it with `python run.py prepare --manual_dir=/path/to/LIDC-IDRI "
+            f"--builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or for demo data "
+            f"`python run.py synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
+
+
+@functools.lru_cache(maxsize=8)
+def _open_split(name: str, data_dir: str, split: str):
+    import tensorflow_datasets as tfds
+    import tfds_lidc  # noqa: F401  (registers the builder)
+    return tfds.data_source(name, data_dir=data_dir, split=split, download=False)
+
+
+def open_split(data_config: ml_collections.ConfigDict, split: str):
+    """The random-access source of one stored split; a DatasetError saying what to run if it is not there."""
+    name = dataset_name(data_config)
+    try:
+        source = _open_split(name, str(data_config.data_dir), split)
+    except Exception as e:  # tfds raises several types for a missing dataset / config / split.
+        raise DatasetError(f"Dataset {name} split {split!r} not found in {data_config.data_dir} "
+                           f"({type(e).__name__}: {e}). {_prepare_hint(data_config)}") from e
+    if len(source) == 0:
+        raise DatasetError(f"Dataset {name} split {split!r} in {data_config.data_dir} is empty. "
+                           f"{_prepare_hint(data_config)}")
+    return source
+
+
+@dataclasses.dataclass
+class Records:
+    """The examples a role reads, in memory: the HU view of each crop (the first step of `example_to_inputs`), its
+    raw radiomics and its scheme label. A grain random-access source of {'view', 'radiomics', 'label'}."""
+    views: np.ndarray  # [N, S, S, 3] int16 HU
+    radiomics: np.ndarray  # [N, F] float32, raw
+    labels: np.ndarray  # [N] int32, index in the label scheme's classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"view": self.views[i], "radiomics": self.radiomics[i], "label": self.labels[i]}
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str) -> dict[str, np.ndarray]:
+    """Stored label, fold, radiomics and HU view of every example of a split (read once per process)."""
+    source = _open_split(name, data_dir, split)
+    out = {"label": [], "fold": [], "radiomics": [], "view": []}
+    for i in range(len(source)):
+        ex = source[i]
+        if np.shape(ex["ct"]) != (ct_size,) * 3:
+            raise DatasetError(f"Dataset {name} in {data_dir} stores crops of shape {np.shape(ex['ct'])}, the "
+                               f"builder config {name.split('/')[-1]} expects {(ct_size,) * 3}: rebuild it with "
+                               f"`python run.py prepare`.")
+        out["label"].append(int(ex["label"]))
+        out["fold"].append(int(ex["fold"]))
+        out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
+        out["view"].append(extract_view(np.asarray(ex["ct"]), view))
+    return {k: np.stack(v) for k, v in out.items()}
+
+
+def crop_size(data_config: ml_collections.ConfigDict) -> int:
+    """Edge of the stored cube, from the builder config name (crop<S>_...)."""
+    head = str(data_config.builder_config).split("_")[0]
+    if not head.startswith("crop") or not head[4:].isdigit():
+        raise DatasetError(f"config.data.builder_config={data_config.builder_config!r} is not a lidc_idri builder "
+                           f"config (crop64_1mm, crop32_1mm).")
+    return int(head[4:])
+
+
+def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
+    """Records of `role` ('train' | 'validation' | 'test') under the label scheme and cross-validation fold.
+
+    With data.cv_fold = k >= 0, 'train' is train + validation without fold k and 'validation' is fold k.
+    """
+    if role not in SPLITS:
+        raise ValueError(f"split {role!r}; use one of {SPLITS}.")
+    k = int(data_config.cv_fold)
+    splits = ("train", "validation") if k >= 0 and role != "test" else (role,)
+    name, data_dir, size = dataset_name(data_config), str(data_config.data_dir), crop_size(data_config)
+    classes = scheme_classes(data_config.label_scheme)
+    parts = []
+    for split in splits:
+        open_split(data_config, split)
+        meta = _scan(name, data_dir, split, size, data_config.view)
+        keep = np.isin(meta["label"], classes)
+        if k >= 0 and role == "train":
+            keep &= meta["fold"] != k
+        elif k >= 0 and role == "validation":
+            keep &= meta["fold"] == k
+        parts.append(Records(views=meta["view"][keep], radiomics=meta["radiomics"][keep],
+                             labels=np.searchsorted(np.asarray(classes), meta["label"][keep]).astype(np.int32)))
+    recs = Records(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Records)))
+    if len(recs) == 0:
+        raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "
+                           f"cv_fold={k}.")
+    return recs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Batches: grain for training (sharded per host, shuffled, checkpointable); a padded pass for evaluation.
+# ------------------------------------------------------------------------------------------------------------------
+
+class _ToInputs(grain.RandomMapTransform):
+    """Grain transform: the rest of `example_to_inputs` after the (cached) view, augmenting with grain's per-record
+    generator when asked."""
+
+    def __init__(self, data_config: ml_collections.ConfigDict, stats: RadiomicsStats, augment_images: bool):
+        self._data_config, self._stats, self._augment = data_config, stats, augment_images
+
+    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+        out = view_to_inputs(element["view"], element["radiomics"], self._data_config, self._stats,
+                             rng if self._augment else None)
+        return {**out, "label": element["label"]}
+
+
+def train_loader(data_config: ml_collections.ConfigDict, recs: Records, stats: RadiomicsStats, seed: int,
+                 shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
+    """Endless shuffled training batches of one shard (default: this JAX process's); its iterator is checkpointable.
+
+    Each epoch is a new permutation of the shard's records; augmentation draws come from grain's per-record
+    generator, so a resumed iterator replays exactly what an uninterrupted one would have produced.
+    """
+    shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
+    return grain.DataLoader(
+        data_source=recs,
+        sampler=grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed),
+        operations=[_ToInputs(data_config, stats, bool(data_config.augment)),
+                    grain.Batch(data_config.batch_size // shard_options.shard_count, drop_remainder=True)],
+        worker_count=int(data_config.worker_count))
+
+
+def eval_indices(n: int, global_batch_size: int, process_index: int, process_count: int) -> Iterator[np.ndarray]:
+    """Record indices this process reads for each global batch of a pass over n records (-1 = padding).
+
+    Global batch b covers records [b*G, (b+1)*G); process p reads its contiguous 1/P of it.
+    """
+    local = global_batch_size // process_count
+    for start in range(0, n, global_batch_size):
+        idx = np.arange(start + process_index * local, start + (process_index + 1) * local)
+        yield np.where(idx < n, idx, -1)
+
+
+def eval_batches(data_config: ml_collections.ConfigDict, recs: Records,
+                 stats: RadiomicsStats) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over `recs` as this process's part of padded global batches of images and radiomics; 'index' is
+    each row's record index (-1: padding)."""
+    bs = data_config.eval_batch_size
+    for idx in eval_indices(len(recs), bs, jax.process_index(), jax.process_count()):
+        items = [view_to_inputs(recs.views[max(i, 0)], recs.radiomics[max(i, 0)], data_config, stats) for i in idx]
+        yield {"image": np.stack([it["image"] for it in items]),
+               "radiomics": np.stack([it["radiomics"] for it in items]), "index": idx.astype(np.int32)}
+
+
+def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:
+    """This process's part of a batch -> global arrays split over the batch axis as `sharding` says."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,111 @@
+"""Orbax checkpoints in `workdir/checkpoints`: model and optimiser state, the data iterator, radiomics statistics and
+the config, one step per folder. Keeps the latest `train.keep_checkpoints` and the best by validation macro AUC.
+
+Items of a step: 'state' (nnx state of (model, optimizer), restored against an abstract sharded target, so a
+checkpoint moves between meshes and hosts), 'data_iter' (grain iterator state, one file per process),
+'radiomics_stats' (JSON: training-split mean and std), 'config' (JSON of the config that wrote it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import grain.python as grain
+import ml_collections
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
+
+BEST_METRIC = "auc_macro"
+# Config keys that change the shapes or meaning of what a checkpoint holds; everything else may change on resume,
+# and so may these compute-only model settings.
+_FREE_KEYS = ("model.aimv2_dir", "model.dtype", "model.attention_implementation", "model.remat",
+              "model.prompt_chunk_size")
+_STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.image_size", "data.window_hu",
+                        "data.label_scheme", "data.cv_fold", "optim.name", "optim.grad_accum_steps")
+
+
+class IncompatibleCheckpointError(RuntimeError):
+    """The workdir holds a checkpoint written by a config that does not fit this one."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
+def _best_metric(metrics: dict) -> float:
+    value = metrics.get(BEST_METRIC, float("nan"))
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """Async CheckpointManager keeping the latest `keep` steps and the best one by validation macro AUC."""
+    policy = checkpoint_managers.AnyPreservationPolicy([
+        checkpoint_managers.LatestN(n=keep),
+        checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(  # best_fn: orbax writes a step's metrics only when it is set
+        preservation_policy=policy, best_fn=_best_metric, best_mode="max", enable_async_checkpointing=True,
+        read_only=read_only, create=not read_only)
+    return ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.PyGrainCheckpointHandler(),
+                       "radiomics_stats": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, data_iter, stats_json: dict,
+         config: ml_collections.ConfigDict, metrics: dict | None = None) -> None:
+    """Starts an async save of one step (`metrics`: validation metrics, when evaluated at this step)."""
+    manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data_iter=grain.PyGrainCheckpointSave(data_iter),
+        radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(config.to_dict())),
+        metrics=metrics, force=True)
+
+
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    """(config dict, radiomics statistics JSON) saved at `step`."""
+    out = manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore(), radiomics_stats=ocp.args.JsonRestore()))
+    return out["config"], out["radiomics_stats"]
+
+
+def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+    """Restores 'state' onto the shardings of `abstract_state` (and the data iterator in place, when given)."""
+    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+        args["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
+    return manager.restore(step, args=ocp.args.Composite(**args))["state"]
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+    """The kept step with the highest validation macro AUC (the latest step when none was evaluated)."""
+    steps = manager.all_steps()
+    if not steps:
+        return None
+    scored = [(s, m) for s in steps if (m := manager.metrics(s)) is not None]
+    if not scored:
+        return max(steps)
+    return max(scored, key=lambda sm: (_best_metric(sm[1]), sm[0]))[0]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Raises IncompatibleCheckpointError naming every structural key whose value differs from the checkpoint's
+    (keys only one of the two configs has, from another version of the config file, are not compared)."""
+    old, new = _flatten(saved), _flatten(config.to_dict())
+    keys = sorted(k for k in set(old) & set(new)
+                  if k.startswith(_STRUCTURAL_PREFIXES) and k not in _FREE_KEYS and old.get(k) != new.get(k))
+    if keys:
+        diffs = "; ".join(f"{k} is {old.get(k)!r} in the checkpoint but {new.get(k)!r} now" for k in keys)
+        raise IncompatibleCheckpointError(
+            f"{checkpoint_dir(workdir)} holds a checkpoint from an incompatible config: {diffs}. "
+            f"Use another --workdir, or the config that wrote it.")

@@ -1,0 +1,86 @@
+"""Evaluation reports: metrics JSON and CSV, ROC-curve and confusion-matrix PNGs (written by process 0 only)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from autorad_jax.train.metrics import scalar_metrics  # noqa: E402
+
+
+def _plot_roc(labels: np.ndarray, probs: np.ndarray, names: Sequence[str], metrics: dict, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, name in enumerate(names):
+        positive = labels == k
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, probs[:, k])
+        ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[f'auc_{name}']:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1),
+           title=f"ROC, one vs rest (macro AUC {metrics['auc_macro']:.3f})")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    im = ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
+           xlabel="Predicted", ylabel="True", title="Confusion matrix")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(out_dir: str, metrics: dict, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
+                 info: dict) -> None:
+    """Writes metrics.json (metrics plus `info`: split, step, ...), metrics.csv, roc.png and confusion.png."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump({**info, **metrics}, f, indent=1)
+    with open(os.path.join(out_dir, "metrics.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["metric", "value"])
+        writer.writerows(scalar_metrics(metrics).items())
+    _plot_roc(np.asarray(labels), np.asarray(probs), names, metrics, os.path.join(out_dir, "roc.png"))
+    _plot_confusion(np.asarray(metrics["confusion_matrix"]), names, os.path.join(out_dir, "confusion.png"))
+
+
+class MetricWriter:
+    """Scalars to TensorBoard (`workdir/tensorboard`) and to `workdir/<name>.jsonl`; a no-op off process 0."""
+
+    def __init__(self, workdir: str, active: bool):
+        self._workdir = workdir
+        self._tb = None
+        if active:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, scalars: dict[str, float], *, prefix: str, jsonl: str | None = None) -> None:
+        if self._tb is None:
+            return
+        for k, v in scalars.items():
+            if np.isfinite(v):  # an undefined metric (e.g. AUC of a class absent from the split) is left out
+                self._tb.add_scalar(f"{prefix}/{k}", v, step)
+        if jsonl:
+            with open(os.path.join(self._workdir, f"{jsonl}.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

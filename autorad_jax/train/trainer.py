@@ -1,0 +1,394 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir, split, step)`.
+
+The workdir holds everything a run makes: checkpoints/ (orbax), reports/<split>_step<N>/ (metrics.json, metrics.csv,
+roc.png, confusion.png), tensorboard/, train_metrics.jsonl, and the latest test report at its top level. A run
+resumes from its workdir's latest checkpoint; only process 0 writes reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from autorad_jax import models
+from autorad_jax.data import pipeline
+from autorad_jax.train import checkpointing, perf, sharding, steps
+from autorad_jax.train.metrics import classification_metrics, scalar_metrics
+from autorad_jax.train.optim import learning_rate_schedule
+from autorad_jax.train.reports import MetricWriter, write_report
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN or infinite loss, gradient or parameter; nothing after the last good step is saved."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Mesh, model and shardings.
+# ------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Experiment:
+    """What the train and eval steps need: the mesh, the (model, optimizer) graph and its abstract sharded state."""
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    class_names: tuple[str, ...]
+    num_radiomics: int
+    graphdef: nnx.GraphDef
+    shardings: nnx.State  # NamedSharding per state leaf
+    abstract_state: nnx.State  # ShapeDtypeStruct with sharding per state leaf (a restore target)
+    batch_sharding: NamedSharding
+    replicated: NamedSharding
+
+    def init_state(self) -> nnx.State:
+        """Fresh state, materialised directly in its shardings (random-init towers are never built unsharded)."""
+        def build() -> nnx.State:
+            return nnx.split(steps.build(self.config, self.class_names, self.num_radiomics))[1]
+
+        if self.config.model.aimv2_dir:  # pretrained weights are read on the host, then placed
+            return jax.device_put(build(), self.shardings)
+        return jax.jit(build, out_shardings=self.shardings)()
+
+    @functools.cached_property
+    def train_step(self):
+        """(state, batch) -> (state, metrics), jitted with explicit shardings; the state is donated."""
+        return jax.jit(steps.make_train_step(self.graphdef, models.trainable_filter(self.config.model)),
+                       in_shardings=(self.shardings, self.batch_sharding),
+                       out_shardings=(self.shardings, self.replicated), donate_argnums=0)
+
+    @functools.cached_property
+    def eval_step(self):
+        """(state, batch) -> (probabilities, record index), both replicated so every process can read them."""
+        return jax.jit(steps.make_eval_step(self.graphdef), in_shardings=(self.shardings, self.batch_sharding),
+                       out_shardings=self.replicated)
+
+
+def make_experiment(config: ml_collections.ConfigDict, num_radiomics: int) -> Experiment:
+    """Mesh from config.mesh; the (model, optimizer) state abstractly (nnx.eval_shape) with its logical shardings."""
+    mesh = sharding.make_mesh(dict(config.mesh), devices=_mesh_devices(dict(config.mesh)))
+    names = pipeline.class_names(config)
+    abstract = nnx.eval_shape(lambda: steps.build(config, names, num_radiomics))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = sharding.logical_shardings(abstract_state, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
+    batch_sharding = sharding.logical_sharding(("batch",), mesh)
+    batch_devices = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec[0])]))
+    for key in ("batch_size", "eval_batch_size"):
+        if config.data[key] % batch_devices:
+            raise ValueError(f"config.data.{key}={config.data[key]} is not divisible by the {batch_devices} devices "
+                             f"of the mesh's batch axes {batch_sharding.spec[0]}.")
+    return Experiment(config, mesh, names, num_radiomics, graphdef, shardings, target, batch_sharding,
+                      NamedSharding(mesh, PartitionSpec()))
+
+
+def _mesh_devices(mesh_shape: dict[str, int]) -> list[jax.Device]:
+    """All devices; or, in a single process, the first ones when config.mesh asks for fewer (e.g. a 1-device run)."""
+    devices = jax.devices()
+    wanted = int(np.prod(list(mesh_shape.values())))
+    if wanted > 0 and wanted < len(devices) and jax.process_count() == 1:
+        logging.warning("config.mesh %s uses %d of the %d devices.", mesh_shape, wanted, len(devices))
+        return devices[:wanted]
+    return devices
+
+
+def _axes(spec_entry) -> tuple[str, ...]:
+    if spec_entry is None:
+        return ()
+    return tuple(spec_entry) if isinstance(spec_entry, (tuple, list)) else (spec_entry,)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Evaluation.
+# ------------------------------------------------------------------------------------------------------------------
+
+def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
+                    stats: pipeline.RadiomicsStats) -> np.ndarray:
+    """Class probabilities [N, C] of every record, in record order (on every process)."""
+    eval_step = exp.eval_step
+    probs = np.full((len(recs), len(exp.class_names)), np.nan, np.float32)
+    for batch in pipeline.eval_batches(exp.config.data, recs, stats):
+        p, idx = eval_step(state, pipeline.to_global(batch, exp.batch_sharding))
+        p, idx = np.asarray(p), np.asarray(idx)
+        probs[idx[idx >= 0]] = p[idx >= 0]
+    return probs
+
+
+def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, stats: pipeline.RadiomicsStats, *,
+                     split: str, step: int, workdir: str, writer: MetricWriter | None = None) -> dict:
+    """Metrics of `state` on `recs`, with a report in workdir/reports/<split>_step<step>/ (process 0)."""
+    probs = predict_records(exp, state, recs, stats)
+    names = pipeline.label_names(exp.config.data.label_scheme)
+    metrics = classification_metrics(recs.labels, probs, names)
+    if jax.process_index() == 0:
+        out = os.path.join(workdir, "reports", f"{split}_step{step}")
+        write_report(out, metrics, recs.labels, probs, names,
+                     info={"split": split, "step": step, "model": exp.config.model.name,
+                           "cv_fold": int(exp.config.data.cv_fold)})
+        if writer is not None:
+            writer.write(step, scalar_metrics(metrics), prefix=split)
+        logging.info("%s step %d: %s", split, step,
+                     ", ".join(f"{k}={metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro")))
+    return metrics
+
+
+def _publish(workdir: str, split: str, step: int) -> None:
+    """Copies a report to the workdir's top level (the run's headline metrics.json, roc.png, confusion.png)."""
+    if jax.process_index() != 0:
+        return
+    src = os.path.join(workdir, "reports", f"{split}_step{step}")
+    for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
+        shutil.copyfile(os.path.join(src, name), os.path.join(workdir, name))
+
+
+def _open_checkpoint(config: ml_collections.ConfigDict, workdir: str, manager, step: int,
+                     num_radiomics: int) -> pipeline.RadiomicsStats:
+    """Checks a checkpoint fits config and dataset; returns its radiomics statistics."""
+    saved_config, stats_json = checkpointing.restore_meta(manager, step)
+    checkpointing.check_compatible(saved_config, config, workdir)
+    stats = pipeline.RadiomicsStats.from_json(stats_json)
+    if stats.mean.shape[0] != num_radiomics:
+        raise pipeline.DatasetError(
+            f"The dataset in {config.data.data_dir} has {num_radiomics} radiomics features but the checkpoint in "
+            f"{workdir} was trained with {stats.mean.shape[0]}: rebuild the dataset with `python run.py prepare` "
+            f"using the same configs/radiomics.yaml, or use another --workdir.")
+    return stats
+
+
+def _restore(manager, step: int, exp: Experiment, workdir: str, data_iter=None) -> nnx.State:
+    try:
+        return checkpointing.restore_state(manager, step, exp.abstract_state, data_iter)
+    except (ValueError, KeyError) as e:
+        raise checkpointing.IncompatibleCheckpointError(
+            f"The checkpoint at step {step} in {checkpointing.checkpoint_dir(workdir)} does not fit the model of "
+            f"this config ({e}). Use another --workdir, or the config that wrote it.") from e
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
+    """Metrics of a checkpoint of `workdir` (default: the best by validation AUC) on `split`, with its report."""
+    manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+    step = step if step is not None else checkpointing.best_step(manager)
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first: "
+                                f"python run.py train --workdir={workdir}")
+    recs = pipeline.records(config.data, split)
+    stats = _open_checkpoint(config, workdir, manager, step, recs.radiomics.shape[1])
+    exp = make_experiment(config, recs.radiomics.shape[1])
+    state = _restore(manager, step, exp, workdir)
+    metrics = evaluate_records(exp, state, recs, stats, split=split, step=step, workdir=workdir)
+    if split == "test":
+        _publish(workdir, split, step)
+    if jax.process_index() == 0:
+        print(f"{split} split, step {step}: " + ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")) +
+              f"\nReport: {os.path.join(workdir, 'reports', f'{split}_step{step}')}")
+    manager.close()
+    return metrics
+
+
+def load_model(workdir: str, step: int | None = None
+               ) -> tuple[nnx.Module, ml_collections.ConfigDict, pipeline.RadiomicsStats, int]:
+    """(model, config, radiomics statistics, step) of a checkpoint of `workdir` (default: the best by validation AUC),
+    from what the checkpoint holds alone; the model is placed on this process's devices ({'data': -1} mesh)."""
+    manager = checkpointing.make_manager(workdir, 1, read_only=True)
+    step = step if step is not None else checkpointing.best_step(manager)
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}.")
+    config_dict, stats_json = checkpointing.restore_meta(manager, step)
+    config = ml_collections.ConfigDict(config_dict)
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    stats = pipeline.RadiomicsStats.from_json(stats_json)
+    exp = make_experiment(config, stats.mean.shape[0])
+    model, _ = nnx.merge(exp.graphdef, _restore(manager, step, exp, workdir))
+    manager.close()
+    return model, config, stats, step
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training.
+# ------------------------------------------------------------------------------------------------------------------
+
+class _Preemption:
+    """A single process catches SIGTERM itself and sets a flag the loop polls; several processes agree on the step
+    to stop at through JAX's preemption sync point (jax.distributed's own SIGTERM notifier)."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
+            except ValueError:  # not the main thread: no handler, the process simply dies
+                pass
+
+    def reached(self, step: int, manager) -> bool:
+        if jax.process_count() > 1:
+            return manager.reached_preemption(step)
+        return self._event.is_set()
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _non_finite(step: int, metrics: dict, manager, workdir: str) -> NonFiniteLossError:
+    manager.wait_until_finished()
+    last = manager.latest_step()
+    kept = (f"the last good checkpoint (step {last}) is kept in {checkpointing.checkpoint_dir(workdir)}"
+            if last is not None else "no checkpoint was written")
+    return NonFiniteLossError(
+        f"Training stopped at step {step}: the loss is {metrics.get('loss', float('nan'))} and the gradient norm "
+        f"{metrics.get('grad_norm', float('nan'))} (not finite); {kept}. Lower config.optim.learning_rate, raise "
+        f"optim.warmup_steps, or check the inputs.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains config in workdir (resuming from its latest checkpoint), evaluates on validation during training and
+    the best checkpoint on test at the end (with data.cv_fold >= 0: the final state on the held-out fold).
+
+    Returns {'step', 'best_step', 'train_loss': [loss of each step run now], 'validation': metrics, 'test': metrics
+    (absent in cross-validation)}, or
+    {'step', 'preempted': True} when SIGTERM stopped the run (its checkpoint is saved; rerun to resume).
+    """
+    # ---- Workdir and data -----------------------------------------------------------------------------------------
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+    train_recs = pipeline.records(config.data, "train")
+    val_recs = pipeline.records(config.data, "validation")
+    num_radiomics = train_recs.radiomics.shape[1]
+    logging.info("%s: %d train / %d validation examples, %d radiomics features", pipeline.dataset_name(config.data),
+                 len(train_recs), len(val_recs), num_radiomics)
+
+    # ---- Checkpoint manager; radiomics statistics from the checkpoint or the training split -----------------------
+    manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
+    start = manager.latest_step()
+    if start is not None:
+        stats = _open_checkpoint(config, workdir, manager, start, num_radiomics)
+    else:
+        stats = pipeline.RadiomicsStats.fit(train_recs.radiomics)
+
+    # ---- Mesh, model, optimiser: abstract, then materialised sharded (or restored onto the same shardings) --------
+    exp = make_experiment(config, num_radiomics)
+    train_iter = iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed))
+    if start is not None:
+        state = _restore(manager, start, exp, workdir, data_iter=train_iter)
+        logging.info("Resumed from step %d of %s", start, checkpointing.checkpoint_dir(workdir))
+    else:
+        state = exp.init_state()
+    step = start or 0
+
+    # ---- Steps: jitted with explicit shardings; the state is donated ----------------------------------------------
+    train_step = exp.train_step
+    check_finite = jax.jit(steps.all_finite, in_shardings=(exp.shardings,), out_shardings=exp.replicated)
+    schedule = learning_rate_schedule(config)
+
+    # ---- Loop -----------------------------------------------------------------------------------------------------
+    num_steps, t = config.train.num_steps, config.train
+    writer = MetricWriter(workdir, is_main)
+    preemption = _Preemption()
+    peak = perf.peak_flops(jax.devices()[0])
+    compiled, flops = None, None
+    val_metrics = None
+    pbar = tqdm(total=num_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=config.model.name)
+    timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
+    pending = None
+    losses = []  # training loss of each step of this run
+
+    def finish(step_metrics) -> dict:
+        """Host side of one step: fetch, check finiteness, log."""
+        s, m = step_metrics
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not m.pop("finite"):
+            raise _non_finite(s, m, manager, workdir)
+        m["learning_rate"] = float(schedule((s - 1) // config.optim.grad_accum_steps))
+        writer.write(s, m, prefix="train", jsonl="train_metrics")
+        losses.append(m["loss"])
+        pbar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        return m
+
+    try:
+        while step < num_steps:
+            batch = pipeline.to_global(next(train_iter), exp.batch_sharding)
+            if compiled is None:
+                compiled = train_step.lower(state, batch).compile()
+                flops = perf.compiled_flops(compiled)
+            state, metrics = compiled(state, batch)
+            step += 1
+            pbar.update(1)
+            if pending is not None:
+                finish(pending)
+            pending = (step, metrics)
+
+            evaluate_now = step % t.eval_every == 0 or step == num_steps
+            save_now = evaluate_now or step % t.checkpoint_every == 0
+            preempted = preemption.reached(step, manager)
+            if not (step % t.log_every == 0 or save_now or preempted or timer[1] is None):
+                continue
+            m = finish(pending)
+            pending = None
+            now = time.perf_counter()
+            if timer[1] is None:  # the first step of the run (compilation) is not timed
+                timer = (step, now)
+            elif step % t.log_every == 0:
+                seconds = (now - timer[1]) / (step - timer[0])
+                speed = {"steps_per_sec": 1.0 / seconds, **perf.throughput(flops, seconds, peak)}
+                writer.write(step, speed, prefix="perf")
+                pbar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in speed.items()},
+                                 refresh=False)
+                logging.info("step %d: loss %.4f lr %.3g %s", step, m["loss"], m["learning_rate"],
+                             " ".join(f"{k} {v:.3g}" for k, v in speed.items()))
+                timer = (step, now)
+            if evaluate_now:
+                val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=step,
+                                               workdir=workdir, writer=writer)
+            if save_now or preempted:
+                if not bool(check_finite(state)):
+                    raise _non_finite(step, m, manager, workdir)
+                checkpointing.save(manager, step, state, train_iter, stats.to_json(), config,
+                                   metrics=scalar_metrics(val_metrics) if evaluate_now else None)
+            if evaluate_now or save_now:  # keep evaluation and checkpointing out of the step timing
+                timer = (step, time.perf_counter())
+            if preempted:
+                manager.wait_until_finished()
+                logging.warning("Preempted at step %d: checkpoint saved in %s; run the same command to resume.",
+                                step, checkpointing.checkpoint_dir(workdir))
+                return {"step": step, "preempted": True}
+        if pending is not None:
+            finish(pending)
+    finally:
+        pbar.close()
+        preemption.close()
+        manager.wait_until_finished()
+
+    # ---- Final evaluation -----------------------------------------------------------------------------------------
+    if val_metrics is None:  # resumed at the end: evaluate the final state again
+        val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=step, workdir=workdir,
+                                       writer=writer)
+    result = {"step": step, "best_step": checkpointing.best_step(manager), "train_loss": losses,
+              "validation": val_metrics}
+    if int(config.data.cv_fold) >= 0:
+        _publish(workdir, "validation", step)
+    else:
+        best = result["best_step"]
+        if best != step:
+            state = _restore(manager, best, exp, workdir)
+        result["test"] = evaluate_records(exp, state, pipeline.records(config.data, "test"), stats, split="test",
+                                          step=best, workdir=workdir, writer=writer)
+        _publish(workdir, "test", best)
+    writer.close()
+    manager.close()
+    return result
+

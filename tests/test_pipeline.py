@@ -1,0 +1,138 @@
+"""Input pipeline against numpy (and jax.image for resizing), on generator data built with the real builder."""
+
+import grain.python as grain
+import jax
+import numpy as np
+import pytest
+
+from autorad_jax.data import pipeline
+from lidc_testdata import read_split, tiny_config
+
+
+def test_views_are_centre_slices():
+    ct = np.random.default_rng(0).integers(-1000, 400, (9, 9, 9)).astype(np.int16)
+    v = pipeline.extract_view(ct, "2.5d")
+    np.testing.assert_array_equal(v, np.stack([ct[3], ct[4], ct[5]], -1))
+    v = pipeline.extract_view(ct, "planes")
+    np.testing.assert_array_equal(v[..., 0], ct[4])
+    np.testing.assert_array_equal(v[..., 1], ct[:, 4, :])
+    np.testing.assert_array_equal(v[..., 2], ct[:, :, 4])
+
+
+def test_resize_matches_jax_image_resize():
+    image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    for size in (56, 224, 32, 20):
+        expected = jax.image.resize(image, (size, size, 3), method="linear", antialias=False)
+        np.testing.assert_allclose(pipeline.resize(image, size), np.asarray(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("view", ["2.5d", "planes"])
+def test_example_to_inputs_matches_numpy(lidc_data, view):
+    config = tiny_config(lidc_data, view=view)
+    example = read_split(lidc_data, "train")[0]
+    stats = pipeline.RadiomicsStats(mean=np.zeros_like(example["radiomics"]), std=np.ones_like(example["radiomics"]))
+    out = pipeline.example_to_inputs(example, config.data, stats)
+
+    ct, c = example["ct"].astype(np.float64), example["ct"].shape[0] // 2
+    slices = [ct[c - 1], ct[c], ct[c + 1]] if view == "2.5d" else [ct[c], ct[:, c], ct[:, :, c]]
+    windowed = np.clip((np.stack(slices, -1) + 1000.0) / 1400.0, 0, 1)
+    resized = np.asarray(jax.image.resize(windowed, (56, 56, 3), method="linear", antialias=False))
+    expected = (resized - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array(
+        [0.26862954, 0.26130258, 0.27577711])
+    assert out["image"].shape == (56, 56, 3) and out["image"].dtype == np.float32
+    np.testing.assert_allclose(out["image"], expected, atol=1e-4)
+    assert out["label"] == example["label"]
+
+
+def test_augmentation_keeps_shape_and_range():
+    image = np.random.default_rng(2).random((32, 32, 3)).astype(np.float32)
+    out = [pipeline.augment(image, np.random.default_rng(s)) for s in range(8)]
+    assert all(o.shape == image.shape and o.min() >= 0 and o.max() <= 1 for o in out)
+    assert any(not np.array_equal(o, image) for o in out)
+
+
+def test_radiomics_statistics_come_from_the_train_split(lidc_data):
+    config = tiny_config(lidc_data)
+    x = np.stack([ex["radiomics"] for ex in read_split(lidc_data, "train")]).astype(np.float64)
+    stats = pipeline.RadiomicsStats.fit(pipeline.records(config.data, "train").radiomics)
+    std = x.std(axis=0)
+    np.testing.assert_allclose(stats.mean, x.mean(axis=0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats.std, np.where(std > 1e-12, std, 1.0), rtol=1e-5)
+    z = stats.apply(x[:3])
+    np.testing.assert_allclose(z, np.nan_to_num((x[:3] - x.mean(0)) / np.where(std > 1e-12, std, 1.0)),
+                               rtol=1e-4, atol=1e-4)
+    restored = pipeline.RadiomicsStats.from_json(stats.to_json())
+    np.testing.assert_array_equal(restored.mean, stats.mean)
+    np.testing.assert_array_equal(restored.std, stats.std)
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_binary_scheme_drops_unsure(lidc_data, split):
+    stored = np.array([ex["label"] for ex in read_split(lidc_data, split)])
+    binary = tiny_config(lidc_data, label_scheme="binary").data
+    if not np.any(stored != 1):
+        with pytest.raises(pipeline.DatasetError, match="No .* examples"):
+            pipeline.records(binary, split)
+        return
+    recs = pipeline.records(binary, split)
+    assert len(recs) == int(np.sum(stored != 1))
+    np.testing.assert_array_equal(recs.labels, (stored[stored != 1] == 2).astype(np.int32))
+    three = pipeline.records(tiny_config(lidc_data).data, split)
+    np.testing.assert_array_equal(three.labels, stored)
+
+
+def _in_memory_records(n: int) -> pipeline.Records:
+    """Records whose radiomics is the record number, so a batch tells which records it holds."""
+    return pipeline.Records(views=np.full((n, 8, 8, 3), -1000, np.int16),
+                            radiomics=np.arange(n, dtype=np.float32)[:, None], labels=np.zeros(n, np.int32))
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 4])
+def test_train_shards_are_disjoint_and_complete(num_processes):
+    n, batch = 24, 4
+    config = tiny_config("unused", batch_size=batch, image_size=8)
+    stats = pipeline.RadiomicsStats(mean=np.zeros(1, np.float32), std=np.ones(1, np.float32))
+    recs = _in_memory_records(n)
+    seen = []
+    for p in range(num_processes):
+        loader = pipeline.train_loader(config.data, recs, stats, seed=0,
+                                       shard_options=grain.ShardOptions(p, num_processes, drop_remainder=True))
+        it = iter(loader)
+        per_epoch = n // num_processes // (batch // num_processes)
+        seen.append(np.concatenate([next(it)["radiomics"][:, 0] for _ in range(per_epoch)]).astype(int))
+    everything = np.concatenate(seen)
+    assert sorted(everything.tolist()) == list(range(n))  # complete and disjoint over one epoch
+
+
+@pytest.mark.parametrize("num_processes", [1, 2, 4])
+def test_eval_shards_are_disjoint_and_complete(num_processes):
+    n, batch = 37, 8
+    per_process = [np.concatenate(list(pipeline.eval_indices(n, batch, p, num_processes)))
+                   for p in range(num_processes)]
+    real = np.concatenate([i[i >= 0] for i in per_process])
+    assert sorted(real.tolist()) == list(range(n))
+    assert len({len(i) for i in per_process}) == 1  # every process runs the same number of batches
+
+
+def test_missing_dataset_says_what_to_run(tmp_path):
+    with pytest.raises(pipeline.DatasetError, match="python run.py prepare"):
+        pipeline.records(tiny_config(str(tmp_path)).data, "train")
+
+
+def test_wrong_builder_config_is_named(lidc_data):
+    with pytest.raises(pipeline.DatasetError, match="crop64_1mm.*python run.py prepare"):
+        pipeline.records(tiny_config(lidc_data, builder_config="crop64_1mm").data, "train")
+
+
+def test_batches_match_example_to_inputs(lidc_data):
+    """The in-memory records and the batched evaluation pass give what `example_to_inputs` gives per example."""
+    config = tiny_config(lidc_data, eval_batch_size=4)
+    examples = read_split(lidc_data, "train")
+    recs = pipeline.records(config.data, "train")
+    stats = pipeline.RadiomicsStats.fit(recs.radiomics)
+    batch = next(pipeline.eval_batches(config.data, recs, stats))
+    for row, i in enumerate(batch["index"]):
+        expected = pipeline.example_to_inputs(examples[i], config.data, stats)
+        np.testing.assert_array_equal(batch["image"][row], expected["image"])
+        np.testing.assert_array_equal(batch["radiomics"][row], expected["radiomics"])
+        assert recs.labels[i] == expected["label"]

@@ -1,0 +1,192 @@
+"""Trainer on generator data: learning, mesh equivalence, bitwise resume, cross-mesh restore, faults."""
+
+import json
+import os
+import shutil
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from autorad_jax.data import pipeline
+from autorad_jax.train import checkpointing, steps, trainer
+from lidc_testdata import read_split, tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical programs compiled by several runs of this module are compiled once."""
+    previous = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous)
+
+
+def train_config(data_dir: str, num_steps: int = 6, **model):
+    config = tiny_config(data_dir, batch_size=8, eval_batch_size=8)
+    config.model.update(model)
+    config.optim.update(learning_rate=1e-2, warmup_steps=2)
+    config.train.update(num_steps=num_steps, log_every=1, eval_every=num_steps, checkpoint_every=num_steps // 2)
+    return config
+
+
+def losses(workdir: str) -> list[float]:
+    with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def saved_state(workdir: str, step: int) -> list[np.ndarray]:
+    """The 'state' item of a checkpoint, read back as host arrays without any target."""
+    tree = ocp.StandardCheckpointer().restore(os.path.join(checkpointing.checkpoint_dir(workdir), str(step), "state"))
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.fixture(scope="module")
+def trained(lidc_data, tmp_path_factory):
+    """An uninterrupted 6-step run of the tiny config on the default (8-device) mesh."""
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    config = train_config(lidc_data)
+    result = trainer.train_and_evaluate(config, workdir)
+    return config, workdir, result
+
+
+def test_tiny_training_lowers_the_loss_and_writes_reports(lidc_data, tmp_path):
+    config = train_config(lidc_data, num_steps=30)
+    config.train.update(eval_every=30, checkpoint_every=30)
+    result = trainer.train_and_evaluate(config, str(tmp_path))
+    curve = losses(str(tmp_path))
+    assert len(curve) == 30 and np.mean(curve[-5:]) < np.mean(curve[:5])
+    assert result["step"] == 30 and 0.0 <= result["test"]["accuracy"] <= 1.0
+    for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
+        assert os.path.exists(tmp_path / name), name
+    assert os.listdir(tmp_path / "tensorboard")
+
+
+@pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 1, 4)], ids=["data4_fsdp2", "data2_tensor4"])
+def test_mesh_gives_the_same_loss_curve_as_one_device(lidc_data, mesh):
+    config = train_config(lidc_data)
+    recs = pipeline.records(config.data, "train")
+    stats = pipeline.RadiomicsStats.fit(recs.radiomics)
+    it = iter(pipeline.train_loader(config.data, recs, stats, seed=0))
+    batches = [next(it) for _ in range(4)]
+
+    def run(shape):
+        config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
+        exp = trainer.make_experiment(config, recs.radiomics.shape[1])
+        step = jax.jit(steps.make_train_step(exp.graphdef, trainer.models.trainable_filter(config.model)),
+                       in_shardings=(exp.shardings, exp.batch_sharding), out_shardings=(exp.shardings, exp.replicated),
+                       donate_argnums=0)
+        state, curve = exp.init_state(), []
+        for b in batches:
+            state, m = step(state, pipeline.to_global(b, exp.batch_sharding))
+            curve.append(float(m["loss"]))
+        return curve, [np.asarray(x) for x in jax.tree.leaves(state)]
+
+    curve1, params1 = run((1, 1, 1))
+    curve8, params8 = run(mesh)
+    np.testing.assert_allclose(curve8, curve1, rtol=1e-5)
+    for a, b in zip(params8, params1):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_resumed_run_matches_uninterrupted_run_bitwise(trained, tmp_path, monkeypatch):
+    config, workdir, _ = trained
+    reached = trainer._Preemption.reached
+
+    def sigterm_at_step_3(self, step, manager):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler sets the flag
+        return reached(self, step, manager)
+
+    monkeypatch.setattr(trainer._Preemption, "reached", sigterm_at_step_3)
+    first = trainer.train_and_evaluate(config, str(tmp_path))
+    assert first == {"step": 3, "preempted": True}
+    monkeypatch.setattr(trainer._Preemption, "reached", reached)
+    second = trainer.train_and_evaluate(config, str(tmp_path))
+    assert second["step"] == 6
+    assert losses(str(tmp_path)) == losses(workdir)
+    for a, b in zip(saved_state(str(tmp_path), 6), saved_state(workdir, 6)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_from_eight_devices_restores_on_one(trained):
+    config, workdir, _ = trained
+    one = config.copy_and_resolve_references()
+    one.mesh.update(data=1, fsdp=1, tensor=1)
+    exp = trainer.make_experiment(one, pipeline.records(one.data, "train").radiomics.shape[1])
+    manager = checkpointing.make_manager(workdir, 3, read_only=True)
+    state = checkpointing.restore_state(manager, 6, exp.abstract_state)
+    leaves = jax.tree.leaves(state)
+    assert all(len(x.sharding.device_set) == 1 for x in leaves)
+    for a, b in zip(leaves, saved_state(workdir, 6)):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    metrics = trainer.evaluate(one, workdir, split="test", step=6)
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+
+
+def test_incompatible_workdir_names_the_mismatch(trained):
+    config, workdir, _ = trained
+    other = config.copy_and_resolve_references()
+    other.model.n_ctx = 6
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"model\.n_ctx is 4 .* but 6 now"):
+        trainer.train_and_evaluate(other, workdir)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
+    config, workdir, _ = trained
+    shutil.copytree(checkpointing.checkpoint_dir(workdir), checkpointing.checkpoint_dir(str(tmp_path)))
+    diverging = config.copy_and_resolve_references()
+    diverging.optim.learning_rate = float("inf")
+    diverging.train.update(num_steps=10, checkpoint_every=10, eval_every=10)
+    with pytest.raises(trainer.NonFiniteLossError, match=r"not finite.*last good checkpoint \(step 6\)"):
+        trainer.train_and_evaluate(diverging, str(tmp_path))
+    assert checkpointing.make_manager(str(tmp_path), 3, read_only=True).latest_step() == 6
+
+
+def test_cross_validation_writes_a_summary(lidc_data, tmp_path, monkeypatch):
+    from autorad_jax.train import cv
+    monkeypatch.setattr(cv, "MODELS", ("radiomics_logreg",))
+    config = train_config(lidc_data, num_steps=2)
+    summary = cv.cross_validate(config, str(tmp_path))
+    folds = json.load(open(tmp_path / "cv_summary.json"))["folds"]["radiomics_logreg"]
+    assert len(folds) == cv.NUM_FOLDS
+    for metric in cv.SUMMARY_METRICS:
+        values = [f[metric] for f in folds]
+        assert summary["radiomics_logreg"][metric] == pytest.approx((np.nanmean(values), np.nanstd(values)),
+                                                                    nan_ok=True)
+    assert "radiomics_logreg" in open(tmp_path / "cv_summary.md").read()
+    assert all(f["cv_fold"] == k for k, f in enumerate(
+        json.load(open(tmp_path / "radiomics_logreg" / f"fold{k}" / "metrics.json")) for k in range(cv.NUM_FOLDS)))
+
+
+def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
+    config = tiny_config(str(tmp_path), batch_size=2, image_size=8)
+    recs = pipeline.Records(views=np.zeros((4, 8, 8, 3), np.int16), radiomics=np.zeros((4, 1), np.float32),
+                            labels=np.zeros(4, np.int32))
+    stats = pipeline.RadiomicsStats.fit(recs.radiomics)
+    data_iter = iter(pipeline.train_loader(config.data, recs, stats, seed=0))
+    manager = checkpointing.make_manager(str(tmp_path), keep=2)
+    aucs = {1: 0.6, 2: 0.9, 3: None, 4: 0.7, 5: None}
+    for step, auc in aucs.items():
+        state = {"w": np.full((2,), step, np.float32)}
+        checkpointing.save(manager, step, state, data_iter, stats.to_json(), config,
+                           metrics=None if auc is None else {"auc_macro": auc})
+    manager.wait_until_finished()
+    assert manager.all_steps() == [2, 4, 5]  # the latest two and the best
+    assert checkpointing.best_step(manager) == 2
+    manager.close()
+
+
+def test_load_model_predicts_what_evaluation_saw(trained):
+    config, workdir, result = trained
+    model, saved_config, stats, step = trainer.load_model(workdir)
+    assert step == result["best_step"] and saved_config.model.name == config.model.name
+    examples = read_split(config.data.data_dir, "test")
+    inputs = [pipeline.example_to_inputs(ex, saved_config.data, stats) for ex in examples]
+    logits, _ = model(np.stack([i["image"] for i in inputs]), np.stack([i["radiomics"] for i in inputs]))
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    saved = json.load(open(os.path.join(workdir, "reports", f"test_step{step}", "metrics.json")))
+    assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == [i["label"] for i in inputs]))
