@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import SimpleITK as sitk
 from matplotlib import path as mplpath
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist
@@ -143,6 +144,20 @@ def annotation_mask(annotation: Annotation, bbox: tuple[slice, ...]) -> np.ndarr
 def consensus_mask(cluster: list[Annotation], bbox: tuple[slice, ...], level: float = 0.5) -> np.ndarray:
     """Voxels marked by at least `level` of the cluster's readers (pylidc `utils.consensus`)."""
     return np.mean([annotation_mask(a, bbox) for a in cluster], axis=0) >= level
+
+
+def consensus_mask_image(cluster: list[Annotation], image: sitk.Image, level: float = 0.5) -> sitk.Image | None:
+    """The cluster's consensus mask as a uint8 image on `image`'s voxel grid (cropped to the cluster's bounding box);
+    None when no voxel reaches `level` reader agreement."""
+    bbox = cluster_bbox(cluster, image.GetSize()[::-1])
+    consensus = consensus_mask(cluster, bbox, level)
+    if not consensus.any():
+        return None
+    mask = sitk.GetImageFromArray(consensus.astype(np.uint8))
+    mask.SetSpacing(image.GetSpacing())
+    mask.SetDirection(image.GetDirection())
+    mask.SetOrigin(image.TransformIndexToPhysicalPoint([int(s.start) for s in bbox[::-1]]))
+    return mask
 
 
 def reader_ratings(cluster: list[Annotation], max_readers: int = 4) -> np.ndarray:

@@ -7,7 +7,6 @@ import os
 import re
 
 import numpy as np
-import SimpleITK as sitk
 
 from tfds_lidc import ct_series
 from tfds_lidc import nodule_sample
@@ -90,10 +89,9 @@ def series_examples(task: SeriesTask) -> list[tuple[str, dict]]:
         clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
         if not clusters:
             entry['issues'].append('series has no nodule with characteristics (>= 3 mm)')
-        shape = series.image.GetSize()[::-1]
         for index, cluster in enumerate(clusters):
             try:
-                examples.append(_example(task, series, cluster, index, shape, entry))
+                examples.append(_example(task, series, cluster, index, entry))
                 entry['nodules_written'].append(examples[-1][0])
             except ValueError as e:
                 entry['nodules_skipped'].append({'nodule_index': index, 'reason': str(e)})
@@ -107,17 +105,12 @@ def series_examples(task: SeriesTask) -> list[tuple[str, dict]]:
     return examples
 
 
-def _example(task: SeriesTask, series: ct_series.CtSeries, cluster, index: int, shape, entry: dict):
+def _example(task: SeriesTask, series: ct_series.CtSeries, cluster, index: int, entry: dict):
     if len(cluster) > 4:
         entry['issues'].append(f'nodule {index}: {len(cluster)} annotations could not be split; first 4 readers kept')
-    bbox = nodules_lib.cluster_bbox(cluster, shape)
-    consensus = nodules_lib.consensus_mask(cluster, bbox, task.consensus_level)
-    if not consensus.any():
+    mask = nodules_lib.consensus_mask_image(cluster, series.image, task.consensus_level)
+    if mask is None:
         raise ValueError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
-    mask = sitk.GetImageFromArray(consensus.astype(np.uint8))
-    mask.SetSpacing(series.image.GetSpacing())
-    mask.SetDirection(series.image.GetDirection())
-    mask.SetOrigin(series.image.TransformIndexToPhysicalPoint([int(s.start) for s in bbox[::-1]]))
     sample = nodule_sample.nodule_example(series.image, mask, crop_size=task.crop_size, spacing_mm=task.spacing_mm,
                                           radiomics_params=task.radiomics_params)
     if sample.padded:

@@ -1,0 +1,305 @@
+"""Malignancy of a nodule in a new CT, with a trained workdir or an export folder, in JAX or PyTorch.
+
+    CT (DICOM series folder | NIfTI / NRRD / MetaImage file) + nodule (mask on the CT grid | centre and diameter ->
+    sphere | LIDC reader XML -> readers' marks clustered into nodules, consensus masks)
+      -> tfds_lidc.nodule_example (the dataset builder's own crop, mask and radiomics code)
+      -> autorad_jax.data.pipeline.example_to_inputs (the training pipeline's own per-example inputs)
+      -> the model -> class probabilities, as a JSON-ready dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from autorad_jax.data import pipeline
+from tfds_lidc import ct_series, nodule_sample, radiomics_features, xml_reader
+from tfds_lidc import nodules as nodules_lib
+
+BACKENDS = ("jax", "torch")
+SPHERE_NOTE = ("no segmentation was given: the mask is a sphere of the given diameter around the given centre, so the "
+               "radiomic shape features describe that sphere, not the nodule")
+
+
+class PredictInputError(ValueError):
+    """The CT, the nodule or the model given to predict cannot be used; the message says what is wrong."""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The model, from a workdir or an export folder.
+# ------------------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Predictor:
+    """What predict needs of a trained model: its preprocessing, radiomics statistics and a probability function."""
+    data_config: Any  # ml_collections.ConfigDict of config.data
+    stats: pipeline.RadiomicsStats
+    feature_names: list[str]
+    labels: list[str]
+    class_names: list[str]
+    preprocessing: dict[str, Any]
+    probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image [H,W,3], raw radiomics [F]) -> [C]
+    source: dict[str, Any]
+
+
+def _jax_probabilities(model, stats: pipeline.RadiomicsStats) -> Callable:
+    import jax
+
+    def run(image: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
+        logits, _ = model(image[None], stats.apply(radiomics)[None])
+        return np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))[0]
+    return run
+
+
+def _torch_probabilities(export_dir: str) -> Callable:
+    import torch
+    from autorad_jax.weights.torch_model import AutoRadLungTorch
+    model = AutoRadLungTorch.from_export(export_dir).eval()
+
+    def run(image: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])),
+                           torch.from_numpy(np.asarray(radiomics, np.float32)[None]))
+        return logits.softmax(-1)[0].numpy()
+    return run
+
+
+def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] = None,
+                   backend: str = "jax") -> Predictor:
+    """The model of `workdir` (best checkpoint) or of `export_dir`, run by `backend` ('jax' | 'torch').
+
+    A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
+    """
+    from autorad_jax.weights import export
+    from autorad_jax.weights.torch_model import read_export_config
+    if backend not in BACKENDS:
+        raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
+    if (workdir is None) == (export_dir is None):
+        raise PredictInputError("give either a workdir (--workdir) or an export folder (--export), not both.")
+    if workdir is not None:
+        restored = export.restore(workdir)
+        config = restored.config
+        names = export.radiomics_feature_names(config)
+        if backend == "torch":
+            export.check_exportable(restored.model, config)
+            with tempfile.TemporaryDirectory(prefix="autorad_export_") as tmp:  # the torch model is read into memory
+                run = _torch_probabilities(export.export_model(restored.model, config, restored.stats, tmp,
+                                                               feature_names=names))
+        else:
+            run = _jax_probabilities(restored.model, restored.stats)
+        return Predictor(
+            data_config=config.data, stats=restored.stats, feature_names=names,
+            labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(pipeline.class_names(config)),
+            preprocessing=export.preprocessing(config), probabilities=run,
+            source={"workdir": restored.workdir, "step": restored.step, "model": config.model.name,
+                    "backend": backend})
+    export_config = read_export_config(export_dir)
+    stats = pipeline.RadiomicsStats.from_json(export_config["radiomics"])
+    if backend == "torch":
+        run = _torch_probabilities(export_dir)
+    else:
+        run = _jax_probabilities(export.load_export(export_dir)[0], stats)
+    return Predictor(
+        data_config=export.saved_config(export_config["config"]).data, stats=stats,
+        feature_names=list(export_config["radiomics"]["feature_names"]), labels=list(export_config["labels"]),
+        class_names=list(export_config["class_names"]), preprocessing=export_config["preprocessing"],
+        probabilities=run, source={"export": os.path.abspath(export_dir), "model": export_config["model"]["name"],
+                                   "backend": backend, **export_config.get("checkpoint", {})})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The CT and the nodule masks.
+# ------------------------------------------------------------------------------------------------------------------
+
+def read_ct(path: str) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
+    """The CT in HU (and its DICOM series, for a folder); PredictInputError naming the path and the reason."""
+    if path is None:
+        raise PredictInputError("no CT given (--ct: a DICOM series folder, or a NIfTI / NRRD / MetaImage file).")
+    if os.path.isdir(path):
+        try:
+            series = ct_series.load_ct_series(path)
+        except ct_series.SeriesError as e:
+            raise PredictInputError(f"unreadable CT {path}: {e}") from e
+        return series.image, series
+    if not os.path.isfile(path):
+        raise PredictInputError(f"CT {path} does not exist.")
+    try:
+        image = sitk.ReadImage(path)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise PredictInputError(f"unreadable CT {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        raise PredictInputError(f"CT {path} is not a 3D scalar volume ({image.GetDimension()}D, "
+                                f"{image.GetNumberOfComponentsPerPixel()} components per voxel).")
+    return image, None
+
+
+def read_mask(path: str, ct: sitk.Image) -> sitk.Image:
+    """A nodule mask file (non-zero = nodule) that lies on the CT's voxel grid."""
+    try:
+        mask = sitk.ReadImage(path)
+    except RuntimeError as e:
+        raise PredictInputError(f"unreadable mask {path}: {str(e).strip().splitlines()[-1]}") from e
+    checks = [("size (voxels)", mask.GetSize(), ct.GetSize(), 0.0), ("spacing (mm)", mask.GetSpacing(),
+              ct.GetSpacing(), 1e-4), ("origin (mm)", mask.GetOrigin(), ct.GetOrigin(), 1e-3),
+              ("direction", mask.GetDirection(), ct.GetDirection(), 1e-4)]
+    for what, got, want, tol in checks:
+        if len(got) != len(want) or not np.allclose(got, want, rtol=tol, atol=tol):
+            raise PredictInputError(f"mask {path} is not on the CT's grid: its {what} is "
+                                    f"{tuple(np.round(got, 4))}, the CT's is {tuple(np.round(want, 4))}.")
+    if not sitk.GetArrayViewFromImage(mask).any():
+        raise PredictInputError(f"mask {path} is empty (no non-zero voxel).")
+    return mask
+
+
+def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) -> sitk.Image:
+    """A ball of `diameter_mm` around the physical point `center_mm` (x, y, z), as a sub-block of the CT grid."""
+    center = np.asarray(center_mm, np.float64)
+    size = np.asarray(ct.GetSize())
+    index = np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, center))))
+    if np.any(index < -0.5) or np.any(index > size - 0.5):
+        bounds = [ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in (-0.5 * np.ones(3),
+                                                                                              size - 0.5)]
+        raise PredictInputError(f"centre {tuple(center)} mm is outside the CT volume, which spans "
+                                f"{tuple(np.round(np.minimum(*bounds), 1))} to "
+                                f"{tuple(np.round(np.maximum(*bounds), 1))} mm.")
+    radius = diameter_mm / 2
+    reach = radius / np.asarray(ct.GetSpacing()) + 1
+    lo = np.clip(np.floor(index - reach), 0, size - 1).astype(int)
+    hi = np.clip(np.ceil(index + reach), 0, size - 1).astype(int)
+    xx, yy, zz = np.meshgrid(*(np.arange(a, b + 1) for a, b in zip(lo, hi)), indexing="ij")
+    idx = np.stack([xx, yy, zz], -1).reshape(-1, 3)
+    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
+    points = np.asarray(ct.GetOrigin()) + (idx * np.asarray(ct.GetSpacing())) @ direction.T
+    inside = (np.linalg.norm(points - center, axis=1) <= radius).reshape(xx.shape)
+    if not inside.any():
+        raise PredictInputError(f"a sphere of diameter {diameter_mm} mm at {tuple(center)} holds no voxel centre of "
+                                f"the CT (spacing {ct.GetSpacing()} mm); give a larger --diameter.")
+    mask = sitk.GetImageFromArray(inside.transpose(2, 1, 0).astype(np.uint8))
+    mask.SetSpacing(ct.GetSpacing())
+    mask.SetDirection(ct.GetDirection())
+    mask.SetOrigin(ct.TransformIndexToPhysicalPoint(tuple(int(v) for v in lo)))
+    return mask
+
+
+def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: float) -> list[tuple[sitk.Image, dict]]:
+    """Consensus masks of the nodules of a LIDC reader XML (readers' marks clustered as the dataset builder does)."""
+    if series is None:
+        raise PredictInputError("--xml needs the CT as a DICOM series folder (the reader XML names its slices).")
+    try:
+        reader_xml = xml_reader.parse_reader_xml(path)
+    except xml_reader.XmlError as e:
+        raise PredictInputError(f"reader XML {path}: {e}") from e
+    if reader_xml.series_uid not in (None, series.series_uid):
+        raise PredictInputError(f"reader XML {path} is for series {reader_xml.series_uid}, the CT is series "
+                                f"{series.series_uid}.")
+    annotations, _ = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
+                                                   series.image.GetSpacing()[2])
+    clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
+    out = []
+    for index, cluster in enumerate(clusters):
+        mask = nodules_lib.consensus_mask_image(cluster, series.image, consensus_level)
+        if mask is None:
+            continue
+        ratings = nodules_lib.reader_ratings(cluster)[:, -1]
+        out.append((mask, {"nodule_index": index, "readers": int(np.count_nonzero(ratings)),
+                           "reader_malignancy": [int(r) for r in ratings if r > 0]}))
+    if not out:
+        raise PredictInputError(f"reader XML {path} marks no nodule >= 3 mm with {consensus_level:.0%} reader "
+                                f"agreement in this series.")
+    return out
+
+
+def _parse_center(center) -> np.ndarray:
+    try:
+        values = [float(v) for v in (center.split(",") if isinstance(center, str) else center)]
+    except (TypeError, ValueError) as e:
+        raise PredictInputError(f"--center {center!r}: expected x,y,z in mm.") from e
+    if len(values) != 3:
+        raise PredictInputError(f"--center {center!r}: expected three numbers x,y,z in mm, got {len(values)}.")
+    return np.asarray(values)
+
+
+def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: Optional[str], center, diameter,
+                 xml: Optional[str], consensus_level: float) -> list[tuple[sitk.Image, dict]]:
+    """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml."""
+    given = [name for name, v in (("--mask", mask), ("--center", center), ("--xml", xml)) if v is not None]
+    if len(given) != 1:
+        raise PredictInputError(f"give the nodule with exactly one of --mask, --center (with --diameter) or --xml; "
+                                f"got {', '.join(given) or 'none'}.")
+    if mask is not None:
+        return [(read_mask(mask, ct), {"mask": f"mask file {os.path.abspath(mask)}"})]
+    if center is not None:
+        if diameter is None or not float(diameter) > 0:
+            raise PredictInputError(f"--center needs a positive --diameter in mm (got {diameter!r}).")
+        point = _parse_center(center)
+        return [(sphere_mask(ct, point, float(diameter)),
+                 {"mask": f"sphere of diameter {float(diameter)} mm at {point.tolist()} mm", "note": SPHERE_NOTE})]
+    return [(m, {"mask": f"consensus (>= {consensus_level:.0%} of readers) of reader XML {os.path.abspath(xml)}",
+                 **info}) for m, info in xml_masks(xml, series, consensus_level)]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# predict
+# ------------------------------------------------------------------------------------------------------------------
+
+def _builder_params(preprocessing: dict[str, Any]) -> str:
+    from autorad_jax.weights.export import builder_config
+    return builder_config(preprocessing["builder_config"]).radiomics_params
+
+
+def predict_nodule(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> dict[str, Any]:
+    """Probabilities and measurements of one nodule (crop and radiomics by the dataset builder's own function)."""
+    prep = predictor.preprocessing
+    params = _builder_params(prep)
+    names = list(radiomics_features.feature_names(params))
+    if names != predictor.feature_names:
+        raise PredictInputError(f"this installation computes {len(names)} radiomics features "
+                                f"({params}) but the model was trained on {len(predictor.feature_names)} different "
+                                f"ones; use the radiomics parameters the model was trained with.")
+    try:
+        sample = nodule_sample.nodule_example(ct, mask, crop_size=int(prep["crop_size"]),
+                                              spacing_mm=float(prep["spacing_mm"]), radiomics_params=params)
+    except ValueError as e:
+        raise PredictInputError(f"the nodule cannot be measured: {e}") from e
+    inputs = pipeline.example_to_inputs({"ct": sample.ct, "radiomics": sample.radiomics}, predictor.data_config,
+                                        predictor.stats)
+    probs = predictor.probabilities(inputs["image"], sample.radiomics)
+    return {
+        "probabilities": {label: float(p) for label, p in zip(predictor.labels, probs)},
+        "label": predictor.labels[int(np.argmax(probs))],
+        "centroid_mm": [float(v) for v in sample.centroid_mm],
+        "diameter_mm": float(sample.diameter_mm),
+        "volume_mm3": float(sample.volume_mm3),
+        "crop_reaches_outside_scan": bool(sample.padded),
+        "radiomics": {n: float(v) for n, v in zip(names, sample.radiomics)},
+    }
+
+
+def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optional[float] = None,
+            xml: Optional[str] = None, workdir: Optional[str] = None, export_dir: Optional[str] = None,
+            backend: str = "jax") -> dict[str, Any]:
+    """Malignancy class probabilities of the nodule(s) given by `mask` / `center` + `diameter` / `xml` in the CT `ct`.
+
+    Returns a JSON-serialisable dict: the model used, the CT, and per nodule the class probabilities, label,
+    centroid (x, y, z mm, scanner coordinates), axial diameter (mm), volume (mm^3) and the radiomic features used.
+    Raises PredictInputError naming what is wrong with the CT, the nodule or the model.
+    """
+    image, series = read_ct(ct)
+    nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml)
+    masks = None if xml is not None else nodule_masks(image, series, **nodules, consensus_level=0.0)  # fail early
+    predictor = load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
+    if masks is None:
+        masks = nodule_masks(image, series, **nodules,
+                             consensus_level=float(predictor.preprocessing["consensus_level"]))
+    return {
+        "model": predictor.source,
+        "ct": os.path.abspath(ct),
+        "classes": {label: name for label, name in zip(predictor.labels, predictor.class_names)},
+        "nodules": [{**info, **predict_nodule(predictor, image, m)} for m, info in masks],
+    }

@@ -1,0 +1,193 @@
+"""AutoRad-Lung in PyTorch, on `transformers`' AIMv2, for models exported from JAX (`autorad_jax.weights.export`).
+
+An export folder holds:
+  aimv2/                    the (fine-tuned) AIMv2 towers as a `transformers` folder (`Aimv2Model.from_pretrained`),
+                            with the CLIP tokenizer files of the text tower
+  aimv2_vision/             the (fine-tuned) vision tower alone (`Aimv2VisionModel.from_pretrained`)
+  autorad_lung.json         class names, tokenised prompts, radiomics feature names and standardisation statistics,
+                            the preprocessing the model expects, and the training config
+  autorad_lung.safetensors  the prompt learner: ctx, meta_net (absent for CoOp), token_prefix, token_suffix,
+                            tokenized_prompts
+
+    from autorad_jax.weights.torch_model import AutoRadLungTorch
+    model = AutoRadLungTorch.from_export("export/").eval()
+    probabilities = model(pixel_values, radiomics).softmax(-1)  # [B,3,H,W] normalised images, raw radiomics [B,F]
+
+This module needs only torch, safetensors and transformers (no JAX); nothing here loads pickle.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+from typing import Any, Optional
+
+import safetensors.torch
+import torch
+from torch import nn
+from transformers import Aimv2Model
+
+EXPORT_FORMAT = "autorad_jax.autorad_lung"
+EXPORT_FORMAT_VERSION = 1
+EXPORT_CONFIG = "autorad_lung.json"
+EXPORT_WEIGHTS = "autorad_lung.safetensors"
+EXPORT_TOWERS = "aimv2"
+EXPORT_VISION = "aimv2_vision"
+CONDITIONINGS = ("shared", "per_token")
+POOLINGS = ("head", "mean")
+
+
+class ExportFolderError(ValueError):
+    """An export folder is incomplete, or was not written for this model."""
+
+
+class PromptLearner(nn.Module):
+    """CoCoOp-style prompts `[SOS][ctx + shift(radiomics)][class words . EOS]` as text-tower input embeddings.
+
+    `meta_net` (linear1 -> ReLU -> linear2) maps standardised radiomics to one context shift shared by all context
+    tokens ('shared') or one per token ('per_token'); without it (`conditioning=None`, CoOp) the context is the same
+    for every sample. Parameter and buffer names are those of the JAX `PromptLearner`.
+    """
+
+    def __init__(self, *, n_ctx: int, width: int, num_classes: int, length: int, num_radiomics: int,
+                 meta_hidden_dim: Optional[int], conditioning: Optional[str]):
+        super().__init__()
+        if conditioning is not None and conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
+        self.conditioning = conditioning
+        self.ctx = nn.Parameter(torch.zeros(n_ctx, width))
+        self.meta_net = None
+        if conditioning is not None:
+            out_dim = width if conditioning == "shared" else n_ctx * width
+            self.meta_net = nn.Sequential(collections.OrderedDict(
+                linear1=nn.Linear(num_radiomics, meta_hidden_dim), relu=nn.ReLU(),
+                linear2=nn.Linear(meta_hidden_dim, out_dim)))
+        self.register_buffer("tokenized_prompts", torch.zeros(num_classes, length, dtype=torch.int32))
+        self.register_buffer("token_prefix", torch.zeros(num_classes, 1, width))  # SOS
+        self.register_buffer("token_suffix", torch.zeros(num_classes, length - 1 - n_ctx, width))  # words . EOS
+
+    def context(self, radiomics: torch.Tensor) -> torch.Tensor:
+        """Context per sample [B, n_ctx, width] (CoOp: [1, n_ctx, width], shared by all samples)."""
+        ctx = self.ctx[None]
+        if self.meta_net is None:
+            return ctx
+        shift = self.meta_net(radiomics)
+        return ctx + shift.reshape(shift.shape[0], -1, ctx.shape[-1])
+
+    def construct_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
+        """`[prefix | ctx | suffix]` for every sample and class: ctx [B, n_ctx, D] -> prompts [B, C, L, D]."""
+        b, c = ctx.shape[0], self.token_prefix.shape[0]
+        prefix = self.token_prefix[None].expand(b, *self.token_prefix.shape)
+        suffix = self.token_suffix[None].expand(b, *self.token_suffix.shape)
+        return torch.cat([prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), suffix], dim=2)
+
+    def forward(self, radiomics: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
+        return self.construct_prompts(self.context(radiomics))
+
+
+class AutoRadLungTorch(nn.Module):
+    """`forward(pixel_values [B,3,H,W] normalised, radiomics [B,F] raw) -> logits [B, C]`.
+
+    logits[b, c] = logit_scale * cos(image feature of b, text feature of the class-c prompt built for b). Radiomics are
+    standardised with the training split's statistics (non-finite values become 0, the training mean).
+    """
+
+    def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str,
+                 radiomics_mean: torch.Tensor, radiomics_std: torch.Tensor, config: Optional[dict[str, Any]] = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.aimv2, self.prompt_learner, self.pooling = aimv2, prompt_learner, pooling
+        self.config = config or {}
+        self.register_buffer("radiomics_mean", radiomics_mean.float())
+        self.register_buffer("radiomics_std", radiomics_std.float())
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.get("class_names", []))
+
+    @classmethod
+    def from_export(cls, path: str) -> "AutoRadLungTorch":
+        """Loads an export folder written by `autorad_jax.weights.export` (safetensors and JSON only)."""
+        config = read_export_config(path)
+        towers = os.path.join(path, EXPORT_TOWERS)
+        aimv2, info = Aimv2Model.from_pretrained(towers, output_loading_info=True, dtype=torch.float32)
+        bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+        if bad:
+            raise ExportFolderError(f"{towers}: the AIMv2 weights do not match their config.json: {bad}")
+        m = config["model"]
+        tokens = config["tokenized_prompts"]
+        prompt_learner = PromptLearner(
+            n_ctx=m["n_ctx"], width=aimv2.config.text_config.hidden_size, num_classes=len(tokens),
+            length=len(tokens[0]), num_radiomics=len(config["radiomics"]["feature_names"]),
+            meta_hidden_dim=m["meta_hidden_dim"], conditioning=m["conditioning"])
+        weights = safetensors.torch.load_file(os.path.join(path, EXPORT_WEIGHTS))
+        try:
+            prompt_learner.load_state_dict(weights, strict=True)
+        except RuntimeError as e:
+            raise ExportFolderError(f"{path}/{EXPORT_WEIGHTS} does not fit {EXPORT_CONFIG}: {e}") from e
+        if prompt_learner.tokenized_prompts.tolist() != tokens:
+            raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
+        return cls(aimv2, prompt_learner, pooling=m["pooling"],
+                   radiomics_mean=torch.tensor(config["radiomics"]["mean"]),
+                   radiomics_std=torch.tensor(config["radiomics"]["std"]), config=config)
+
+    def standardize(self, radiomics: torch.Tensor) -> torch.Tensor:
+        """(radiomics - mean) / std, with non-finite results set to 0 (as the training pipeline)."""
+        z = (radiomics.float() - self.radiomics_mean) / self.radiomics_std
+        return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected (not normalised) image features [B, P]: attention-pool head or mean of tokens."""
+        vision = self.aimv2.vision_model
+        out = vision(pixel_values=pixel_values)
+        pooled = out.pooler_output if self.pooling == "head" and vision.use_head else out.last_hidden_state.mean(1)
+        return self.aimv2.visual_projection(pooled)
+
+    def text_features(self, prompts: torch.Tensor) -> torch.Tensor:
+        """Projected (not normalised) class features [B, C, P] of prompt embeddings [B, C, L, D].
+
+        The text tower is causal and pools at the (first) EOS token of each class prompt.
+        """
+        b, c, length, d = prompts.shape
+        text = self.aimv2.text_model
+        hidden = text.embeddings(inputs_embeds=prompts.reshape(b * c, length, d))
+        causal = torch.full((length, length), -math.inf, dtype=hidden.dtype, device=hidden.device).triu(1)
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=causal[None, None]).last_hidden_state
+        hidden = text.rms_norm(hidden).reshape(b, c, length, d)
+        eos = (self.prompt_learner.tokenized_prompts == text.config.eos_token_id).int().argmax(-1)  # [C]
+        pooled = hidden[:, torch.arange(c, device=hidden.device), eos]  # [B, C, D]
+        return self.aimv2.text_projection(pooled)
+
+    def forward(self, pixel_values: torch.Tensor, radiomics: torch.Tensor) -> torch.Tensor:
+        image = nn.functional.normalize(self.image_features(pixel_values), dim=-1, eps=0.0)
+        text = self.text_features(self.prompt_learner(self.standardize(radiomics)))
+        text = nn.functional.normalize(text, dim=-1, eps=0.0).expand(image.shape[0], *text.shape[1:])
+        scale = self.aimv2.logit_scale.clamp(0.0, self.aimv2.max_log_logit_scale).exp()
+        return scale * torch.einsum("bp,bcp->bc", image, text)
+
+
+def read_export_config(path: str) -> dict[str, Any]:
+    """The JSON config of an export folder; `ExportFolderError` naming what is missing or foreign."""
+    if not os.path.isdir(path):
+        raise ExportFolderError(f"export folder {path} does not exist.")
+    needed = (EXPORT_CONFIG, EXPORT_WEIGHTS, os.path.join(EXPORT_TOWERS, "config.json"),
+              os.path.join(EXPORT_TOWERS, "model.safetensors"))
+    missing = [name for name in needed if not os.path.isfile(os.path.join(path, name))]
+    if missing:
+        raise ExportFolderError(f"{path} is not a complete autorad-jax export folder: missing {', '.join(missing)}.")
+    try:
+        with open(os.path.join(path, EXPORT_CONFIG)) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ExportFolderError(f"{path}/{EXPORT_CONFIG} is not valid JSON: {e}") from e
+    if config.get("format") != EXPORT_FORMAT:
+        raise ExportFolderError(f"{path}/{EXPORT_CONFIG} is not an AutoRad-Lung export (format "
+                                f"{config.get('format')!r}, expected {EXPORT_FORMAT!r}).")
+    if config.get("format_version") != EXPORT_FORMAT_VERSION:
+        raise ExportFolderError(f"{path}/{EXPORT_CONFIG}: format_version {config.get('format_version')!r}, this "
+                                f"version of autorad-jax reads {EXPORT_FORMAT_VERSION}.")
+    return config

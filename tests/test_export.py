@@ -1,0 +1,170 @@
+"""Export to transformers and PyTorch: the PyTorch model's logits against the JAX model's, the exported towers against
+transformers' own AIMv2 classes, and export folders that are incomplete or from another model."""
+
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from transformers import Aimv2Model, Aimv2VisionModel
+
+from autorad_jax import models
+from autorad_jax.data import pipeline
+from autorad_jax.weights import export
+from autorad_jax.weights.torch_model import AutoRadLungTorch, ExportFolderError
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import autorad_lung  # noqa: E402
+
+NUM_RADIOMICS = 7
+FEATURES = [f"original_feature_{i}" for i in range(NUM_RADIOMICS)]
+
+
+def build(variant: str = "tiny", **model):
+    config = autorad_lung.get_config(variant)
+    config.model.update(model)
+    return config, models.Model(config.model, class_names=pipeline.class_names(config),
+                                num_radiomics=NUM_RADIOMICS, rngs=nnx.Rngs(0))
+
+
+def inputs(config, batch: int, seed: int = 0):
+    """Normalised NHWC images, raw radiomics (one non-finite value) and training statistics."""
+    rng = np.random.default_rng(seed)
+    size = config.data.image_size
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    stats = pipeline.RadiomicsStats.fit(rng.normal(5.0, 3.0, (100, NUM_RADIOMICS)))
+    raw = rng.normal(5.0, 6.0, (batch, NUM_RADIOMICS)).astype(np.float32)
+    raw[0, -1] = np.nan
+    return images, raw, stats
+
+
+def torch_logits(export_dir: str, images: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    model = AutoRadLungTorch.from_export(export_dir).eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), torch.from_numpy(raw)).numpy()
+
+
+def assert_relative(actual, expected, rtol: float):
+    """max |actual - expected| <= rtol * max |expected|."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = np.abs(actual - expected).max() / np.abs(expected).max()
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
+@pytest.mark.parametrize("model_kw,image_size", [
+    (dict(name="autorad_lung", conditioning="shared", pooling="head"), None),
+    # images larger than the towers were built for: JAX interpolates the position table, the export carries it
+    (dict(name="autorad_lung", conditioning="per_token", pooling="mean", ctx_init=""), 84),
+    (dict(name="coop"), None),
+], ids=["autorad_lung", "per_token_mean_pool_larger_images", "coop"])
+def test_tiny_export_gives_the_jax_logits_in_pytorch_and_back(tmp_path, model_kw, image_size):
+    config, model = build(**model_kw)
+    if image_size:
+        config.data.image_size = image_size
+    images, raw, stats = inputs(config, batch=3)
+    expected, _ = model(images, stats.apply(raw))
+    out = export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+
+    assert_relative(torch_logits(out, images, raw), expected, 1e-4)
+    reloaded, export_config = export.load_export(out)
+    np.testing.assert_allclose(reloaded(images, stats.apply(raw))[0], expected, rtol=1e-6, atol=1e-6)
+    assert export_config["radiomics"]["feature_names"] == FEATURES
+    assert export_config["class_names"] == list(config.model.class_names)
+    assert export_config["preprocessing"]["image_size"] == config.data.image_size
+
+
+def test_transformers_loads_the_exported_towers_and_reproduces_the_vision_tower(tmp_path):
+    config, model = build()
+    images, raw, stats = inputs(config, batch=2)
+    export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    pixel_values = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    jax_vision = model.aimv2.vision_model(images)
+
+    for cls, folder in ((Aimv2Model, "aimv2"), (Aimv2VisionModel, "aimv2_vision")):
+        hf, info = cls.from_pretrained(str(tmp_path / folder), output_loading_info=True)
+        assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+        vision = hf.vision_model if cls is Aimv2Model else hf
+        with torch.no_grad():
+            got = vision.eval()(pixel_values=pixel_values)
+        assert_relative(got.last_hidden_state.numpy(), jax_vision.last_hidden_state, 1e-5)
+        assert_relative(got.pooler_output.numpy(), jax_vision.pooler_output, 1e-5)
+    with torch.no_grad():
+        features = Aimv2Model.from_pretrained(str(tmp_path / "aimv2")).get_image_features(pixel_values)
+    assert_relative(features.pooler_output.numpy(), model.aimv2.get_image_features(images), 1e-5)
+
+
+def test_large_towers_export_gives_the_jax_logits(tmp_path):
+    """The full AIMv2-L vision tower and AIMv2-LiT text tower (random init, ~437M parameters), batch 1."""
+    config, model = build("large")
+    images, raw, stats = inputs(config, batch=1)
+    expected, _ = model(images, stats.apply(raw))
+    export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    del model
+    assert_relative(torch_logits(str(tmp_path), images, raw), expected, 1e-4)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    config, model = build()
+    _, _, stats = inputs(config, batch=1)
+    return export.export_model(model, config, stats, str(tmp_path_factory.mktemp("export")), feature_names=FEATURES)
+
+
+@pytest.mark.parametrize("missing", ["autorad_lung.safetensors", "autorad_lung.json", "aimv2/model.safetensors"])
+def test_incomplete_export_folder_names_the_missing_file(exported, tmp_path, missing):
+    folder = shutil.copytree(exported, tmp_path / "export")
+    os.remove(folder / missing)
+    with pytest.raises(ExportFolderError, match=f"missing {missing}"):
+        AutoRadLungTorch.from_export(str(folder))
+    with pytest.raises(ExportFolderError, match=f"missing {missing}"):
+        export.load_export(str(folder))
+
+
+def test_export_folder_of_another_model_is_refused(exported, tmp_path):
+    folder = shutil.copytree(exported, tmp_path / "export")
+    # prompt-learner weights of a model with per-token conditioning (meta_net.linear2 n_ctx times wider)
+    config, other = build(conditioning="per_token")
+    save_file(export.prompt_learner_state(other.prompt_learner), str(folder / "autorad_lung.safetensors"))
+    with pytest.raises(ExportFolderError, match="does not fit"):
+        AutoRadLungTorch.from_export(str(folder))
+    with pytest.raises(ExportFolderError, match="meta_net.linear2"):
+        export.load_export(str(folder))
+    # a JSON that is not an AutoRad-Lung export
+    (folder / "autorad_lung.json").write_text(json.dumps({"format": "something else"}))
+    with pytest.raises(ExportFolderError, match="not an AutoRad-Lung export"):
+        AutoRadLungTorch.from_export(str(folder))
+
+
+def test_towers_of_another_model_are_refused(exported, tmp_path):
+    folder = shutil.copytree(exported, tmp_path / "export")
+    _, other = build(text=dict(autorad_lung.get_config("tiny").model.text.to_dict(), num_hidden_layers=1))
+    shutil.rmtree(folder / "aimv2")
+    export.hf_aimv2.save_pretrained(other.aimv2, str(folder / "aimv2"))
+    config = json.loads((folder / "aimv2" / "config.json").read_text())
+    config["text_config"]["num_hidden_layers"] = 2  # config of the right model, weights of another
+    (folder / "aimv2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ExportFolderError, match="do not match"):
+        AutoRadLungTorch.from_export(str(folder))
+
+
+def test_baselines_have_no_pytorch_export(tmp_path):
+    config, model = build(name="radiomics_logreg")
+    _, _, stats = inputs(config, batch=1)
+    with pytest.raises(ValueError, match="'radiomics_logreg' model"):
+        export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    assert not os.listdir(tmp_path)
+
+
+def test_prompt_learner_map_round_trips(exported):
+    weights = load_file(os.path.join(exported, "autorad_lung.safetensors"))
+    _, model = build()
+    export.load_prompt_learner_state(model.prompt_learner, weights)
+    again = export.prompt_learner_state(model.prompt_learner)
+    assert set(again) == set(weights)
+    for key in weights:
+        np.testing.assert_array_equal(again[key], weights[key])

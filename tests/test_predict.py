@@ -1,0 +1,199 @@
+"""predict and export on a trained workdir: generator scans against the built dataset's examples (scored by the
+trainer's own evaluation path), both backends, every nodule source, and bad inputs."""
+
+import glob
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from transformers import Aimv2Model
+
+from autorad_jax import predict as predict_lib
+from autorad_jax.data import pipeline
+from autorad_jax.predict import PredictInputError, predict
+from autorad_jax.train import checkpointing, trainer
+from autorad_jax.weights import export
+from autorad_jax.weights.torch_model import ExportFolderError
+from lidc_testdata import read_split
+from test_train import train_config
+
+
+@pytest.fixture(scope="module")
+def trained(lidc_data, tmp_path_factory):
+    """The tiny model trained for 2 steps by the trainer: (config, workdir)."""
+    workdir = str(tmp_path_factory.mktemp("predict_workdir"))
+    config = train_config(lidc_data, num_steps=2)
+    trainer.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    return export.export(trained[1], str(tmp_path_factory.mktemp("predict_export")))
+
+
+@pytest.fixture(scope="module")
+def reference(trained, lidc_data):
+    """{(series_uid, nodule_index): (class probabilities, stored example)} of every stored example, scored by the
+    trainer's evaluation path (the 3-class scheme keeps every example of a split, in stored order)."""
+    config, workdir = trained
+    manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
+    step = checkpointing.best_step(manager)
+    _, stats_json = checkpointing.restore_meta(manager, step)
+    stats = pipeline.RadiomicsStats.from_json(stats_json)
+    out = {}
+    for split in pipeline.SPLITS:
+        recs = pipeline.records(config.data, split)
+        exp = trainer.make_experiment(config, recs.radiomics.shape[1])
+        state = checkpointing.restore_state(manager, step, exp.abstract_state)
+        probs = trainer.predict_records(exp, state, recs, stats)
+        examples = read_split(lidc_data, split)
+        assert len(examples) == len(probs)
+        for p, ex in zip(probs, examples):
+            out[(ex["series_uid"].decode(), int(ex["nodule_index"]))] = (p, ex)
+    manager.close()
+    return out
+
+
+@pytest.fixture(scope="module")
+def scan(lidc_data, reference):
+    """(series folder, reader XML, keys of its stored nodules) of the generated scan with the most stored nodules."""
+    best = None
+    for series_dir in sorted(glob.glob(os.path.join(os.path.dirname(lidc_data), "scans", "*", "*", "*"))):
+        uid = os.path.basename(series_dir)
+        keys = sorted(k for k in reference if k[0] == uid)
+        if keys and (best is None or len(keys) > len(best[2])):
+            best = (series_dir, glob.glob(os.path.join(series_dir, "*.xml"))[0], keys)
+    return best
+
+
+def probabilities(nodule: dict) -> np.ndarray:
+    return np.array(list(nodule["probabilities"].values()))
+
+
+@pytest.mark.parametrize("source,backend", [("workdir", "jax"), ("workdir", "torch"), ("export", "jax"),
+                                            ("export", "torch")])
+def test_predict_with_reader_xml_gives_the_dataset_examples_probabilities(trained, exported, reference, scan,
+                                                                           source, backend):
+    series_dir, xml, keys = scan
+    where = {"workdir": trained[1]} if source == "workdir" else {"export_dir": exported}
+    result = json.loads(json.dumps(predict(ct=series_dir, xml=xml, backend=backend, **where)))  # JSON-ready
+    found = {(os.path.basename(series_dir), n["nodule_index"]): n for n in result["nodules"]}
+    assert set(keys) <= set(found)
+    for key in keys:
+        expected, example = reference[key]
+        nodule = found[key]
+        np.testing.assert_allclose(probabilities(nodule), expected, atol=1e-5)
+        assert nodule["label"] == list(nodule["probabilities"])[int(np.argmax(expected))]
+        np.testing.assert_allclose(nodule["centroid_mm"], example["centroid_mm"], atol=1e-4)
+        np.testing.assert_allclose(nodule["diameter_mm"], example["diameter_mm"], rtol=1e-6)
+        np.testing.assert_allclose(list(nodule["radiomics"].values()), example["radiomics"], rtol=1e-6)
+        assert nodule["volume_mm3"] > 0
+    assert result["model"]["backend"] == backend
+
+
+def _full_grid_mask(series_dir: str, xml: str) -> tuple[sitk.Image, sitk.Image]:
+    """The CT and the first nodule's consensus mask resampled onto the CT's whole grid."""
+    image, series = predict_lib.read_ct(series_dir)
+    block = predict_lib.xml_masks(xml, series, 0.5)[0][0]
+    return image, sitk.Resample(block, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+
+
+def test_predict_with_nifti_ct_and_nrrd_mask(exported, reference, scan, tmp_path):
+    series_dir, xml, keys = scan
+    image, mask = _full_grid_mask(series_dir, xml)
+    sitk.WriteImage(image, str(tmp_path / "ct.nii.gz"))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    result = predict(ct=str(tmp_path / "ct.nii.gz"), mask=str(tmp_path / "mask.nrrd"), export_dir=exported,
+                     backend="torch")
+    (nodule,) = result["nodules"]
+    expected, example = reference[keys[0]]
+    np.testing.assert_allclose(probabilities(nodule), expected, atol=1e-5)
+    np.testing.assert_allclose(nodule["centroid_mm"], example["centroid_mm"], atol=1e-3)
+
+
+def test_predict_with_centre_and_diameter_uses_a_sphere_and_says_so(exported, reference, scan):
+    series_dir, _, keys = scan
+    _, example = reference[keys[0]]
+    center = [f"{v:.3f}" for v in example["centroid_mm"]]
+    result = predict(ct=series_dir, center=center, diameter=8.0, export_dir=exported, backend="torch")
+    (nodule,) = result["nodules"]
+    assert "sphere" in nodule["mask"] and "sphere" in nodule["note"]
+    assert abs(sum(nodule["probabilities"].values()) - 1) < 1e-5
+    np.testing.assert_allclose(nodule["centroid_mm"], example["centroid_mm"], atol=1.0)
+    assert 4 * np.pi / 3 * 4.0 ** 3 * 0.6 < nodule["volume_mm3"] < 4 * np.pi / 3 * 4.0 ** 3 * 1.6
+
+
+def test_export_holds_transformers_towers_and_the_dataset_radiomics_names(trained, exported, lidc_data):
+    config, _ = trained
+    _, info = Aimv2Model.from_pretrained(os.path.join(exported, "aimv2"), output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    with open(os.path.join(exported, "autorad_lung.json")) as f:
+        export_config = json.load(f)
+    import tensorflow_datasets as tfds
+    names = tfds.builder("lidc_idri/crop32_1mm", data_dir=lidc_data).info.metadata["radiomics_feature_names"]
+    assert export_config["radiomics"]["feature_names"] == list(names)
+    assert export_config["checkpoint"]["step"] == config.train.num_steps
+    assert export_config["preprocessing"]["view"] == config.data.view
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input.
+# ------------------------------------------------------------------------------------------------------------------
+
+def test_unreadable_ct_is_named(scan, tmp_path, exported):
+    garbage = tmp_path / "ct.nrrd"
+    garbage.write_bytes(b"NRRD0004\nnot really a volume\n" + os.urandom(64))
+    with pytest.raises(PredictInputError, match=f"unreadable CT {garbage}"):
+        predict(ct=str(garbage), center=["0", "0", "0"], diameter=5.0, export_dir=exported)
+    series = shutil.copytree(scan[0], tmp_path / "series")
+    first = sorted(glob.glob(str(series / "*.dcm")))[0]
+    with open(first, "r+b") as f:
+        f.truncate(300)
+    with pytest.raises(PredictInputError, match="unreadable CT .*corrupt or truncated DICOM"):
+        predict(ct=str(series), center=["0", "0", "0"], diameter=5.0, export_dir=exported)
+
+
+def test_mask_on_another_grid_is_refused(scan, tmp_path, exported):
+    image, mask = _full_grid_mask(scan[0], scan[1])
+    mask.SetSpacing(tuple(s * 2 for s in mask.GetSpacing()))
+    sitk.WriteImage(mask, str(tmp_path / "mask.nrrd"))
+    with pytest.raises(PredictInputError, match="not on the CT's grid: its spacing"):
+        predict(ct=scan[0], mask=str(tmp_path / "mask.nrrd"), export_dir=exported)
+
+
+def test_centre_outside_the_volume_is_refused(scan, exported):
+    with pytest.raises(PredictInputError, match="outside the CT volume"):
+        predict(ct=scan[0], center=["0", "0", "5000"], diameter=6.0, export_dir=exported)
+
+
+def test_incomplete_checkpoint_is_named(trained, tmp_path, scan):
+    workdir = shutil.copytree(trained[1], tmp_path / "workdir")
+    step_dir = workdir / "checkpoints" / str(trained[0].train.num_steps)
+    shutil.rmtree(step_dir / "state")
+    with pytest.raises(FileNotFoundError, match="incomplete: its item\\(s\\) state"):
+        export.export(str(workdir), str(tmp_path / "out"), step=trained[0].train.num_steps)
+    shutil.rmtree(workdir / "checkpoints")
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
+        predict(ct=scan[0], xml=scan[1], workdir=str(workdir))
+
+
+def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
+    workdir = shutil.copytree(trained[1], tmp_path / "workdir")
+    for metadata in glob.glob(str(workdir / "checkpoints" / "*" / "config" / "metadata")):
+        config = json.loads(open(metadata).read())
+        config["model"]["text"]["hidden_size"] = 32  # the saved config says: another architecture
+        with open(metadata, "w") as f:
+            json.dump(config, f)
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="does not fit"):
+        export.export(str(workdir), str(tmp_path / "out"))
+
+
+def test_export_folder_incomplete_through_predict(exported, scan, tmp_path):
+    folder = shutil.copytree(exported, tmp_path / "export")
+    os.remove(folder / "aimv2" / "model.safetensors")
+    with pytest.raises(ExportFolderError, match="missing aimv2/model.safetensors"):
+        predict(ct=scan[0], xml=scan[1], export_dir=str(folder), backend="torch")
