@@ -15,7 +15,7 @@ Subcommands (default: demo):
 Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error).
 """
 
-import importlib
+import json
 import os
 import sys
 
@@ -45,18 +45,14 @@ _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a spher
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
 _EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "Multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (else $JAX_PROCESS_ID).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Multi-host: let JAX find the other processes (TPU pod slice, SLURM, Open MPI, Kubernetes).")
 
 SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export")
-
-
-def _library(module: str, function: str):
-    """Imports `module.function`; exits with a one-line message if that part of the library is not built yet."""
-    try:
-        return getattr(importlib.import_module(module), function)
-    except ModuleNotFoundError as e:
-        if e.name and module.startswith(e.name):
-            sys.exit(f"run.py: this subcommand is not built yet ({module} is missing).")
-        raise
 
 
 def _config():
@@ -79,6 +75,44 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"run.py: {e}\nSee python run.py --help.")
 
 
+def _run(command: str):
+    """Calls the one library function behind `command` (imported here: each pulls in a different stack)."""
+    if command in ("demo", "train", "eval", "cv"):
+        from autorad_jax.train import distributed
+        distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               auto=_DISTRIBUTED.value)
+    if command == "demo":
+        from autorad_jax import demo
+        return demo.run_demo(_config(), _WORKDIR.value, aimv2_dir=_AIMV2_DIR.value)
+    if command == "synth":
+        from tfds_lidc import synth
+        return synth.generate(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value)
+    if command == "prepare":
+        if not _MANUAL_DIR.value:
+            raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")
+        import tfds_lidc
+        return tfds_lidc.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
+                                 builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value)
+    if command in ("train", "eval", "cv"):
+        from autorad_jax import train
+        if command == "train":
+            return train.train_and_evaluate(_config(), _WORKDIR.value)
+        if command == "eval":
+            return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
+        return train.cross_validate(_config(), _WORKDIR.value)
+    if command == "export":
+        if not _OUT.value:
+            raise app.UsageError("export needs --out.")
+        from autorad_jax.weights import export
+        return export.export(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value)
+    from autorad_jax import predict
+    result = predict.predict(
+        ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value, xml=_XML.value,
+        workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
+    print(json.dumps(result, indent=2))
+    return result
+
+
 def main(argv):
     if len(argv) > 2:
         raise app.UsageError(f"Expected one subcommand, got {argv[1:]}")
@@ -86,32 +120,12 @@ def main(argv):
     if command not in SUBCOMMANDS:
         raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
     logging.info("run.py %s", command)
-
-    if command == "demo":
-        _library("autorad_jax.demo", "run_demo")(_config(), _WORKDIR.value, aimv2_dir=_AIMV2_DIR.value)
-    elif command == "synth":
-        _library("tfds_lidc.synth", "generate")(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value)
-    elif command == "prepare":
-        if not _MANUAL_DIR.value:
-            raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")
-        _library("tfds_lidc", "prepare")(
-            _MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
-            builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value)
-    elif command == "train":
-        _library("autorad_jax.train", "train_and_evaluate")(_config(), _WORKDIR.value)
-    elif command == "eval":
-        _library("autorad_jax.train", "evaluate")(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
-    elif command == "cv":
-        _library("autorad_jax.train", "cross_validate")(_config(), _WORKDIR.value)
-    elif command == "export":
-        if not _OUT.value:
-            raise app.UsageError("export needs --out.")
-        _library("autorad_jax.weights.export", "export")(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value)
-    elif command == "predict":
-        result = _library("autorad_jax.predict", "predict")(
-            ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value, xml=_XML.value,
-            workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
-        print(result)
+    try:
+        _run(command)
+    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError) as e:
+        # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
+        # what is wrong and what to run; a traceback would only hide that.
+        sys.exit(f"run.py {command}: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
