@@ -1,0 +1,165 @@
+"""Shared pieces of the throughput benchmarks: random inputs, the JAX and PyTorch models of one config, timing,
+analytic model FLOPs and the printed table."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+
+from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
+from autorad_jax.train import perf, trainer
+from autorad_jax.weights import export, hf_aimv2, torch_model
+
+# Radiomic features of the lidc_idri builder's default parameters (configs/radiomics.yaml).
+NUM_RADIOMICS = 107
+
+
+def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A fixed batch of config.data.batch_size normalised images, standardised radiomics and labels."""
+    rng = np.random.default_rng(seed)
+    b, size = config.data.batch_size, config.data.image_size
+    return {"image": rng.standard_normal((b, size, size, 3), np.float32),
+            "radiomics": rng.standard_normal((b, NUM_RADIOMICS), np.float32),
+            "label": rng.integers(0, num_classes, b).astype(np.int32), "index": np.arange(b, dtype=np.int32)}
+
+
+def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:
+    """Median seconds of `call` (which must block until its work is done) after `warmup` untimed calls."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_experiment(config: ml_collections.ConfigDict) -> tuple[trainer.Experiment, nnx.State]:
+    """The trainer's experiment (mesh, shardings, jitted steps) for `config` and its freshly initialised state."""
+    exp = trainer.make_experiment(config, NUM_RADIOMICS)
+    return exp, exp.init_state()
+
+
+def torch_model_like(exp: trainer.Experiment, state: nnx.State, device: str) -> torch_model.AutoRadLungTorch:
+    """The PyTorch AutoRad-Lung (transformers' AIMv2 + our prompt learner) with the JAX model's weights."""
+    model, _ = nnx.merge(exp.graphdef, state)
+    aimv2 = transformers.Aimv2Model(transformers.Aimv2Config(**model.aimv2.config.to_hf_dict()))
+    aimv2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in hf_aimv2.nnx_to_hf_state(model.aimv2).items()})
+    learner = model.prompt_learner
+    meta_net = learner.meta_net
+    torch_learner = torch_model.PromptLearner(
+        n_ctx=learner.n_ctx, width=learner.ctx.shape[-1], num_classes=learner.num_classes,
+        length=learner.tokenized_prompts.shape[1], num_radiomics=NUM_RADIOMICS,
+        meta_hidden_dim=None if meta_net is None else meta_net.linear1.out_features, conditioning=learner.conditioning)
+    torch_learner.load_state_dict({k: torch.from_numpy(v) for k, v in export.prompt_learner_state(learner).items()})
+    return torch_model.AutoRadLungTorch(
+        aimv2, torch_learner, pooling=model.pooling, radiomics_mean=torch.zeros(NUM_RADIOMICS),
+        radiomics_std=torch.ones(NUM_RADIOMICS)).to(device)
+
+
+def trainable_torch_parameters(model: torch_model.AutoRadLungTorch, mode: str) -> list[torch.nn.Parameter]:
+    """The parameters that train in `mode` ('full': vision tower, its projection and the prompt learner; 'prompt':
+    the prompt learner), as the JAX trainer's `trainable_filter`; the others get requires_grad False."""
+    trains = list(model.prompt_learner.parameters())
+    if mode == "full":
+        trains += list(model.aimv2.vision_model.parameters()) + list(model.aimv2.visual_projection.parameters())
+    chosen = {id(p) for p in trains}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    return trains
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """What the analytic FLOP count needs of a model and a batch."""
+    vision: Aimv2VisionConfig
+    text: Aimv2TextConfig
+    projection_dim: int
+    batch: int
+    image_size: int
+    classes: int
+    prompt_tokens: int
+    per_sample_prompts: bool  # False for CoOp: one set of class prompts for the whole batch
+
+
+def shapes(exp: trainer.Experiment, state: nnx.State) -> Shapes:
+    model, _ = nnx.merge(exp.graphdef, state)
+    c = model.aimv2.config
+    return Shapes(c.vision_config, c.text_config, c.projection_dim, exp.config.data.batch_size,
+                  exp.config.data.image_size, len(exp.class_names), model.prompt_learner.tokenized_prompts.shape[1],
+                  model.prompt_learner.meta_net is not None)
+
+
+def _tower_forward_flops(hidden: int, mlp: int, layers: int, tokens: int, sequences: int) -> float:
+    """2 x matmul parameters x tokens (q, k, v, o projections and the SwiGLU MLP) + attention scores and values."""
+    matmul_params = layers * (4 * hidden * hidden + 3 * hidden * mlp)
+    attention = layers * 2 * 2 * tokens * tokens * hidden  # QK^T and AV, full (not causal-halved) square
+    return sequences * (2 * matmul_params * tokens + attention)
+
+
+def model_flops(s: Shapes, *, train: bool, vision_trains: bool) -> float:
+    """Analytic FLOPs of one step: forward, plus backward x2 where weights train, x1 where only activation gradients
+    flow (the frozen text tower, through which the prompt learner's gradient passes)."""
+    v, t = s.vision, s.text
+    patches = (s.image_size // v.patch_size) ** 2
+    vision = _tower_forward_flops(v.hidden_size, v.intermediate_size, v.num_hidden_layers, patches, s.batch)
+    vision += s.batch * 2 * patches * (v.patch_size ** 2 * v.num_channels * v.hidden_size)  # patch embedding
+    if v.use_head:
+        vision += s.batch * 2 * (2 * patches * v.hidden_size ** 2 + v.hidden_size ** 2)
+    vision += s.batch * 2 * v.hidden_size * s.projection_dim
+    sequences = s.classes * (s.batch if s.per_sample_prompts else 1)
+    text = _tower_forward_flops(t.hidden_size, t.intermediate_size, t.num_hidden_layers, s.prompt_tokens, sequences)
+    text += sequences * 2 * t.hidden_size * s.projection_dim
+    if not train:
+        return vision + text
+    return vision * (3 if vision_trains else 1) + text * 2
+
+
+def peak_flops() -> float | None:
+    return perf.peak_flops(jax.devices()[0])
+
+
+def jax_peak_memory_gib() -> float | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use")
+    return peak / 2 ** 30 if peak else None
+
+
+def torch_peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
+
+
+def row(name: str, mode: str, batch: int, seconds: float, flops: float, memory_gib: float | None) -> dict:
+    """One result: images/s, TFLOP/s and MFU (where the device's peak is known) of a timed step."""
+    peak = peak_flops()
+    return {"impl": name, "mode": mode, "batch": batch, "step_ms": 1e3 * seconds, "images_per_s": batch / seconds,
+            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
+            "peak_mem_gib": memory_gib}
+
+
+def print_table(rows: Sequence[dict]) -> None:
+    """Rows as a Markdown table, then JAX / PyTorch images/s ratios per mode and batch size."""
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; torch: "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
+    print("| impl | mode | batch | step ms | images/s | TFLOP/s | MFU | peak mem GiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for r in rows:
+        print(f"| {r['impl']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
+              f"{r['tflops']:.2f} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} |")
+    for r in rows:
+        if r["impl"] == "jax":
+            for other in rows:
+                if other["impl"] != "jax" and (other["mode"], other["batch"]) == (r["mode"], r["batch"]):
+                    print(f"jax / {other['impl']} ({r['mode']}, batch {r['batch']}): "
+                          f"{r['images_per_s'] / other['images_per_s']:.2f}x images/s")

@@ -1,0 +1,51 @@
+r"""Input-pipeline throughput: training batches/s of the grain pipeline on this host's CPUs, against what the train
+step consumes.
+
+  python benchmarks/pipeline_throughput.py --config configs/autorad_lung.py:large \
+      --config.data.data_dir=/data/tensorflow_datasets --worker_counts 0,4,8 --train_json train.json
+(--train_json: rows written by train_throughput.py --json_out; the fastest JAX step sets the images/s to beat.)
+"""
+
+import json
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from autorad_jax.data import pipeline
+
+config_flags.DEFINE_config_file("config", "configs/autorad_lung.py:tiny", "Experiment config.", lock_config=True)
+_WORKER_COUNTS = flags.DEFINE_list("worker_counts", ["0", "2"], "grain worker processes to try.")
+_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches, after the first.")
+_TRAIN_JSON = flags.DEFINE_string("train_json", None, "train_throughput.py rows: the step's images/s to compare.")
+
+
+def images_per_second(config, workers: int) -> float:
+    config.data.worker_count = workers
+    recs = pipeline.records(config.data, "train")
+    stats = pipeline.RadiomicsStats.fit(recs.radiomics)
+    batches = iter(pipeline.train_loader(config.data, recs, stats, seed=0))
+    next(batches)  # start-up (worker processes, first reads) is not throughput
+    start = time.perf_counter()
+    for _ in range(_BATCHES.value):
+        next(batches)
+    return _BATCHES.value * config.data.batch_size / jax.process_count() / (time.perf_counter() - start)
+
+
+def main(argv):
+    del argv
+    needed = None
+    if _TRAIN_JSON.value:
+        with open(_TRAIN_JSON.value) as f:
+            needed = max(r["images_per_s"] for r in json.load(f) if r["impl"] == "jax") / jax.process_count()
+    print("| grain workers | images/s per host | x train step needs |")
+    print("| --- | --- | --- |")
+    for workers in map(int, _WORKER_COUNTS.value):
+        rate = images_per_second(flags.FLAGS.config, workers)
+        ratio = f"{rate / needed:.2f}x" if needed else "n/a"
+        print(f"| {workers} | {rate:.1f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    app.run(main)
