@@ -4,7 +4,10 @@ analytic model FLOPs and the printed table."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -15,6 +18,7 @@ import torch
 import transformers
 from flax import nnx
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.train import perf, trainer
 from autorad_jax.weights import export, hf_aimv2, torch_model
@@ -145,6 +149,14 @@ def row(name: str, mode: str, batch: int, seconds: float, flops: float, memory_g
     return {"impl": name, "mode": mode, "batch": batch, "step_ms": 1e3 * seconds, "images_per_s": batch / seconds,
             "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
             "peak_mem_gib": memory_gib}
+
+
+def report(rows: Sequence[dict], json_path: str | None) -> None:
+    """Prints the rows (see print_table) and writes them to `json_path` when given."""
+    print_table(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(list(rows), f, indent=2)
 
 
 def print_table(rows: Sequence[dict]) -> None:

@@ -9,7 +9,6 @@ TFLOP/s (analytic forward FLOPs), MFU against the device's bf16 dense peak, peak
 """
 
 import copy
-import json
 
 import jax
 import torch
@@ -69,10 +68,7 @@ def main(argv):
         config.data.batch_size = config.data.eval_batch_size = batch_size
         rows.append(bench_jax(config))
         rows.extend(bench_torch(config, variant) for variant in _TORCH.value)
-    common.print_table(rows)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(rows, f, indent=2)
+    common.report(rows, _JSON.value)
 
 
 if __name__ == "__main__":

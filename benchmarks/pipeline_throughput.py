@@ -7,12 +7,15 @@ step consumes.
 """
 
 import json
+import os
+import sys
 import time
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from autorad_jax.data import pipeline
 
 config_flags.DEFINE_config_file("config", "configs/autorad_lung.py:tiny", "Experiment config.", lock_config=True)

@@ -11,7 +11,6 @@ and the JAX / PyTorch ratios. Modes: full (vision tower + prompt learner train) 
 """
 
 import copy
-import json
 
 import jax
 import torch
@@ -86,10 +85,7 @@ def main(argv):
             config.data.batch_size = config.data.eval_batch_size = batch_size
             rows.append(bench_jax(config, mode))
             rows.extend(bench_torch(config, mode, variant) for variant in _TORCH.value)
-    common.print_table(rows)
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
-            json.dump(rows, f, indent=2)
+    common.report(rows, _JSON.value)
 
 
 if __name__ == "__main__":

@@ -39,8 +39,21 @@ def _from_dict(cls, d: dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+class _TowerConfig:
+    """config.json <-> dataclass for a tower config (keys the dataclass does not know are ignored)."""
+
+    model_type: str
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]):
+        return _from_dict(cls, d)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "model_type": self.model_type}
+
+
 @dataclasses.dataclass(frozen=True)
-class Aimv2VisionConfig:
+class Aimv2VisionConfig(_TowerConfig):
     """Vision tower configuration (``model_type`` ``aimv2_vision_model``)."""
 
     hidden_size: int = 1024
@@ -74,16 +87,10 @@ class Aimv2VisionConfig:
         n = self.image_size // self.patch_size
         return (n, n)
 
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "Aimv2VisionConfig":
-        return _from_dict(cls, d)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model_type": self.model_type}
 
 
 @dataclasses.dataclass(frozen=True)
-class Aimv2TextConfig:
+class Aimv2TextConfig(_TowerConfig):
     """Text tower configuration (``model_type`` ``aimv2_text_model``)."""
 
     vocab_size: int = 49408
@@ -108,12 +115,6 @@ class Aimv2TextConfig:
         if not isinstance(self.eos_token_id, int):
             raise ValueError(f"eos_token_id must be a single int, got {self.eos_token_id!r}")
 
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "Aimv2TextConfig":
-        return _from_dict(cls, d)
-
-    def to_hf_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "model_type": self.model_type}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,39 @@
+"""Smoke runs of the benchmark scripts on the CPU with the tiny config (no timing assertions)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
+                            text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("script", ["train_throughput.py", "eval_throughput.py"])
+def test_throughput_scripts_time_jax_and_pytorch(script, tmp_path):
+    out = _run(script, "--config", "configs/autorad_lung.py:tiny", "--batch_sizes", "8", "--steps", "2",
+               "--warmup", "0", "--torch", "eager", "--json_out", str(tmp_path / "rows.json"),
+               *(["--modes", "prompt"] if script == "train_throughput.py" else []))
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert {r["impl"] for r in rows} == {"jax", "torch eager"}
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    assert "jax / torch eager" in out
+
+
+def test_pipeline_script_reports_images_per_second(lidc_data, tmp_path):
+    rows = [{"impl": "jax", "images_per_s": 1.0}]
+    (tmp_path / "train.json").write_text(json.dumps(rows))
+    out = _run("pipeline_throughput.py", "--config", "configs/autorad_lung.py:tiny",
+               f"--config.data.data_dir={lidc_data}", "--worker_counts", "0", "--batches", "2",
+               "--train_json", str(tmp_path / "train.json"))
+    line = next(line for line in out.splitlines() if line.startswith("| 0 |"))
+    assert float(line.split("|")[2]) > 0
