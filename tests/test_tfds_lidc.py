@@ -19,7 +19,7 @@ from tfds_lidc import radiomics_features
 
 
 @pytest.fixture(scope='module')
-def examples(built):  # noqa: F811
+def examples(built):
     return read_all(built)
 
 
@@ -27,14 +27,14 @@ def _scan(series_uid: str) -> pl.Scan:
     return pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
 
 
-def _series_dir(manual_dir: str, series_uid: str) -> str:  # noqa: F811
+def _series_dir(manual_dir: str, series_uid: str) -> str:
     for root, _, files in os.walk(manual_dir):
         if os.path.basename(root) == series_uid:
             return root
     raise FileNotFoundError(series_uid)
 
 
-def test_read_back_without_tensorflow(built, examples):  # noqa: F811
+def test_read_back_without_tensorflow(built, examples):
     assert importlib.util.find_spec('tensorflow') is None
     info = tfds.builder(f'lidc_idri/{CONFIG}', data_dir=built).info
     names = info.metadata['radiomics_feature_names']
@@ -82,7 +82,7 @@ def _pylidc_consensus_image(scan: pl.Scan, cluster, ct: sitk.Image) -> sitk.Imag
     return img
 
 
-def test_radiomics_and_mask_match_references(manual_dir, examples):  # noqa: F811
+def test_radiomics_and_mask_match_references(manual_dir, examples):
     extractor = featureextractor.RadiomicsFeatureExtractor(radiomics_features.DEFAULT_PARAMS)
     names = radiomics_features.feature_names()
     checked = 0
@@ -114,7 +114,7 @@ def test_radiomics_and_mask_match_references(manual_dir, examples):  # noqa: F81
     assert checked == len(examples) > 0
 
 
-def test_beam_direct_runner_matches(manual_dir, built, examples, tmp_path):  # noqa: F811
+def test_beam_direct_runner_matches(manual_dir, built, examples, tmp_path):
     builder = tfds_lidc.Builder(data_dir=str(tmp_path), config=CONFIG)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir, beam_options=PipelineOptions(['--runner=DirectRunner'])))
@@ -126,3 +126,24 @@ def test_beam_direct_runner_matches(manual_dir, built, examples, tmp_path):  # n
         assert beam_examples[key]['split'] == ex['split']
     report = json.load(open(os.path.join(builder.data_dir, 'build_report.json')))
     assert report['nodules_written'] == len(examples)
+
+
+@pytest.mark.parametrize('command', ['tfds_build', 'run_prepare'])
+def test_command_lines_build_the_same_dataset(command, manual_dir, examples, tmp_path):
+    """`python -m tfds_lidc build` (the `tfds build` command) and `python run.py prepare` write the same examples."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data_dir = str(tmp_path / 'data')
+    if command == 'tfds_build':
+        args = ['-m', 'tfds_lidc', 'build', 'tfds_lidc/lidc_idri', f'--manual_dir={manual_dir}',
+                f'--data_dir={data_dir}', f'--config={CONFIG}']
+    else:
+        args = ['run.py', 'prepare', f'--manual_dir={manual_dir}', f'--data_dir={data_dir}',
+                f'--builder_config={CONFIG}']
+    result = subprocess.run([sys.executable, *args], cwd=root, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rebuilt = read_all(data_dir)
+    assert rebuilt.keys() == examples.keys()
+    for key, ex in examples.items():
+        np.testing.assert_array_equal(rebuilt[key]['radiomics'], ex['radiomics'])
