@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 import tfds_lidc
-from tfds_lidc import ct_series
+from tfds_lidc import ct_series, nodules, radiomics_features, report, series_examples, xml_reader
 
 CONFIG = 'crop32_1mm'
 
@@ -88,14 +88,12 @@ def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
             tfds_lidc.prepare(manual, str(tmp_path / 'data'), CONFIG)
 
 
-def _task(manual: str, series_dir: str, patient: str, report_dir: str):
-    from tfds_lidc import series_examples  # pylint: disable=import-outside-toplevel
+def _task(manual: str, series_dir: str, patient: str, report_dir: str) -> series_examples.SeriesTask:
     return series_examples.SeriesTask(manual, os.path.relpath(series_dir, manual), patient, 'train', 0, 32, 1.0,
-                                      0.5, tfds_lidc.radiomics_features.DEFAULT_PARAMS, report_dir)
+                                      0.5, radiomics_features.DEFAULT_PARAMS, report_dir)
 
 
 def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable=redefined-outer-name
-    from tfds_lidc import report, series_examples  # pylint: disable=import-outside-toplevel
     manual, report_dir = str(tmp_path / 'manual'), str(tmp_path / 'data')
     dirs = {}
     for patient, (damage, _) in VARIANTS.items():
@@ -124,11 +122,10 @@ def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name
     """A slab ending at the nodule: the crop's planes beyond the last slice are -1000 HU."""
     series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-9007')
-    ct = ct_series.load_ct_series(series_dir).image
-    from tfds_lidc import nodules, series_examples, xml_reader  # pylint: disable=import-outside-toplevel
     series = ct_series.load_ct_series(series_dir)
+    spacing_z = series.image.GetSpacing()[2]
     anns, _ = nodules.place_annotations(xml_reader.parse_reader_xml(_xml(series_dir)), series.sop_uids,
-                                        series.z_positions, ct.GetSpacing()[2])
+                                        series.z_positions, spacing_z)
     cluster = nodules.cluster_annotations(anns, series.slice_thickness)[0]
     top = max(c.k for a in cluster for c in a.contours)
     for path in ct_series.dicom_files(series_dir):   # drop every slice above the nodule's top contour
@@ -139,7 +136,7 @@ def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: di
     ex = next(iter(examples.values()))
     z_last = series.z_positions[top]
     plane_z = ex['centroid_mm'][2] + (np.arange(32) - 15.5)
-    beyond = plane_z > z_last + 0.5 * ct.GetSpacing()[2] + 1e-3   # a slice covers half its spacing each side
+    beyond = plane_z > z_last + 0.5 * spacing_z + 1e-3   # a slice covers half its spacing each side
     assert beyond.any()
     assert np.all(ex['ct'][beyond] == -1000)
     entry = json.load(open(next((tmp_path / 'report' / 'build_report_parts').glob('*.json'))))

@@ -3,6 +3,8 @@ import collections
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pylidc as pl
@@ -131,8 +133,6 @@ def test_beam_direct_runner_matches(manual_dir, built, examples, tmp_path):
 @pytest.mark.parametrize('command', ['tfds_build', 'run_prepare'])
 def test_command_lines_build_the_same_dataset(command, manual_dir, examples, tmp_path):
     """`python -m tfds_lidc build` (the `tfds build` command) and `python run.py prepare` write the same examples."""
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data_dir = str(tmp_path / 'data')
     if command == 'tfds_build':

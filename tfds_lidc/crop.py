@@ -18,6 +18,7 @@ class Grid:
     direction: tuple[float, ...]
 
     def reference(self) -> sitk.Image:
+        """An empty image on this grid, the reference of `sitk.Resample`."""
         ref = sitk.Image([int(s) for s in self.size], sitk.sitkUInt8)
         ref.SetOrigin(self.origin)
         ref.SetSpacing((self.spacing,) * 3)

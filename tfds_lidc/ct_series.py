@@ -15,6 +15,7 @@ class SeriesError(ValueError):
 
 @dataclasses.dataclass
 class CtSeries:
+    """A loaded CT series and the DICOM attributes the builder uses."""
     image: sitk.Image          # int16 HU, axes (x, y, z) in SimpleITK order
     sop_uids: list[str]        # per slice, in image z order
     z_positions: np.ndarray    # ImagePositionPatient z per slice, in image z order
@@ -25,6 +26,7 @@ class CtSeries:
 
 
 def dicom_files(directory: str) -> list[str]:
+    """Sorted paths of the folder's .dcm files."""
     return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.dcm'))
 
 

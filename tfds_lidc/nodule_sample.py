@@ -80,9 +80,9 @@ def nodule_example(ct: sitk.Image, mask: sitk.Image, *, crop_size: int = 64, spa
         raise ValueError('pyradiomics returned features in an unexpected order')
     # The crop reaches outside the scan when one of its corners maps outside the CT's index range.
     ct_crop = crop.central_crop(sitk.GetArrayFromImage(roi_ct), offset, crop_size)
-    first = np.asarray(grid.origin) + np.asarray(grid.direction).reshape(3, 3) @ (offset * spacing_mm)
-    corners = [first + np.asarray(grid.direction).reshape(3, 3) @ (np.array(c) * (crop_size - 1) * spacing_mm)
-               for c in np.ndindex(2, 2, 2)]
+    direction = np.asarray(grid.direction).reshape(3, 3)
+    first = np.asarray(grid.origin) + direction @ (offset * spacing_mm)
+    corners = [first + direction @ (np.array(c) * (crop_size - 1) * spacing_mm) for c in np.ndindex(2, 2, 2)]
     inside = [np.all((0 <= (idx := np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, p))))))
                      & (idx <= np.asarray(ct.GetSize()) - 1)) for p in corners]
     return NoduleSample(

@@ -14,6 +14,7 @@ from tfds_lidc import xml_reader
 
 @dataclasses.dataclass(frozen=True)
 class Contour:
+    """One contour of an annotation on one slice of the series."""
     k: int                 # slice index in the series
     inclusion: bool
     ij: np.ndarray         # int (row, column) = (y, x) pixel indices
@@ -52,19 +53,20 @@ def place_annotations(reader_xml: xml_reader.ReaderXml, sop_uids: list[str], z_p
                 if abs(z_positions[nearest] - roi.z) <= 0.5 * slice_spacing:
                     k = nearest
             if k is None or len(roi.xy) == 0:
-                issues.append(f'reader {roi_owner(nod)}: roi at z={roi.z:.2f} (SOP {roi.sop_uid}) matches no slice; dropped')
+                issues.append(f'reader {_describe(nod)}: roi at z={roi.z:.2f} (SOP {roi.sop_uid}) matches no slice; dropped')
                 continue
             ij = np.round(roi.xy[:, ::-1]).astype(np.int64)
             contours.append(Contour(k=k, inclusion=roi.inclusion, ij=ij))
         if not contours:
-            issues.append(f'reader {roi_owner(nod)}: no roi matches the series; annotation dropped')
+            issues.append(f'reader {_describe(nod)}: no roi matches the series; annotation dropped')
             continue
         annotations.append(Annotation(reader=nod.reader, nodule_id=nod.nodule_id,
                                       characteristics=nod.characteristics, contours=tuple(contours)))
     return annotations, issues
 
 
-def roi_owner(nod: xml_reader.ReaderNodule) -> str:
+def _describe(nod: xml_reader.ReaderNodule) -> str:
+    """Names one reader's nodule in issue messages: `<reader> nodule '<id>'`."""
     return f'{nod.reader} nodule {nod.nodule_id!r}'
 
 

@@ -19,6 +19,7 @@ logging.getLogger('radiomics').setLevel(logging.ERROR)
 
 @functools.lru_cache(maxsize=4)
 def extractor(params_path: str = DEFAULT_PARAMS) -> featureextractor.RadiomicsFeatureExtractor:
+    """The pyradiomics extractor of a parameter YAML, built once per file."""
     return featureextractor.RadiomicsFeatureExtractor(params_path)
 
 

@@ -46,11 +46,18 @@ def discover_series(manual_dir: str) -> list[tuple[str, str]]:
 
 
 def label_of(mean_rating: float) -> int:
+    """Index into LABEL_NAMES of a mean malignancy rating: < 2.5 benign, > 3.5 malignant, else unsure."""
     return 0 if mean_rating < 2.5 else (2 if mean_rating > 3.5 else 1)
 
 
+def _xml_paths(directory: str) -> list[str]:
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.xml'))
+
+
 def _reader_xml(directory: str, series_uid: str) -> xml_reader.ReaderXml:
-    paths = sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.xml'))
+    """The folder's first reader XML for `series_uid` (or naming no series); raises `XmlError` when there is none
+    or when any of the folder's XML files does not parse."""
+    paths = _xml_paths(directory)
     if not paths:
         raise xml_reader.XmlError('no reader XML in the series folder')
     parsed = [xml_reader.parse_reader_xml(p) for p in paths]
@@ -62,13 +69,12 @@ def _reader_xml(directory: str, series_uid: str) -> xml_reader.ReaderXml:
 
 def lists_nodules(directory: str) -> bool:
     """Whether a reader XML of the folder parses and lists a nodule with characteristics (cheap check)."""
-    for name in os.listdir(directory):
-        if name.lower().endswith('.xml'):
-            try:
-                if any(n.characteristics for n in xml_reader.parse_reader_xml(os.path.join(directory, name)).nodules):
-                    return True
-            except xml_reader.XmlError:
-                pass
+    for path in _xml_paths(directory):
+        try:
+            if any(n.characteristics for n in xml_reader.parse_reader_xml(path).nodules):
+                return True
+        except xml_reader.XmlError:
+            pass
     return False
 
 
@@ -105,7 +111,9 @@ def series_examples(task: SeriesTask) -> list[tuple[str, dict]]:
     return examples
 
 
-def _example(task: SeriesTask, series: ct_series.CtSeries, cluster, index: int, entry: dict):
+def _example(task: SeriesTask, series: ct_series.CtSeries, cluster: list[nodules_lib.Annotation], index: int,
+             entry: dict) -> tuple[str, dict]:
+    """(key, features) of one nodule; adds its issues to `entry`; raises ValueError when it is skipped."""
     if len(cluster) > 4:
         entry['issues'].append(f'nodule {index}: {len(cluster)} annotations could not be split; first 4 readers kept')
     mask = nodules_lib.consensus_mask_image(cluster, series.image, task.consensus_level)

@@ -83,18 +83,21 @@ def _downsample_xy(xy: np.ndarray, factor: int) -> np.ndarray:
     return out[keep]
 
 
-def _reader_slots(scan: _Scan, slab_z: np.ndarray, factor: int) -> tuple[list[int], list]:
-    """Reader session of each annotation: the annotations of one lesion go to different sessions."""
+def _reader_slots(scan: _Scan, slab_z: np.ndarray,
+                  factor: int) -> tuple[list[int], list[list[nodules_lib.Annotation]]]:
+    """Reader session of each annotation (the annotations of one lesion go to different sessions), and the
+    annotations placed on the slab's grid, clustered into lesions."""
     placed = []
     for reader, (nid, chars, contours) in enumerate(scan.annotations):
         cs = tuple(nodules_lib.Contour(k=int(np.argmin(np.abs(slab_z - z))), inclusion=inc,
                                        ij=_downsample_xy(xy, factor)[:, ::-1]) for z, inc, xy in contours)
         placed.append(nodules_lib.Annotation(reader=reader, nodule_id=nid, characteristics=chars, contours=cs))
+    clusters = nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness)
     slots = [0] * len(placed)
-    for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
+    for cluster in clusters:
         for slot, ann in enumerate(cluster):
             slots[ann.reader] = slot % 4
-    return slots, placed
+    return slots, clusters
 
 
 def _phantom(rng: np.random.Generator, shape: tuple[int, int, int], spacing: float) -> np.ndarray:
@@ -230,11 +233,11 @@ def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int 
     rng = np.random.default_rng([seed, scan_id])
     size = NATIVE_SIZE // downsample
     slab_z = scan.zvals[slab]
-    slots, placed = _reader_slots(scan, slab_z, downsample)
+    slots, clusters = _reader_slots(scan, slab_z, downsample)
     spacing = scan.pixel_spacing * downsample
     volume = _phantom(rng, (len(slab), size, size), spacing)
     shape = volume.shape
-    for cluster in nodules_lib.cluster_annotations(placed, tol=scan.slice_thickness):
+    for cluster in clusters:
         bbox = nodules_lib.cluster_bbox(cluster, shape, pad=3)
         fraction = np.mean([nodules_lib.annotation_mask(a, bbox) for a in cluster], axis=0)
         weight = ndimage.gaussian_filter(fraction, sigma=(0.3, 0.6, 0.6))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -41,7 +42,7 @@ class LidcIdriConfig(tfds.core.BuilderConfig):
     radiomics_params: str = radiomics_features.DEFAULT_PARAMS
 
 
-def _with_progress(results, total: int, split: str):
+def _with_progress(results: Iterable[list[tuple[str, dict]]], total: int, split: str) -> Iterator[tuple[str, dict]]:
     """Yields the examples of each series' result list, with a progress bar over series."""
     with tfds.core.utils.tqdm(total=total, desc=f'lidc_idri {split}', unit=' series') as bar:
         for examples in results:
@@ -110,11 +111,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         report.merge_parts(os.fspath(self.data_path))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        manual_dir = dl_manager.manual_dir
-        if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-            raise AssertionError(f'Manual directory {manual_dir} does not exist or is empty. '
-                                 f'Manual download instructions:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-        series = series_examples.discover_series(os.fspath(manual_dir))
+        manual_dir = os.fspath(dl_manager.manual_dir)  # TFDS raises, with the instructions, if missing or empty
+        series = series_examples.discover_series(manual_dir)
         if not series:
             raise AssertionError(f'No DICOM series found under {manual_dir}. '
                                  f'Manual download instructions:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
@@ -129,7 +127,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         for rel, pid in series:
             split, fold = assignment[pid]
             tasks[split].append(series_examples.SeriesTask(
-                manual_dir=os.fspath(manual_dir), series_dir=rel, patient_id=pid, split=split, fold=fold,
+                manual_dir=manual_dir, series_dir=rel, patient_id=pid, split=split, fold=fold,
                 crop_size=cfg.crop_size, spacing_mm=cfg.spacing_mm, consensus_level=cfg.consensus_level,
                 radiomics_params=cfg.radiomics_params, report_dir=os.fspath(self.data_path)))
         return {split: self._generate_examples(split, t) for split, t in tasks.items()}
