@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from autorad_jax.data import pipeline
-from autorad_jax.train import checkpointing, steps, trainer
+from autorad_jax.train import checkpointing, trainer
 from lidc_testdata import read_split, tiny_config
 
 
@@ -76,12 +76,9 @@ def test_mesh_gives_the_same_loss_curve_as_one_device(lidc_data, mesh):
     def run(shape):
         config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
         exp = trainer.make_experiment(config, recs.radiomics.shape[1])
-        step = jax.jit(steps.make_train_step(exp.graphdef, trainer.models.trainable_filter(config.model)),
-                       in_shardings=(exp.shardings, exp.batch_sharding), out_shardings=(exp.shardings, exp.replicated),
-                       donate_argnums=0)
         state, curve = exp.init_state(), []
         for b in batches:
-            state, m = step(state, pipeline.to_global(b, exp.batch_sharding))
+            state, m = exp.train_step(state, pipeline.to_global(b, exp.batch_sharding))
             curve.append(float(m["loss"]))
         return curve, [np.asarray(x) for x in jax.tree.leaves(state)]
 

@@ -135,10 +135,12 @@ class RadiomicsStats:
         return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
 
     def to_json(self) -> dict:
+        """{'mean': [...], 'std': [...]}, as saved with every checkpoint."""
         return {"mean": self.mean.tolist(), "std": self.std.tolist()}
 
     @classmethod
     def from_json(cls, d: dict) -> RadiomicsStats:
+        """The inverse of `to_json`."""
         return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32))
 
 
@@ -179,6 +181,7 @@ def example_to_inputs(example: dict, data_config: ml_collections.ConfigDict, sta
 # ------------------------------------------------------------------------------------------------------------------
 
 def dataset_name(data_config: ml_collections.ConfigDict) -> str:
+    """The tfds name of the configured dataset, '<name>/<builder_config>'."""
     return f"{data_config.name}/{data_config.builder_config}"
 
 

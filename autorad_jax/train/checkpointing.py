@@ -30,6 +30,7 @@ class IncompatibleCheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """The absolute checkpoint folder of `workdir`."""
     return os.path.join(os.path.abspath(workdir), "checkpoints")
 
 

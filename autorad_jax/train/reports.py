@@ -64,7 +64,7 @@ def write_report(out_dir: str, metrics: dict, labels: np.ndarray, probs: np.ndar
 class MetricWriter:
     """Scalars to TensorBoard (`workdir/tensorboard`) and to `workdir/<name>.jsonl`; a no-op off process 0."""
 
-    def __init__(self, workdir: str, active: bool):
+    def __init__(self, workdir: str, active: bool) -> None:
         self._workdir = workdir
         self._tb = None
         if active:
@@ -72,6 +72,7 @@ class MetricWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], *, prefix: str, jsonl: str | None = None) -> None:
+        """Logs `scalars` at `step` under `prefix/` in TensorBoard and, with `jsonl`, as one line of <jsonl>.jsonl."""
         if self._tb is None:
             return
         for k, v in scalars.items():

@@ -293,10 +293,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # ---- Steps: jitted with explicit shardings; the state is donated ----------------------------------------------
     train_step = exp.train_step
     check_finite = jax.jit(steps.all_finite, in_shardings=(exp.shardings,), out_shardings=exp.replicated)
-    schedule = learning_rate_schedule(config)
 
     # ---- Loop -----------------------------------------------------------------------------------------------------
     num_steps, t = config.train.num_steps, config.train
+    accum = config.optim.grad_accum_steps
+    # The learning rate of every update, computed once: logging it then needs no device work inside the loop (an
+    # eager schedule call there would wait for the step in flight).
+    learning_rates = np.asarray(jax.vmap(learning_rate_schedule(config))(np.arange(max(1, -(-num_steps // accum)))))
     writer = MetricWriter(workdir, is_main)
     preemption = _Preemption()
     peak = perf.peak_flops(jax.devices()[0])
@@ -313,7 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not m.pop("finite"):
             raise _non_finite(s, m, manager, workdir)
-        m["learning_rate"] = float(schedule((s - 1) // config.optim.grad_accum_steps))
+        m["learning_rate"] = float(learning_rates[(s - 1) // accum])
         writer.write(s, m, prefix="train", jsonl="train_metrics")
         losses.append(m["loss"])
         pbar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
@@ -359,12 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     raise _non_finite(step, m, manager, workdir)
                 checkpointing.save(manager, step, state, train_iter, stats.to_json(), config,
                                    metrics=scalar_metrics(val_metrics) if evaluate_now else None)
-            if evaluate_now or save_now:  # keep evaluation and checkpointing out of the step timing
+            if save_now:  # includes evaluate_now: keep evaluation and checkpointing out of the step timing
                 timer = (step, time.perf_counter())
             if preempted:
                 manager.wait_until_finished()
                 logging.warning("Preempted at step %d: checkpoint saved in %s; run the same command to resume.",
                                 step, checkpointing.checkpoint_dir(workdir))
+                writer.close()
                 return {"step": step, "preempted": True}
         if pending is not None:
             finish(pending)
