@@ -85,8 +85,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
         restored = export.restore(workdir)
         config = restored.config
         names = export.radiomics_feature_names(config)
-        if backend == "torch":
-            export.check_exportable(restored.model, config)
+        if backend == "torch":  # export_model refuses the baselines before writing anything
             with tempfile.TemporaryDirectory(prefix="autorad_export_") as tmp:  # the torch model is read into memory
                 run = _torch_probabilities(export.export_model(restored.model, config, restored.stats, tmp,
                                                                feature_names=names))

@@ -44,11 +44,11 @@ def reference(trained, lidc_data):
     step = checkpointing.best_step(manager)
     _, stats_json = checkpointing.restore_meta(manager, step)
     stats = pipeline.RadiomicsStats.from_json(stats_json)
+    exp = trainer.make_experiment(config, stats.mean.shape[0])
+    state = checkpointing.restore_state(manager, step, exp.abstract_state)
     out = {}
     for split in pipeline.SPLITS:
         recs = pipeline.records(config.data, split)
-        exp = trainer.make_experiment(config, recs.radiomics.shape[1])
-        state = checkpointing.restore_state(manager, step, exp.abstract_state)
         probs = trainer.predict_records(exp, state, recs, stats)
         examples = read_split(lidc_data, split)
         assert len(examples) == len(probs)

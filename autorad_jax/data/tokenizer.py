@@ -22,6 +22,7 @@ from transformers import CLIPTokenizer
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408
+EOT_TOKEN_ID = VOCAB_SIZE - 1  # `<|endoftext|>`, the last vocabulary entry (the text tower pools at it)
 _NUM_MERGES = 49152 - 256 - 2  # CLIP's SimpleTokenizer keeps merges lines [1, 48895).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 

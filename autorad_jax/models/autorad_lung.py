@@ -22,14 +22,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from autorad_jax.data.tokenizer import EOT_TOKEN_ID, VOCAB_SIZE
 from autorad_jax.models.aimv2 import Aimv2Config, Aimv2Model, Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.weights import hf_aimv2
 
 Array = jax.Array
 POOLINGS = ("head", "mean")
-# The CLIP BPE vocabulary that the AIMv2-LiT text tower reads (see autorad_jax.data.tokenizer).
-CLIP_VOCAB_SIZE, CLIP_EOS_TOKEN_ID = 49408, 49407
 
 
 def l2_normalize(x: Array) -> Array:
@@ -39,11 +38,12 @@ def l2_normalize(x: Array) -> Array:
 
 
 def aimv2_config(model_config) -> Aimv2Config:
-    """Joint AIMv2 config of random-init towers from config.model.vision/text/projection_dim (CLIP vocabulary)."""
+    """Joint AIMv2 config of random-init towers from config.model.vision/text/projection_dim (the CLIP BPE vocabulary
+    of `autorad_jax.data.tokenizer`)."""
     return Aimv2Config(
         vision_config=Aimv2VisionConfig(**model_config.vision.to_dict()),
-        text_config=Aimv2TextConfig(**model_config.text.to_dict(), vocab_size=CLIP_VOCAB_SIZE,
-                                    eos_token_id=CLIP_EOS_TOKEN_ID),
+        text_config=Aimv2TextConfig(**model_config.text.to_dict(), vocab_size=VOCAB_SIZE,
+                                    eos_token_id=EOT_TOKEN_ID),
         projection_dim=model_config.projection_dim)
 
 

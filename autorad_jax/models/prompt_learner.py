@@ -100,6 +100,7 @@ class PromptLearner(nnx.Module):
 
     @property
     def num_classes(self) -> int:
+        """Number of class prompts C."""
         return self.tokenized_prompts.shape[0]
 
     def context(self, radiomics: Array) -> Array:

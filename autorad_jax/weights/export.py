@@ -179,7 +179,7 @@ def load_prompt_learner_state(prompt_learner: PromptLearner, state: dict[str, np
 # Writing and reading export folders.
 # ------------------------------------------------------------------------------------------------------------------
 
-def builder_config(name: str):
+def builder_config(name: str) -> "tfds_lidc.LidcIdriConfig":
     """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
     import tfds_lidc
     configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}

@@ -107,6 +107,7 @@ class AutoRadLungTorch(nn.Module):
 
     @property
     def class_names(self) -> list[str]:
+        """The class names of the export, in logit order (empty without an export config)."""
         return list(self.config.get("class_names", []))
 
     @classmethod
