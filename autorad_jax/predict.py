@@ -75,6 +75,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
 
     A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
     """
+    from autorad_jax.train import checkpointing, trainer
     from autorad_jax.weights import export
     from autorad_jax.weights.torch_model import read_export_config
     if backend not in BACKENDS:
@@ -82,7 +83,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     if (workdir is None) == (export_dir is None):
         raise PredictInputError("give either a workdir (--workdir) or an export folder (--export), not both.")
     if workdir is not None:
-        restored = export.restore(workdir)
+        restored = trainer.load_model(workdir)
         config = restored.config
         names = export.radiomics_feature_names(config)
         if backend == "torch":  # export_model refuses the baselines before writing anything
@@ -95,7 +96,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
             data_config=config.data, stats=restored.stats, feature_names=names,
             labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(pipeline.class_names(config)),
             preprocessing=export.preprocessing(config), probabilities=run,
-            source={"workdir": restored.workdir, "step": restored.step, "model": config.model.name,
+            source={"workdir": os.path.abspath(workdir), "step": restored.step, "model": config.model.name,
                     "backend": backend})
     export_config = read_export_config(export_dir)
     stats = pipeline.RadiomicsStats.from_json(export_config["radiomics"])
@@ -104,7 +105,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     else:
         run = _jax_probabilities(export.load_export(export_dir)[0], stats)
     return Predictor(
-        data_config=export.saved_config(export_config["config"]).data, stats=stats,
+        data_config=checkpointing.saved_config(export_config["config"]).data, stats=stats,
         feature_names=list(export_config["radiomics"]["feature_names"]), labels=list(export_config["labels"]),
         class_names=list(export_config["class_names"]), preprocessing=export_config["preprocessing"],
         probabilities=run, source={"export": os.path.abspath(export_dir), "model": export_config["model"]["name"],

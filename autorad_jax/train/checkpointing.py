@@ -8,15 +8,19 @@ checkpoint moves between meshes and hosts), 'data_iter' (grain iterator state, o
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 
 import grain.python as grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = "auc_macro"
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
+                           "autorad_lung.py")
 # Config keys that change the shapes or meaning of what a checkpoint holds; everything else may change on resume,
 # and so may these compute-only model settings.
 _FREE_KEYS = ("model.aimv2_dir", "model.dtype", "model.attention_implementation", "model.remat",
@@ -110,3 +114,37 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
         raise IncompatibleCheckpointError(
             f"{checkpoint_dir(workdir)} holds a checkpoint from an incompatible config: {diffs}. "
             f"Use another --workdir, or the config that wrote it.")
+
+
+def saved_config(saved: dict) -> ml_collections.ConfigDict:
+    """The config saved with a checkpoint or export, over configs/autorad_lung.py's defaults (so that keys added to
+    the config since then keep their default values)."""
+    spec = importlib.util.spec_from_file_location("autorad_lung_config", CONFIG_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.unlock()
+    config.update(saved)
+    return config
+
+
+def state_shapes(tree) -> dict[str, tuple]:
+    """'model/path/to/param' -> shape of every array of an nnx state or of orbax metadata of one."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
+        out["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
+    return out
+
+
+def check_state_shapes(saved: dict[str, tuple], expected: dict[str, tuple], step_dir: str) -> None:
+    """IncompatibleCheckpointError naming the arrays a checkpoint lacks, has in excess or holds in another shape."""
+    problems = [f"{k} is missing" for k in sorted(set(expected) - set(saved))]
+    problems += [f"{k} is not in the model" for k in sorted(set(saved) - set(expected))]
+    problems += [f"{k} has shape {saved[k]}, the model {expected[k]}" for k in sorted(set(saved) & set(expected))
+                 if saved[k] != expected[k]]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise IncompatibleCheckpointError(
+            f"The state of checkpoint {step_dir} does not fit the model of the config saved with it: "
+            f"{'; '.join(problems[:5])}{more}.")

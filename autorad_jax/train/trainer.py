@@ -14,6 +14,7 @@ import shutil
 import signal
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import ml_collections
@@ -197,22 +198,57 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test
     return metrics
 
 
-def load_model(workdir: str, step: int | None = None
-               ) -> tuple[nnx.Module, ml_collections.ConfigDict, pipeline.RadiomicsStats, int]:
-    """(model, config, radiomics statistics, step) of a checkpoint of `workdir` (default: the best by validation AUC),
-    from what the checkpoint holds alone; the model is placed on this process's devices ({'data': -1} mesh)."""
-    manager = checkpointing.make_manager(workdir, 1, read_only=True)
-    step = step if step is not None else checkpointing.best_step(manager)
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}.")
-    config_dict, stats_json = checkpointing.restore_meta(manager, step)
-    config = ml_collections.ConfigDict(config_dict)
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    stats = pipeline.RadiomicsStats.from_json(stats_json)
-    exp = make_experiment(config, stats.mean.shape[0])
-    model, _ = nnx.merge(exp.graphdef, _restore(manager, step, exp, workdir))
-    manager.close()
-    return model, config, stats, step
+class Restored(NamedTuple):
+    """A checkpoint's model (on one device), the config that trained it, its radiomics statistics and its step."""
+    model: nnx.Module
+    config: ml_collections.ConfigDict
+    stats: pipeline.RadiomicsStats
+    step: int
+
+
+def load_model(workdir: str, step: int | None = None) -> Restored:
+    """The model of `workdir`'s best checkpoint by validation macro AUC (or of checkpoint `step`), from what the
+    checkpoint holds alone: the architecture comes from the config saved with it; the state goes onto one device.
+
+    Raises FileNotFoundError (no or incomplete checkpoint) or IncompatibleCheckpointError, naming what is wrong.
+    """
+    ckpt_dir = checkpointing.checkpoint_dir(workdir)
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"No checkpoint folder {ckpt_dir}: train first (python run.py train --workdir "
+                                f"{workdir}).")
+    manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first (python run.py train --workdir "
+                                    f"{workdir}).")
+        step = checkpointing.best_step(manager) if step is None else int(step)
+        if step not in steps:
+            raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; it holds steps {sorted(steps)}.")
+        step_dir = os.path.join(ckpt_dir, str(step))
+        missing = [item for item in ("state", "config", "radiomics_stats")
+                   if not os.path.isdir(os.path.join(step_dir, item))]
+        if missing:
+            raise FileNotFoundError(f"Checkpoint {step_dir} is incomplete: its item(s) {', '.join(missing)} are "
+                                    f"missing.")
+        saved, stats_json = checkpointing.restore_meta(manager, step)
+        config = checkpointing.saved_config(saved)
+        config.mesh.update(data=1, fsdp=1, tensor=1)  # one device is enough to run one model
+        stats = pipeline.RadiomicsStats.from_json(stats_json)
+        exp = make_experiment(config, int(stats.mean.shape[0]))
+        checkpointing.check_state_shapes(checkpointing.state_shapes(manager.item_metadata(step)["state"]),
+                                         checkpointing.state_shapes(exp.abstract_state), step_dir)
+        try:
+            state = checkpointing.restore_state(manager, step, exp.abstract_state)
+        except (ValueError, KeyError) as e:
+            raise checkpointing.IncompatibleCheckpointError(
+                f"The state of checkpoint {step_dir} does not fit the model of the config saved with it "
+                f"({type(e).__name__}: {e}).") from e
+    finally:
+        manager.close()
+    model, _ = nnx.merge(exp.graphdef, state)
+    model, _ = nnx.merge(exp.graphdef, state)
+    return Restored(model=model, config=config, stats=stats, step=step)
 
 
 # ------------------------------------------------------------------------------------------------------------------

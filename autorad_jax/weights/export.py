@@ -10,8 +10,6 @@ training config. Weights are safetensors only.
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -38,100 +36,7 @@ from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPOR
                                              EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
 
 EXPORTABLE = ("autorad_lung", "coop")
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                           "autorad_lung.py")
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Restoring a trained model from a workdir.
-# ------------------------------------------------------------------------------------------------------------------
-
-def _shapes(tree) -> dict[str, tuple]:
-    """'model/path/to/param' -> shape of every array of an nnx state or of orbax metadata of one."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        names = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
-        out["/".join(names[:-1] if names[-1] == "value" else names)] = tuple(leaf.shape)
-    return out
-
-
-def _check_state_shapes(saved: dict[str, tuple], expected: dict[str, tuple], step_dir: str) -> None:
-    """IncompatibleCheckpointError naming the arrays a checkpoint lacks, has in excess or holds in another shape."""
-    problems = [f"{k} is missing" for k in sorted(set(expected) - set(saved))]
-    problems += [f"{k} is not in the model" for k in sorted(set(saved) - set(expected))]
-    problems += [f"{k} has shape {saved[k]}, the model {expected[k]}" for k in sorted(set(saved) & set(expected))
-                 if saved[k] != expected[k]]
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise checkpointing.IncompatibleCheckpointError(
-            f"The state of checkpoint {step_dir} does not fit the model of the config saved with it: "
-            f"{'; '.join(problems[:5])}{more}.")
-
-
-def saved_config(saved: dict) -> ml_collections.ConfigDict:
-    """The config saved with a checkpoint or export, over configs/autorad_lung.py's defaults (so that keys added to
-    the config since then keep their default values)."""
-    spec = importlib.util.spec_from_file_location("autorad_lung_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.unlock()
-    config.update(saved)
-    return config
-
-
-@dataclasses.dataclass
-class Restored:
-    """A checkpoint's model (on one device), the config that trained it and its radiomics statistics."""
-    model: nnx.Module
-    config: ml_collections.ConfigDict
-    stats: pipeline.RadiomicsStats
-    step: int
-    workdir: str
-
-
-def restore(workdir: str, step: Optional[int] = None) -> Restored:
-    """The model of `workdir`'s best checkpoint by validation macro AUC (or of checkpoint `step`).
-
-    The architecture comes from the config saved with the checkpoint; the state is restored onto one device.
-    Raises FileNotFoundError (no or incomplete checkpoint) or IncompatibleCheckpointError, naming what is wrong.
-    """
-    ckpt_dir = checkpointing.checkpoint_dir(workdir)
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"No checkpoint folder {ckpt_dir}: train first (python run.py train --workdir "
-                                f"{workdir}).")
-    manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first (python run.py train --workdir "
-                                    f"{workdir}).")
-        step = checkpointing.best_step(manager) if step is None else int(step)
-        if step not in steps:
-            raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; it holds steps {sorted(steps)}.")
-        step_dir = os.path.join(ckpt_dir, str(step))
-        missing = [item for item in ("state", "config", "radiomics_stats")
-                   if not os.path.isdir(os.path.join(step_dir, item))]
-        if missing:
-            raise FileNotFoundError(f"Checkpoint {step_dir} is incomplete: its item(s) {', '.join(missing)} are "
-                                    f"missing.")
-        saved, stats_json = checkpointing.restore_meta(manager, step)
-        config = saved_config(saved)
-        config.mesh.update(data=1, fsdp=1, tensor=1)  # one device is enough to run one model
-        stats = pipeline.RadiomicsStats.from_json(stats_json)
-        exp = trainer.make_experiment(config, int(stats.mean.shape[0]))
-        _check_state_shapes(_shapes(manager.item_metadata(step)["state"]), _shapes(exp.abstract_state), step_dir)
-        try:
-            state = checkpointing.restore_state(manager, step, exp.abstract_state)
-        except (ValueError, KeyError) as e:
-            raise checkpointing.IncompatibleCheckpointError(
-                f"The state of checkpoint {step_dir} does not fit the model of the config saved with it "
-                f"({type(e).__name__}: {e}).") from e
-    finally:
-        manager.close()
-    model, _ = nnx.merge(exp.graphdef, state)
-    return Restored(model=model, config=config, stats=stats, step=step, workdir=os.path.abspath(workdir))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -179,7 +84,7 @@ def load_prompt_learner_state(prompt_learner: PromptLearner, state: dict[str, np
 # Writing and reading export folders.
 # ------------------------------------------------------------------------------------------------------------------
 
-def builder_config(name: str) -> "tfds_lidc.LidcIdriConfig":
+def builder_config(name: str):
     """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
     import tfds_lidc
     configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
@@ -283,17 +188,17 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, stats: p
 
 def export(workdir: str, out_dir: str, step: Optional[int] = None) -> str:
     """Exports the best (or step `step`) checkpoint of `workdir` to `out_dir`; returns `out_dir`."""
-    restored = restore(workdir, step)
+    restored = trainer.load_model(workdir, step)
     check_exportable(restored.model, restored.config)
     return export_model(restored.model, restored.config, restored.stats, out_dir,
                         feature_names=radiomics_feature_names(restored.config),
-                        checkpoint={"workdir": restored.workdir, "step": restored.step})
+                        checkpoint={"workdir": os.path.abspath(workdir), "step": restored.step})
 
 
 def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
     """The JAX model of an export folder (the inverse of `export_model`) and the folder's JSON config."""
     export_config = read_export_config(export_dir)
-    config = saved_config(export_config["config"])
+    config = checkpointing.saved_config(export_config["config"])
     config.model.aimv2_dir = os.path.join(export_dir, EXPORT_TOWERS)
     names = export_config["radiomics"]["feature_names"]
     try:
