@@ -18,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from autorad_jax.data import pipeline
+from autorad_jax.errors import AutoradError
 from tfds_lidc import ct_series, nodule_sample, radiomics_features, xml_reader
 from tfds_lidc import nodules as nodules_lib
 
@@ -26,7 +27,7 @@ SPHERE_NOTE = ("no segmentation was given: the mask is a sphere of the given dia
                "radiomic shape features describe that sphere, not the nodule")
 
 
-class PredictInputError(ValueError):
+class PredictInputError(AutoradError, ValueError):
     """The CT, the nodule or the model given to predict cannot be used; the message says what is wrong."""
 
 
@@ -73,10 +74,11 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
                    backend: str = "jax") -> Predictor:
     """The model of `workdir` (best checkpoint) or of `export_dir`, run by `backend` ('jax' | 'torch').
 
+    Only the workdir or the export folder is read (not the dataset, nor the pretrained folder the run started from).
     A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
     """
+    from autorad_jax import export
     from autorad_jax.train import checkpointing, trainer
-    from autorad_jax.weights import export
     from autorad_jax.weights.torch_model import read_export_config
     if backend not in BACKENDS:
         raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
@@ -85,16 +87,16 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     if workdir is not None:
         restored = trainer.load_model(workdir)
         config = restored.config
-        names = export.radiomics_feature_names(config)
         if backend == "torch":  # export_model refuses the baselines before writing anything
             with tempfile.TemporaryDirectory(prefix="autorad_export_") as tmp:  # the torch model is read into memory
-                run = _torch_probabilities(export.export_model(restored.model, config, restored.stats, tmp,
-                                                               feature_names=names))
+                run = _torch_probabilities(export.export_model(
+                    restored.model, config, restored.spec, restored.stats, tmp,
+                    tokenizer_dir=os.path.join(workdir, export.TOKENIZER_DIR)))
         else:
             run = _jax_probabilities(restored.model, restored.stats)
         return Predictor(
-            data_config=config.data, stats=restored.stats, feature_names=names,
-            labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(pipeline.class_names(config)),
+            data_config=config.data, stats=restored.stats, feature_names=list(restored.spec.radiomics_names),
+            labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(restored.spec.class_names),
             preprocessing=export.preprocessing(config), probabilities=run,
             source={"workdir": os.path.abspath(workdir), "step": restored.step, "model": config.model.name,
                     "backend": backend})
@@ -249,7 +251,7 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
 # ------------------------------------------------------------------------------------------------------------------
 
 def _builder_params(preprocessing: dict[str, Any]) -> str:
-    from autorad_jax.weights.export import builder_config
+    from autorad_jax.export import builder_config
     return builder_config(preprocessing["builder_config"]).radiomics_params
 
 

@@ -19,9 +19,11 @@ import transformers
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+from autorad_jax import modeling
 from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.train import perf, trainer
-from autorad_jax.weights import export, hf_aimv2, torch_model
+from autorad_jax.weights import hf_aimv2, torch_model
+from autorad_jax.weights.prompt_learner import prompt_learner_state
 
 # Radiomic features of the lidc_idri builder's default parameters (configs/radiomics.yaml).
 NUM_RADIOMICS = 107
@@ -50,7 +52,8 @@ def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:
 
 def jax_experiment(config: ml_collections.ConfigDict) -> tuple[trainer.Experiment, nnx.State]:
     """The trainer's experiment (mesh, shardings, jitted steps) for `config` and its freshly initialised state."""
-    exp = trainer.make_experiment(config, NUM_RADIOMICS)
+    spec = modeling.resolve_spec(config, tuple(f"feature_{i}" for i in range(NUM_RADIOMICS)))
+    exp = trainer.make_experiment(config, spec)
     return exp, exp.init_state()
 
 
@@ -65,7 +68,7 @@ def torch_model_like(exp: trainer.Experiment, state: nnx.State, device: str) -> 
         n_ctx=learner.n_ctx, width=learner.ctx.shape[-1], num_classes=learner.num_classes,
         length=learner.tokenized_prompts.shape[1], num_radiomics=NUM_RADIOMICS,
         meta_hidden_dim=None if meta_net is None else meta_net.linear1.out_features, conditioning=learner.conditioning)
-    torch_learner.load_state_dict({k: torch.from_numpy(v) for k, v in export.prompt_learner_state(learner).items()})
+    torch_learner.load_state_dict({k: torch.from_numpy(v) for k, v in prompt_learner_state(learner).items()})
     return torch_model.AutoRadLungTorch(
         aimv2, torch_learner, pooling=model.pooling, radiomics_mean=torch.zeros(NUM_RADIOMICS),
         radiomics_std=torch.ones(NUM_RADIOMICS)).to(device)
@@ -100,7 +103,7 @@ def shapes(exp: trainer.Experiment, state: nnx.State) -> Shapes:
     model, _ = nnx.merge(exp.graphdef, state)
     c = model.aimv2.config
     return Shapes(c.vision_config, c.text_config, c.projection_dim, exp.config.data.batch_size,
-                  exp.config.data.image_size, len(exp.class_names), model.prompt_learner.tokenized_prompts.shape[1],
+                  exp.config.data.image_size, len(exp.spec.class_names), model.prompt_learner.tokenized_prompts.shape[1],
                   model.prompt_learner.meta_net is not None)
 
 

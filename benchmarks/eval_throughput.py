@@ -28,7 +28,7 @@ _JSON = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON 
 
 def bench_jax(config) -> dict:
     exp, state = common.jax_experiment(config)
-    batch = pipeline.to_global(common.random_batch(config, len(exp.class_names)), exp.batch_sharding)
+    batch = pipeline.to_global(common.random_batch(config, len(exp.spec.class_names)), exp.batch_sharding)
     seconds = common.time_calls(lambda: jax.block_until_ready(exp.eval_step(state, batch)), _STEPS.value,
                                 _WARMUP.value + 1)
     flops = common.model_flops(common.shapes(exp, state), train=False, vision_trains=False)
@@ -39,7 +39,7 @@ def bench_torch(config, variant: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     exp, state = common.jax_experiment(config)
     model = common.torch_model_like(exp, state, device).eval()
-    batch = common.random_batch(config, len(exp.class_names))
+    batch = common.random_batch(config, len(exp.spec.class_names))
     images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
     radiomics = torch.from_numpy(batch["radiomics"]).to(device)
     autocast_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32

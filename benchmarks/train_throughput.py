@@ -31,7 +31,7 @@ _JSON = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON 
 
 def bench_jax(config, mode: str) -> dict:
     exp, state = common.jax_experiment(config)
-    batch = pipeline.to_global(common.random_batch(config, len(exp.class_names)), exp.batch_sharding)
+    batch = pipeline.to_global(common.random_batch(config, len(exp.spec.class_names)), exp.batch_sharding)
     step = exp.train_step
     holder = {"state": state}
 
@@ -50,7 +50,7 @@ def bench_torch(config, mode: str, variant: str) -> dict:
     model = common.torch_model_like(exp, state, device).train()
     params = common.trainable_torch_parameters(model, mode)
     optimizer = torch.optim.AdamW(params, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
-    batch = common.random_batch(config, len(exp.class_names))
+    batch = common.random_batch(config, len(exp.spec.class_names))
     images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
     radiomics = torch.from_numpy(batch["radiomics"]).to(device)
     labels = torch.from_numpy(batch["label"]).long().to(device)

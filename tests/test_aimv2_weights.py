@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from autorad_jax.models import aimv2
 from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights.name_map import WeightsMismatchError
 
 VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56,
               patch_size=14, use_head=True, qkv_bias=True, mlp_bias=True)
@@ -168,29 +169,37 @@ def test_bad_folders_fail_with_names(folders, tmp_path):
     config = json.loads((path / "config.json").read_text())
     tensors = load_file(path / "model.safetensors")
 
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match="config.json does not exist"):
         hf_aimv2.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match="no model.safetensors"):
+        hf_aimv2.load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(config)[:40])
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match="config.json is not valid JSON"):
         hf_aimv2.load_pretrained(tmp_path)
 
     _write(tmp_path / "type", {**config, "model_type": "clip_vision_model"}, tensors)
-    with pytest.raises(ValueError, match="clip_vision_model"):
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match="clip_vision_model"):
         hf_aimv2.load_pretrained(tmp_path / "type")
 
     missing = dict(tensors)
     del missing["encoder.layers.1.ffn.up_proj.weight"]
     _write(tmp_path / "missing", config, missing)
-    with pytest.raises(ValueError, match=r"missing \['encoder.layers.1.ffn.up_proj.weight'\]"):
+    with pytest.raises(WeightsMismatchError, match=r"missing \['encoder.layers.1.ffn.up_proj.weight'\]"):
         hf_aimv2.load_pretrained(tmp_path / "missing")
 
     _write(tmp_path / "extra", config, {**tensors, "head.extra.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match=r"unexpected \['head.extra.weight'\]"):
+    with pytest.raises(WeightsMismatchError, match=r"unexpected \['head.extra.weight'\]"):
         hf_aimv2.load_pretrained(tmp_path / "extra")
 
     misshapen = {**tensors, "head.k_proj.weight": np.zeros((64, 32), np.float32)}
     _write(tmp_path / "shape", config, misshapen)
-    with pytest.raises(ValueError, match=r"head.k_proj.weight: checkpoint shape \(64, 32\)"):
+    with pytest.raises(WeightsMismatchError, match=r"head.k_proj.weight has shape \(64, 32\)"):
+        hf_aimv2.load_pretrained(tmp_path / "shape")
+
+    truncated = (tmp_path / "shape" / "model.safetensors").read_bytes()
+    (tmp_path / "shape" / "model.safetensors").write_bytes(truncated[: len(truncated) // 2])
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match="model.safetensors is not a readable safetensors file"):
         hf_aimv2.load_pretrained(tmp_path / "shape")
 
 

@@ -4,7 +4,6 @@ transformers' own AIMv2 classes, and export folders that are incomplete or from 
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -13,23 +12,24 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import Aimv2Model, Aimv2VisionModel
 
-from autorad_jax import models
+from autorad_jax import export, modeling, models
 from autorad_jax.data import pipeline
-from autorad_jax.weights import export
+from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights.name_map import WeightsMismatchError
+from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import AutoRadLungTorch, ExportFolderError
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import autorad_lung  # noqa: E402
+from configs import autorad_lung
 
 NUM_RADIOMICS = 7
-FEATURES = [f"original_feature_{i}" for i in range(NUM_RADIOMICS)]
+FEATURES = tuple(f"original_feature_{i}" for i in range(NUM_RADIOMICS))
 
 
 def build(variant: str = "tiny", **model):
+    """(config, spec, random-init model)."""
     config = autorad_lung.get_config(variant)
     config.model.update(model)
-    return config, models.Model(config.model, class_names=pipeline.class_names(config),
-                                num_radiomics=NUM_RADIOMICS, rngs=nnx.Rngs(0))
+    spec = modeling.resolve_spec(config, FEATURES)
+    return config, spec, models.Model(config.model, spec, rngs=nnx.Rngs(0))
 
 
 def inputs(config, batch: int, seed: int = 0):
@@ -63,25 +63,25 @@ def assert_relative(actual, expected, rtol: float):
     (dict(name="coop"), None),
 ], ids=["autorad_lung", "per_token_mean_pool_larger_images", "coop"])
 def test_tiny_export_gives_the_jax_logits_in_pytorch_and_back(tmp_path, model_kw, image_size):
-    config, model = build(**model_kw)
+    config, spec, model = build(**model_kw)
     if image_size:
         config.data.image_size = image_size
     images, raw, stats = inputs(config, batch=3)
     expected, _ = model(images, stats.apply(raw))
-    out = export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    out = export.export_model(model, config, spec, stats, str(tmp_path))
 
     assert_relative(torch_logits(out, images, raw), expected, 1e-4)
     reloaded, export_config = export.load_export(out)
     np.testing.assert_allclose(reloaded(images, stats.apply(raw))[0], expected, rtol=1e-6, atol=1e-6)
-    assert export_config["radiomics"]["feature_names"] == FEATURES
+    assert export_config["radiomics"]["feature_names"] == list(FEATURES)
     assert export_config["class_names"] == list(config.model.class_names)
     assert export_config["preprocessing"]["image_size"] == config.data.image_size
 
 
 def test_transformers_loads_the_exported_towers_and_reproduces_the_vision_tower(tmp_path):
-    config, model = build()
+    config, spec, model = build()
     images, raw, stats = inputs(config, batch=2)
-    export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    export.export_model(model, config, spec, stats, str(tmp_path))
     pixel_values = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     jax_vision = model.aimv2.vision_model(images)
 
@@ -100,19 +100,19 @@ def test_transformers_loads_the_exported_towers_and_reproduces_the_vision_tower(
 
 def test_large_towers_export_gives_the_jax_logits(tmp_path):
     """The full AIMv2-L vision tower and AIMv2-LiT text tower (random init, ~437M parameters), batch 1."""
-    config, model = build("large")
+    config, spec, model = build("large")
     images, raw, stats = inputs(config, batch=1)
     expected, _ = model(images, stats.apply(raw))
-    export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    export.export_model(model, config, spec, stats, str(tmp_path))
     del model
     assert_relative(torch_logits(str(tmp_path), images, raw), expected, 1e-4)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    config, model = build()
+    config, spec, model = build()
     _, _, stats = inputs(config, batch=1)
-    return export.export_model(model, config, stats, str(tmp_path_factory.mktemp("export")), feature_names=FEATURES)
+    return export.export_model(model, config, spec, stats, str(tmp_path_factory.mktemp("export")))
 
 
 @pytest.mark.parametrize("missing", ["autorad_lung.safetensors", "autorad_lung.json", "aimv2/model.safetensors"])
@@ -128,11 +128,11 @@ def test_incomplete_export_folder_names_the_missing_file(exported, tmp_path, mis
 def test_export_folder_of_another_model_is_refused(exported, tmp_path):
     folder = shutil.copytree(exported, tmp_path / "export")
     # prompt-learner weights of a model with per-token conditioning (meta_net.linear2 n_ctx times wider)
-    config, other = build(conditioning="per_token")
-    save_file(export.prompt_learner_state(other.prompt_learner), str(folder / "autorad_lung.safetensors"))
+    _, _, other = build(conditioning="per_token")
+    save_file(prompt_learner_state(other.prompt_learner), str(folder / "autorad_lung.safetensors"))
     with pytest.raises(ExportFolderError, match="does not fit"):
         AutoRadLungTorch.from_export(str(folder))
-    with pytest.raises(ExportFolderError, match="meta_net.linear2"):
+    with pytest.raises(WeightsMismatchError, match="meta_net.linear2"):
         export.load_export(str(folder))
     # a JSON that is not an AutoRad-Lung export
     (folder / "autorad_lung.json").write_text(json.dumps({"format": "something else"}))
@@ -142,9 +142,9 @@ def test_export_folder_of_another_model_is_refused(exported, tmp_path):
 
 def test_towers_of_another_model_are_refused(exported, tmp_path):
     folder = shutil.copytree(exported, tmp_path / "export")
-    _, other = build(text=dict(autorad_lung.get_config("tiny").model.text.to_dict(), num_hidden_layers=1))
+    _, _, other = build(text=dict(autorad_lung.get_config("tiny").model.text.to_dict(), num_hidden_layers=1))
     shutil.rmtree(folder / "aimv2")
-    export.hf_aimv2.save_pretrained(other.aimv2, str(folder / "aimv2"))
+    hf_aimv2.save_pretrained(other.aimv2, str(folder / "aimv2"))
     config = json.loads((folder / "aimv2" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 2  # config of the right model, weights of another
     (folder / "aimv2" / "config.json").write_text(json.dumps(config))
@@ -153,18 +153,29 @@ def test_towers_of_another_model_are_refused(exported, tmp_path):
 
 
 def test_baselines_have_no_pytorch_export(tmp_path):
-    config, model = build(name="radiomics_logreg")
+    config, spec, model = build(name="radiomics_logreg")
     _, _, stats = inputs(config, batch=1)
-    with pytest.raises(ValueError, match="'radiomics_logreg' model"):
-        export.export_model(model, config, stats, str(tmp_path), feature_names=FEATURES)
+    with pytest.raises(ExportFolderError, match="'radiomics_logreg' model"):
+        export.export_model(model, config, spec, stats, str(tmp_path))
     assert not os.listdir(tmp_path)
 
 
 def test_prompt_learner_map_round_trips(exported):
     weights = load_file(os.path.join(exported, "autorad_lung.safetensors"))
-    _, model = build()
-    export.load_prompt_learner_state(model.prompt_learner, weights)
-    again = export.prompt_learner_state(model.prompt_learner)
+    _, _, model = build()
+    load_prompt_learner_state(model.prompt_learner, weights, "exported")
+    again = prompt_learner_state(model.prompt_learner)
     assert set(again) == set(weights)
     for key in weights:
         np.testing.assert_array_equal(again[key], weights[key])
+
+
+@pytest.mark.parametrize("damaged", ["autorad_lung.safetensors", "aimv2/model.safetensors"])
+def test_truncated_weights_are_named_in_one_line_by_both_backends(exported, tmp_path, damaged):
+    folder = shutil.copytree(exported, tmp_path / "export")
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for load in (AutoRadLungTorch.from_export, export.load_export):
+        with pytest.raises((ExportFolderError, hf_aimv2.PretrainedFolderError), match="truncated or corrupt") as e:
+            load(str(folder))
+        assert damaged.split("/")[-1] in str(e.value) and "\n" not in str(e.value)

@@ -1,8 +1,5 @@
 """AutoRad-Lung and CoOp: prompt assembly, EOS pooling, conditioning, vectorisation, chunking, gradients."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,15 +7,14 @@ import optax
 import pytest
 from flax import nnx
 
+from autorad_jax import modeling
 from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.models import Model, trainable_filter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import autorad_lung as experiment  # noqa: E402
+from configs import autorad_lung as experiment
 
 NUM_RADIOMICS, BATCH, EOS = 6, 3, 49407
 CLASS_NAMES = experiment.CLASS_NAMES
+RADIOMICS_NAMES = tuple(f"feature_{i}" for i in range(NUM_RADIOMICS))
 
 
 def tiny_config(**overrides):
@@ -29,8 +25,13 @@ def tiny_config(**overrides):
     return config
 
 
+def spec_of(config, num_radiomics: int = NUM_RADIOMICS):
+    return modeling.model_spec(config, CLASS_NAMES, RADIOMICS_NAMES[:num_radiomics] if num_radiomics <= NUM_RADIOMICS
+                               else tuple(f"feature_{i}" for i in range(num_radiomics)))
+
+
 def build(config, seed: int = 0):
-    return Model(config, class_names=CLASS_NAMES, num_radiomics=NUM_RADIOMICS, rngs=nnx.Rngs(seed))
+    return Model(config, spec_of(config), rngs=nnx.Rngs(seed))
 
 
 @nnx.jit
@@ -76,7 +77,7 @@ def model(config):
 
 @pytest.fixture(scope="module")
 def wrt(config):
-    return trainable_filter(config)  # one filter object, so that jitted functions taking it compile once
+    return trainable_filter(config, spec_of(config))  # one filter object, so that jitted functions taking it compile once
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,8 @@ def class_token_ids(tokenizer, prefix: str) -> list[list[int]]:
 
 def test_large_model_initialises_abstractly():
     config = experiment.get_config("large").model
-    model = nnx.eval_shape(lambda: Model(config, class_names=CLASS_NAMES, num_radiomics=107, rngs=nnx.Rngs(0)))
+    spec = spec_of(config, 107)
+    model = nnx.eval_shape(lambda: Model(config, spec, rngs=nnx.Rngs(0)))
     assert len(model.aimv2.vision_model.encoder.layers) == 24
     assert model.aimv2.text_model.embeddings.token_embedding.embedding.shape == (49408, 768)
     assert model.prompt_learner.ctx.shape == (5, 768)  # "a CT scan of a" is 5 BPE tokens

@@ -1,8 +1,5 @@
 """Baselines (radiomics logistic regression / MLP, linear probe), the Model factory, and trainable_filter's modes."""
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,14 +7,13 @@ import optax
 import pytest
 from flax import nnx
 
+from autorad_jax import modeling
 from autorad_jax.models import Model, trainable_filter
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import autorad_lung as experiment  # noqa: E402
+from configs import autorad_lung as experiment
 
 NUM_RADIOMICS, BATCH = 6, 3
 CLASS_NAMES = ("benign lung nodule", "malignant lung nodule")  # the binary scheme
+RADIOMICS_NAMES = tuple(f"feature_{i}" for i in range(NUM_RADIOMICS))
 
 
 def tiny_config(**overrides):
@@ -27,8 +23,16 @@ def tiny_config(**overrides):
     return config
 
 
+def spec_of(config):
+    return modeling.model_spec(config, CLASS_NAMES, RADIOMICS_NAMES)
+
+
 def build(config):
-    return Model(config, class_names=CLASS_NAMES, num_radiomics=NUM_RADIOMICS, rngs=nnx.Rngs(0))
+    return Model(config, spec_of(config), rngs=nnx.Rngs(0))
+
+
+def filter_of(config):
+    return trainable_filter(config, spec_of(config))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +43,7 @@ def batch():
 
 
 def trainable_paths(model, config) -> set:
-    return {path for path, _ in nnx.to_flat_state(nnx.state(model, trainable_filter(config)))}
+    return {path for path, _ in nnx.to_flat_state(nnx.state(model, filter_of(config)))}
 
 
 @pytest.mark.parametrize("name", ["radiomics_logreg", "radiomics_mlp", "linear_probe"])
@@ -52,7 +56,7 @@ def test_baseline_forward_backward(name, batch):
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[2]).mean(), logits
 
     (loss, logits), grads = nnx.jit(nnx.value_and_grad(
-        loss_fn, argnums=nnx.DiffState(0, trainable_filter(config)), has_aux=True))(model)
+        loss_fn, argnums=nnx.DiffState(0, filter_of(config)), has_aux=True))(model)
     assert logits.shape == (BATCH, 2) and np.isfinite(loss)
     grads = {path: np.asarray(g[...]) for path, g in nnx.to_flat_state(grads)}
     assert grads and all(np.isfinite(g).all() and np.abs(g).max() > 0 for g in grads.values())
@@ -103,13 +107,13 @@ def test_trainable_filter_modes():
     assert trainable_paths(model, config) == prompt | top | block1
     config.trainable = "full"
     assert trainable_paths(model, config) == prompt | vision
-    selected = [v for p, v in nnx.to_flat_state(nnx.state(model)) if trainable_filter(config)(p, v)]
+    selected = [v for p, v in nnx.to_flat_state(nnx.state(model)) if filter_of(config)(p, v)]
     assert selected and all(isinstance(v, nnx.Param) for v in selected)  # never the prompt's constant buffers
 
     with pytest.raises(ValueError, match="trainable_last_k"):
-        trainable_filter(tiny_config(trainable="last_k", trainable_last_k=3))
+        filter_of(tiny_config(trainable="last_k", trainable_last_k=3))
     with pytest.raises(ValueError, match="trainable must be one of"):
-        trainable_filter(tiny_config(trainable="text"))
+        filter_of(tiny_config(trainable="text"))
     with pytest.raises(ValueError, match="name must be one of"):
         build(tiny_config(name="clip"))
 

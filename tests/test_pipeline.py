@@ -1,5 +1,7 @@
 """Input pipeline against numpy (and jax.image for resizing), on generator data built with the real builder."""
 
+import shutil
+
 import grain.python as grain
 import jax
 import numpy as np
@@ -136,3 +138,17 @@ def test_batches_match_example_to_inputs(lidc_data):
         np.testing.assert_array_equal(batch["image"][row], expected["image"])
         np.testing.assert_array_equal(batch["radiomics"][row], expected["radiomics"])
         assert recs.labels[i] == expected["label"]
+
+
+def test_a_dataset_rebuilt_at_the_same_path_is_read_anew(lidc_data, built, tmp_path):
+    """Within one process, records of a data_dir whose dataset was replaced come from the new dataset."""
+    data_dir = tmp_path / "tfds"
+    config = tiny_config(str(data_dir))
+    lengths = {}
+    for source in (lidc_data, built):
+        if data_dir.exists():
+            shutil.rmtree(data_dir)
+        shutil.copytree(source, data_dir)
+        lengths[source] = (len(pipeline.records(config.data, "train")), len(read_split(source, "train")))
+    assert all(got == expected for got, expected in lengths.values())
+    assert lengths[lidc_data] != lengths[built]

@@ -11,11 +11,11 @@ import pytest
 import SimpleITK as sitk
 from transformers import Aimv2Model
 
+from autorad_jax import export
 from autorad_jax import predict as predict_lib
 from autorad_jax.data import pipeline
 from autorad_jax.predict import PredictInputError, predict
 from autorad_jax.train import checkpointing, trainer
-from autorad_jax.weights import export
 from autorad_jax.weights.torch_model import ExportFolderError
 from lidc_testdata import read_split
 from test_train import train_config
@@ -42,9 +42,9 @@ def reference(trained, lidc_data):
     config, workdir = trained
     manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
     step = checkpointing.best_step(manager)
-    _, stats_json = checkpointing.restore_meta(manager, step)
+    _, stats_json, spec = checkpointing.restore_meta(manager, step)
     stats = pipeline.RadiomicsStats.from_json(stats_json)
-    exp = trainer.make_experiment(config, stats.mean.shape[0])
+    exp = trainer.make_experiment(config, spec)
     state = checkpointing.restore_state(manager, step, exp.abstract_state)
     out = {}
     for split in pipeline.SPLITS:
@@ -174,7 +174,7 @@ def test_incomplete_checkpoint_is_named(trained, tmp_path, scan):
     workdir = shutil.copytree(trained[1], tmp_path / "workdir")
     step_dir = workdir / "checkpoints" / str(trained[0].train.num_steps)
     shutil.rmtree(step_dir / "state")
-    with pytest.raises(FileNotFoundError, match="incomplete: its item\\(s\\) state"):
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="lacks state: it is incomplete"):
         export.export(str(workdir), str(tmp_path / "out"), step=trained[0].train.num_steps)
     shutil.rmtree(workdir / "checkpoints")
     with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
@@ -183,11 +183,11 @@ def test_incomplete_checkpoint_is_named(trained, tmp_path, scan):
 
 def test_checkpoint_of_another_model_is_refused(trained, tmp_path):
     workdir = shutil.copytree(trained[1], tmp_path / "workdir")
-    for metadata in glob.glob(str(workdir / "checkpoints" / "*" / "config" / "metadata")):
-        config = json.loads(open(metadata).read())
-        config["model"]["text"]["hidden_size"] = 32  # the saved config says: another architecture
+    for metadata in glob.glob(str(workdir / "checkpoints" / "*" / "model_spec" / "metadata")):
+        spec = json.loads(open(metadata).read())
+        spec["towers"]["text_config"]["hidden_size"] = 32  # the saved spec says: another architecture
         with open(metadata, "w") as f:
-            json.dump(config, f)
+            json.dump(spec, f)
     with pytest.raises(checkpointing.IncompatibleCheckpointError, match="does not fit"):
         export.export(str(workdir), str(tmp_path / "out"))
 

@@ -10,7 +10,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from autorad_jax import modeling
 from autorad_jax.data import pipeline
+from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, trainer
 from lidc_testdata import read_split, tiny_config
 
@@ -75,7 +77,7 @@ def test_mesh_gives_the_same_loss_curve_as_one_device(lidc_data, mesh):
 
     def run(shape):
         config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
-        exp = trainer.make_experiment(config, recs.radiomics.shape[1])
+        exp = trainer.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
         state, curve = exp.init_state(), []
         for b in batches:
             state, m = exp.train_step(state, pipeline.to_global(b, exp.batch_sharding))
@@ -113,7 +115,7 @@ def test_checkpoint_from_eight_devices_restores_on_one(trained):
     config, workdir, _ = trained
     one = config.copy_and_resolve_references()
     one.mesh.update(data=1, fsdp=1, tensor=1)
-    exp = trainer.make_experiment(one, pipeline.records(one.data, "train").radiomics.shape[1])
+    exp = trainer.make_experiment(one, modeling.resolve_spec(one, pipeline.radiomics_names(one.data)))
     manager = checkpointing.make_manager(workdir, 3, read_only=True)
     state = checkpointing.restore_state(manager, 6, exp.abstract_state)
     leaves = jax.tree.leaves(state)
@@ -169,7 +171,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     aucs = {1: 0.6, 2: 0.9, 3: None, 4: 0.7, 5: None}
     for step, auc in aucs.items():
         state = {"w": np.full((2,), step, np.float32)}
-        checkpointing.save(manager, step, state, data_iter, stats.to_json(), config,
+        checkpointing.save(manager, step, state, data_iter, stats.to_json(), config, ModelSpec(None, None, ("a",), ("f",)),
                            metrics=None if auc is None else {"auc_macro": auc})
     manager.wait_until_finished()
     assert manager.all_steps() == [2, 4, 5]  # the latest two and the best
@@ -179,7 +181,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
 
 def test_load_model_predicts_what_evaluation_saw(trained):
     config, workdir, result = trained
-    model, saved_config, stats, step = trainer.load_model(workdir)
+    model, saved_config, _, stats, step = trainer.load_model(workdir)
     assert step == result["best_step"] and saved_config.model.name == config.model.name
     examples = read_split(config.data.data_dir, "test")
     inputs = [pipeline.example_to_inputs(ex, saved_config.data, stats) for ex in examples]

@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
+import os
 from collections.abc import Iterator, Sequence
 
 import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
+
+from autorad_jax.errors import AutoradError, ConfigError
 
 AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -33,7 +37,7 @@ _CONTRAST_JITTER = 0.1
 _BRIGHTNESS_JITTER = 0.05
 
 
-class DatasetError(RuntimeError):
+class DatasetError(AutoradError, RuntimeError):
     """The dataset is missing or does not match the config; the message says what to run."""
 
 
@@ -44,7 +48,7 @@ class DatasetError(RuntimeError):
 def scheme_classes(label_scheme: str) -> tuple[int, ...]:
     """Stored class ids kept by `label_scheme`, in model-output order."""
     if label_scheme not in SCHEME_CLASSES:
-        raise ValueError(f"config.data.label_scheme={label_scheme!r}; use one of {sorted(SCHEME_CLASSES)}.")
+        raise ConfigError(f"config.data.label_scheme={label_scheme!r}; use one of {sorted(SCHEME_CLASSES)}.")
     return SCHEME_CLASSES[label_scheme]
 
 
@@ -65,7 +69,7 @@ def extract_view(ct: np.ndarray, view: str) -> np.ndarray:
         return np.stack([ct[c - 1], ct[c], ct[c + 1]], axis=-1)
     if view == "planes":
         return np.stack([ct[c, :, :], ct[:, c, :], ct[:, :, c]], axis=-1)
-    raise ValueError(f"config.data.view={view!r}; use '2.5d' or 'planes'.")
+    raise ConfigError(f"config.data.view={view!r}; use '2.5d' or 'planes'.")
 
 
 def window(hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
@@ -191,8 +195,16 @@ def _prepare_hint(data_config: ml_collections.ConfigDict) -> str:
             f"`python run.py synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
 
 
+def _build_stamp(name: str, data_dir: str) -> tuple[int, ...]:
+    """When the dataset's versions were last written: part of the cache keys below, so that a dataset rebuilt at the
+    same path within one process is read anew."""
+    infos = glob.glob(os.path.join(data_dir, *name.split("/"), "*", "dataset_info.json"))
+    return tuple(sorted(os.stat(f).st_mtime_ns for f in infos))
+
+
 @functools.lru_cache(maxsize=8)
-def _open_split(name: str, data_dir: str, split: str):
+def _open_split(name: str, data_dir: str, split: str, stamp: tuple[int, ...]):
+    del stamp  # a cache key only
     import tensorflow_datasets as tfds
     import tfds_lidc  # noqa: F401  (registers the builder)
     return tfds.data_source(name, data_dir=data_dir, split=split, download=False)
@@ -202,7 +214,7 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
     """The random-access source of one stored split; a DatasetError saying what to run if it is not there."""
     name = dataset_name(data_config)
     try:
-        source = _open_split(name, str(data_config.data_dir), split)
+        source = _open_split(name, str(data_config.data_dir), split, _build_stamp(name, str(data_config.data_dir)))
     except Exception as e:  # tfds raises several types for a missing dataset / config / split.
         raise DatasetError(f"Dataset {name} split {split!r} not found in {data_config.data_dir} "
                            f"({type(e).__name__}: {e}). {_prepare_hint(data_config)}") from e
@@ -210,6 +222,12 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
         raise DatasetError(f"Dataset {name} split {split!r} in {data_config.data_dir} is empty. "
                            f"{_prepare_hint(data_config)}")
     return source
+
+
+def radiomics_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The ordered pyradiomics feature names of the configured dataset (its metadata)."""
+    info = open_split(data_config, "train").dataset_info
+    return tuple(info.metadata["radiomics_feature_names"])
 
 
 @dataclasses.dataclass
@@ -228,9 +246,10 @@ class Records:
 
 
 @functools.lru_cache(maxsize=8)
-def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str) -> dict[str, np.ndarray]:
-    """Stored label, fold, radiomics and HU view of every example of a split (read once per process)."""
-    source = _open_split(name, data_dir, split)
+def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
+          stamp: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
+    source = _open_split(name, data_dir, split, stamp)
     out = {"label": [], "fold": [], "radiomics": [], "view": []}
     for i in range(len(source)):
         ex = source[i]
@@ -260,7 +279,7 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     With data.cv_fold = k >= 0, 'train' is train + validation without fold k and 'validation' is fold k.
     """
     if role not in SPLITS:
-        raise ValueError(f"split {role!r}; use one of {SPLITS}.")
+        raise ConfigError(f"split {role!r}; use one of {SPLITS}.")
     k = int(data_config.cv_fold)
     splits = ("train", "validation") if k >= 0 and role != "test" else (role,)
     name, data_dir, size = dataset_name(data_config), str(data_config.data_dir), crop_size(data_config)
@@ -268,7 +287,7 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     parts = []
     for split in splits:
         open_split(data_config, split)
-        meta = _scan(name, data_dir, split, size, data_config.view)
+        meta = _scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir))
         keep = np.isin(meta["label"], classes)
         if k >= 0 and role == "train":
             keep &= meta["fold"] != k

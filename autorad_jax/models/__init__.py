@@ -1,4 +1,7 @@
-"""Models: `Model(config.model, ...)` builds the one config.model.name asks for; `trainable_filter` picks what trains.
+"""Models: `Model(config.model, spec, rngs=...)` builds the one config.model.name asks for, random-init, from the config
+and a `ModelSpec` (tower configs, prompt token ids, classes, radiomics names); `trainable_filter` picks what trains.
+This package imports jax, flax and numpy only: it reads no file. Pretrained weights are loaded into a built model by
+`autorad_jax.modeling`.
 
 Names: autorad_lung (radiomics-conditioned prompts), coop (learned context, no meta-network), radiomics_logreg,
 radiomics_mlp, linear_probe. All share `__call__(images, radiomics, *, train=False) -> (logits [B, C], aux)`.
@@ -12,69 +15,70 @@ Trainable parameters by config.model.trainable (the text tower, text projection 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import jax.numpy as jnp
 from flax import nnx
 
-from autorad_jax.data.tokenizer import load_tokenizer
+from autorad_jax.errors import ConfigError
+from autorad_jax.models.aimv2 import Aimv2Config
 from autorad_jax.models.autorad_lung import AutoRadLung, build_aimv2
 from autorad_jax.models.baselines import LinearProbe, RadiomicsLogReg, RadiomicsMLP, build_vision
 from autorad_jax.models.prompt_learner import PromptLearner
-from autorad_jax.weights import hf_aimv2  # module import: hf_aimv2 itself imports autorad_jax.models.aimv2
+from autorad_jax.models.spec import ModelSpec, PromptTokens
 
-__all__ = ["MODEL_NAMES", "TRAINABLE_MODES", "Model", "trainable_filter"]
+__all__ = ["MODEL_NAMES", "PROMPT_MODELS", "TOWER_MODELS", "TRAINABLE_MODES", "Model", "ModelSpec", "PromptTokens",
+           "trainable_filter"]
 
 MODEL_NAMES = ("autorad_lung", "coop", "radiomics_logreg", "radiomics_mlp", "linear_probe")
+PROMPT_MODELS = ("autorad_lung", "coop")  # joint AIMv2 towers + class prompts
+TOWER_MODELS = PROMPT_MODELS + ("linear_probe",)  # models with an AIMv2 vision tower
 TRAINABLE_MODES = ("prompt", "last_k", "full")
 _FROZEN = frozenset({"text_model", "text_projection", "logit_scale"})
 _VISION = frozenset({"vision_model", "visual_projection"})
 _VISION_TOP = frozenset({"rms_norm", "head"})  # children of vision_model that train in 'last_k'
 
 
-def Model(model_config, *, class_names: Sequence[str], num_radiomics: int, rngs: nnx.Rngs) -> nnx.Module:
-    """The model config.model.name names, for `class_names` and `num_radiomics` standardised radiomic features."""
+def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The model config.model.name names, random-init, with the towers, prompts and sizes of `spec`."""
     name = model_config.name
     dtype = jnp.dtype(model_config.dtype)
-    num_classes = len(class_names)
+    num_classes, num_radiomics = len(spec.class_names), spec.num_radiomics
+    if name in TOWER_MODELS and spec.towers is None:
+        raise ConfigError(f"config.model.name={name!r} needs AIMv2 towers, and the model spec has none.")
     if name == "radiomics_logreg":
         return RadiomicsLogReg(num_radiomics, num_classes, dtype=dtype, rngs=rngs)
     if name == "radiomics_mlp":
         return RadiomicsMLP(num_radiomics, num_classes, tuple(model_config.radiomics_mlp_hidden), dtype=dtype,
                             rngs=rngs)
     if name == "linear_probe":
-        return LinearProbe(build_vision(model_config, rngs=rngs), num_classes, pooling=model_config.pooling,
-                           dtype=dtype, rngs=rngs)
-    if name in ("autorad_lung", "coop"):
-        aimv2 = build_aimv2(model_config, rngs=rngs)
+        return LinearProbe(build_vision(model_config, spec.vision_config, rngs=rngs), num_classes,
+                           pooling=model_config.pooling, dtype=dtype, rngs=rngs)
+    if name in PROMPT_MODELS:
+        if not isinstance(spec.towers, Aimv2Config) or spec.prompts is None:
+            raise ConfigError(f"config.model.name={name!r} needs joint AIMv2 image-text towers and class prompts; the "
+                             f"model spec has {type(spec.towers).__name__} towers and "
+                             f"{'no' if spec.prompts is None else 'its'} prompts.")
+        aimv2 = build_aimv2(model_config, spec.towers, rngs=rngs)
         prompt_learner = PromptLearner(
-            class_names=class_names, tokenizer=load_tokenizer(model_config.aimv2_dir or None),
-            token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
-            context_length=aimv2.config.text_config.max_position_embeddings, n_ctx=model_config.n_ctx,
-            ctx_init=model_config.ctx_init, num_radiomics=num_radiomics, meta_hidden_dim=model_config.meta_hidden_dim,
+            tokens=spec.prompts, token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
+            num_radiomics=num_radiomics, meta_hidden_dim=model_config.meta_hidden_dim,
             conditioning=model_config.conditioning if name == "autorad_lung" else None, dtype=dtype, rngs=rngs)
         return AutoRadLung(aimv2, prompt_learner, pooling=model_config.pooling,
                            prompt_chunk_size=model_config.prompt_chunk_size)
-    raise ValueError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
+    raise ConfigError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
 
 
-def _num_vision_layers(model_config) -> int:
-    if not model_config.aimv2_dir:
-        return model_config.vision.num_hidden_layers
-    config = hf_aimv2.read_config(model_config.aimv2_dir)
-    return getattr(config, "vision_config", config).num_hidden_layers
-
-
-def trainable_filter(model_config) -> Callable[[tuple, object], bool]:
+def trainable_filter(model_config, spec: ModelSpec) -> Callable[[tuple, object], bool]:
     """nnx filter `(path, variable) -> bool` of the trainable `nnx.Param`s for config.model.trainable (see above)."""
     mode = model_config.trainable
     if mode not in TRAINABLE_MODES:
-        raise ValueError(f"config.model.trainable must be one of {TRAINABLE_MODES}, got {mode!r}")
+        raise ConfigError(f"config.model.trainable must be one of {TRAINABLE_MODES}, got {mode!r}")
     first_block = 0
-    if mode == "last_k":
-        num_layers, k = _num_vision_layers(model_config), model_config.trainable_last_k
+    if mode == "last_k" and spec.vision_config is not None:
+        num_layers, k = spec.vision_config.num_hidden_layers, model_config.trainable_last_k
         if not 0 <= k <= num_layers:
-            raise ValueError(f"trainable_last_k={k} is not in [0, {num_layers}] (vision blocks)")
+            raise ConfigError(f"trainable_last_k={k} is not in [0, {num_layers}] (vision blocks)")
         first_block = num_layers - k
 
     def vision_trains(path: tuple) -> bool:

@@ -22,10 +22,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autorad_jax.data.tokenizer import EOT_TOKEN_ID, VOCAB_SIZE
-from autorad_jax.models.aimv2 import Aimv2Config, Aimv2Model, Aimv2TextConfig, Aimv2VisionConfig
+from autorad_jax.errors import ConfigError
+from autorad_jax.models.aimv2 import Aimv2Config, Aimv2Model
 from autorad_jax.models.prompt_learner import PromptLearner
-from autorad_jax.weights import hf_aimv2
 
 Array = jax.Array
 POOLINGS = ("head", "mean")
@@ -37,37 +36,20 @@ def l2_normalize(x: Array) -> Array:
     return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True))
 
 
-def aimv2_config(model_config) -> Aimv2Config:
-    """Joint AIMv2 config of random-init towers from config.model.vision/text/projection_dim (the CLIP BPE vocabulary
-    of `autorad_jax.data.tokenizer`)."""
-    return Aimv2Config(
-        vision_config=Aimv2VisionConfig(**model_config.vision.to_dict()),
-        text_config=Aimv2TextConfig(**model_config.text.to_dict(), vocab_size=VOCAB_SIZE,
-                                    eos_token_id=EOT_TOKEN_ID),
-        projection_dim=model_config.projection_dim)
-
-
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 def tower_options(model_config) -> dict[str, Any]:
     """Constructor options of the AIMv2 towers from config.model: compute dtype, attention kernel, rematerialisation."""
     if model_config.remat not in REMAT_POLICIES:
-        raise ValueError(f"config.model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_config.remat!r}")
+        raise ConfigError(f"config.model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_config.remat!r}")
     return dict(dtype=jnp.dtype(model_config.dtype), attention_implementation=model_config.attention_implementation or None,
                 remat=model_config.remat != "none", remat_policy=REMAT_POLICIES[model_config.remat])
 
 
-def build_aimv2(model_config, *, rngs: nnx.Rngs) -> Aimv2Model:
-    """The joint AIMv2 model: loaded from config.model.aimv2_dir when set, else random-init from the config."""
-    options = tower_options(model_config)
-    if model_config.aimv2_dir:
-        model = hf_aimv2.load_pretrained(model_config.aimv2_dir, **options)
-        if not isinstance(model, Aimv2Model):
-            raise ValueError(f"{model_config.aimv2_dir} holds a {type(model).__name__}; AutoRad-Lung needs a joint "
-                             "AIMv2(-LiT) image-text model (config.json model_type 'aimv2').")
-        return model
-    return Aimv2Model(aimv2_config(model_config), rngs=rngs, **options)
+def build_aimv2(model_config, towers: Aimv2Config, *, rngs: nnx.Rngs) -> Aimv2Model:
+    """The joint AIMv2 model of `towers`, random-init, with config.model's compute options."""
+    return Aimv2Model(towers, rngs=rngs, **tower_options(model_config))
 
 
 def pooled_image_features(vision_model, images: Array, pooling: str) -> Array:
@@ -86,7 +68,7 @@ class AutoRadLung(nnx.Module):
     def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str = "head",
                  prompt_chunk_size: int = 0):
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.aimv2 = aimv2
         self.prompt_learner = prompt_learner
         self.pooling = pooling

@@ -14,24 +14,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from autorad_jax.models.aimv2 import Aimv2Model, Aimv2VisionConfig, Aimv2VisionModel
+from autorad_jax.errors import ConfigError
+from autorad_jax.models.aimv2 import Aimv2VisionConfig, Aimv2VisionModel
 from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features, tower_options
-from autorad_jax.weights import hf_aimv2
 
 Array = jax.Array
 
 
-def build_vision(model_config, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
-    """The AIMv2 vision tower: from config.model.aimv2_dir (a joint or vision-only folder) or random-init."""
-    options = tower_options(model_config)
-    if not model_config.aimv2_dir:
-        return Aimv2VisionModel(Aimv2VisionConfig(**model_config.vision.to_dict()), rngs=rngs, **options)
-    model = hf_aimv2.load_pretrained(model_config.aimv2_dir, **options)
-    if isinstance(model, Aimv2Model):
-        return model.vision_model
-    if isinstance(model, Aimv2VisionModel):
-        return model
-    raise ValueError(f"{model_config.aimv2_dir} holds a {type(model).__name__}, which has no vision tower.")
+def build_vision(model_config, vision: Aimv2VisionConfig, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
+    """The AIMv2 vision tower of `vision`, random-init, with config.model's compute options."""
+    return Aimv2VisionModel(vision, rngs=rngs, **tower_options(model_config))
 
 
 def _dense(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -74,7 +66,7 @@ class LinearProbe(nnx.Module):
     def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, *, pooling: str = "head", dtype=jnp.float32,
                  rngs: nnx.Rngs):
         if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.vision_model = vision_model
         self.pooling = pooling
         self.classifier = nnx.Linear(

@@ -6,21 +6,20 @@ shift of the context: one shift for all context tokens (`conditioning='shared'`,
 (`'per_token'`). Without a meta-network (`conditioning=None`) this is CoOp: one context for every sample.
 
 `token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
-table at construction. Prompts are tokenised padded to the tower's max_position_embeddings, then cut after the last EOS
-of the class prompts: the text tower is causal and pools at EOS, so later positions cannot change any class feature and
-dropping them is exact (the prompt length `L` is ~15 of the tower's 77 positions).
+table at construction. The prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77
+positions) are computed outside the model, by `autorad_jax.modeling`, and saved with it.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from transformers import CLIPTokenizer
 
-from autorad_jax.data.tokenizer import count_tokens, tokenize_prompts
+from autorad_jax.errors import ConfigError
+from autorad_jax.models.spec import PromptTokens
 
 Array = jax.Array
 CONDITIONINGS = ("shared", "per_token")
@@ -54,38 +53,25 @@ class PromptLearner(nnx.Module):
     """Learnable context + meta-network; builds the per-sample class prompts as text-tower input embeddings.
 
     Args:
-        class_names: one name per class (e.g. "malignant lung nodule").
-        tokenizer: CLIP tokenizer of the text tower.
+        tokens: the class prompts' token ids [C, L], the context length n_ctx and how the context starts.
         token_embedding: the frozen text tower's token table [vocab, width].
-        context_length: the text tower's max_position_embeddings.
-        n_ctx: number of context tokens when `ctx_init` is empty (then drawn from N(0, 0.02)); with `ctx_init` the
-            context is that phrase's token embeddings and n_ctx is its token count (as CoOp).
         num_radiomics: radiomic feature count F.
         meta_hidden_dim: hidden width of the meta-network.
         conditioning: 'shared' | 'per_token' | None (CoOp: no meta-network).
     """
 
-    def __init__(self, *, class_names: Sequence[str], tokenizer: CLIPTokenizer, token_embedding: Array,
-                 context_length: int, n_ctx: int, ctx_init: str, num_radiomics: int, meta_hidden_dim: int,
+    def __init__(self, *, tokens: PromptTokens, token_embedding: Array, num_radiomics: int, meta_hidden_dim: int,
                  conditioning: Optional[str], dtype=jnp.float32, rngs: nnx.Rngs):
         if conditioning is not None and conditioning not in CONDITIONINGS:
-            raise ValueError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
-        ctx_init = ctx_init.strip()
-        if ctx_init:
-            n_ctx = count_tokens(tokenizer, ctx_init)
-            prompt_prefix = ctx_init
-        else:
-            prompt_prefix = " ".join(["X"] * n_ctx)
+            raise ConfigError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
+        n_ctx, ids = tokens.n_ctx, jnp.asarray(tokens.ids, jnp.int32)
         width = token_embedding.shape[-1]
-        tokens = tokenize_prompts(tokenizer, [f"{prompt_prefix} {name}." for name in class_names], context_length)
-        length = int(tokens.eos_index.max()) + 1  # causal tower: nothing after the last EOS reaches a pooled feature
-        ids = tokens.input_ids[:, :length]
-        embedding = jnp.asarray(token_embedding)[jnp.asarray(ids)].astype(jnp.float32)  # [C, L, width]
+        embedding = jnp.asarray(token_embedding)[ids].astype(jnp.float32)  # [C, L, width]
 
         self.n_ctx = n_ctx
         self.conditioning = conditioning
         self.dtype = dtype
-        if ctx_init:
+        if tokens.ctx_from_tokens:
             ctx = embedding[0, 1:1 + n_ctx]
         else:
             ctx = nnx.initializers.normal(0.02)(rngs.params(), (n_ctx, width), jnp.float32)
@@ -93,7 +79,7 @@ class PromptLearner(nnx.Module):
         out_dim = width if conditioning == "shared" else n_ctx * width
         self.meta_net = (MetaNet(num_radiomics, meta_hidden_dim, out_dim, dtype=dtype, rngs=rngs)
                          if conditioning is not None else None)
-        self.tokenized_prompts = PromptBuffer(jnp.asarray(ids), out_sharding=(None, None), eager_sharding=False)
+        self.tokenized_prompts = PromptBuffer(ids, out_sharding=(None, None), eager_sharding=False)
         self.token_prefix = PromptBuffer(embedding[:, :1], out_sharding=(None, None, "embed"), eager_sharding=False)
         self.token_suffix = PromptBuffer(embedding[:, 1 + n_ctx:], out_sharding=(None, None, "embed"),
                                          eager_sharding=False)

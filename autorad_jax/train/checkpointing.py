@@ -3,14 +3,16 @@ the config, one step per folder. Keeps the latest `train.keep_checkpoints` and t
 
 Items of a step: 'state' (nnx state of (model, optimizer), restored against an abstract sharded target, so a
 checkpoint moves between meshes and hosts), 'data_iter' (grain iterator state, one file per process),
-'radiomics_stats' (JSON: training-split mean and std), 'config' (JSON of the config that wrote it).
+'radiomics_stats' (JSON: training-split mean and std), 'config' (JSON of the config that wrote it), 'model_spec'
+(JSON: tower configs, prompt token ids, class and radiomics names; with the config, all that rebuilds the model).
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 
 import grain.python as grain
 import jax
@@ -18,19 +20,26 @@ import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from autorad_jax.errors import AutoradError
+from autorad_jax.models.spec import ModelSpec
+from configs import autorad_lung as default_config
+
 BEST_METRIC = "auc_macro"
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs",
-                           "autorad_lung.py")
+ITEMS = ("state", "config", "radiomics_stats", "model_spec")  # what every complete step holds (and 'data_iter')
 # Config keys that change the shapes or meaning of what a checkpoint holds; everything else may change on resume,
-# and so may these compute-only model settings.
+# and so may these compute-only model settings. The pretrained folder is read on a fresh start only.
 _FREE_KEYS = ("model.aimv2_dir", "model.dtype", "model.attention_implementation", "model.remat",
               "model.prompt_chunk_size")
 _STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.image_size", "data.window_hu",
                         "data.label_scheme", "data.cv_fold", "optim.name", "optim.grad_accum_steps")
 
 
-class IncompatibleCheckpointError(RuntimeError):
+class IncompatibleCheckpointError(AutoradError, RuntimeError):
     """The workdir holds a checkpoint written by a config that does not fit this one."""
+
+
+class MissingCheckpointError(AutoradError, FileNotFoundError):
+    """The workdir holds no checkpoint, or not the step asked for."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -55,23 +64,58 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.Che
     return ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.PyGrainCheckpointHandler(),
-                       "radiomics_stats": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
+                       "radiomics_stats": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
+                       "model_spec": ocp.JsonCheckpointHandler()})
+
+
+@contextlib.contextmanager
+def open_manager(workdir: str, *, read_only: bool = True, keep: int = 1) -> Iterator[ocp.CheckpointManager]:
+    """`make_manager` that is closed on every path (its async machinery must stop before the process ends)."""
+    if read_only and not os.path.isdir(checkpoint_dir(workdir)):
+        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (python run.py "
+                                     f"train --workdir {workdir}).")
+    manager = make_manager(workdir, keep, read_only=read_only)
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
+    """`step` when the workdir holds it; by default the best step. MissingCheckpointError naming what it holds."""
+    steps = manager.all_steps()
+    if not steps:
+        raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (python run.py train "
+                                     f"--workdir {workdir}).")
+    if step is None:
+        return best_step(manager)
+    if int(step) not in steps:
+        raise MissingCheckpointError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; it holds steps "
+                                     f"{sorted(steps)}.")
+    return int(step)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter, stats_json: dict,
-         config: ml_collections.ConfigDict, metrics: dict | None = None) -> None:
+         config: ml_collections.ConfigDict, spec: ModelSpec, metrics: dict | None = None) -> None:
     """Starts an async save of one step (`metrics`: validation metrics, when evaluated at this step)."""
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data_iter=grain.PyGrainCheckpointSave(data_iter),
-        radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(config.to_dict())),
+        radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(config.to_dict()),
+        model_spec=ocp.args.JsonSave(spec.to_json())),
         metrics=metrics, force=True)
 
 
-def restore_meta(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
-    """(config dict, radiomics statistics JSON) saved at `step`."""
+def restore_meta(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict, ModelSpec]:
+    """(config dict, radiomics statistics JSON, model spec) saved at `step`."""
+    step_dir = os.path.join(str(manager.directory), str(step))
+    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
+    if missing:
+        raise IncompatibleCheckpointError(
+            f"Checkpoint {step_dir} lacks {', '.join(missing)}: it is incomplete or was written by an older version "
+            f"of autorad-jax. Use another --workdir (or --checkpoint of another step).")
     out = manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore(), radiomics_stats=ocp.args.JsonRestore()))
-    return out["config"], out["radiomics_stats"]
+        config=ocp.args.JsonRestore(), radiomics_stats=ocp.args.JsonRestore(), model_spec=ocp.args.JsonRestore()))
+    return out["config"], out["radiomics_stats"], ModelSpec.from_json(out["model_spec"])
 
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
@@ -117,12 +161,9 @@ def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: st
 
 
 def saved_config(saved: dict) -> ml_collections.ConfigDict:
-    """The config saved with a checkpoint or export, over configs/autorad_lung.py's defaults (so that keys added to
-    the config since then keep their default values)."""
-    spec = importlib.util.spec_from_file_location("autorad_lung_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    """The config saved with a checkpoint or export, over the packaged configs/autorad_lung.py's defaults (so that
+    keys added to the config since then keep their default values); reads no file."""
+    config = default_config.get_config("tiny")
     config.unlock()
     config.update(saved)
     return config

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ml_collections
 import optax
 
+from autorad_jax.errors import ConfigError
+
 
 def num_updates(config: ml_collections.ConfigDict) -> int:
     """Optimiser updates in a run: train.num_steps counts micro-batches, optim.grad_accum_steps of them per update."""
@@ -28,7 +30,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     elif o.name == "sgd":
         base = optax.chain(optax.add_decayed_weights(o.weight_decay), optax.sgd(schedule, momentum=o.momentum))
     else:
-        raise ValueError(f"config.optim.name={o.name!r}; use 'adamw' or 'sgd'.")
+        raise ConfigError(f"config.optim.name={o.name!r}; use 'adamw' or 'sgd'.")
     tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), base) if o.grad_clip_norm > 0 else base
     if o.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=o.grad_accum_steps)

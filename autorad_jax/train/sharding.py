@@ -17,6 +17,8 @@ from flax import linen as nn
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from autorad_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = Sequence[tuple[str, Any]]
@@ -39,18 +41,18 @@ def make_mesh(mesh_shape: Mapping[str, int], devices: Optional[Sequence[jax.Devi
     """
     unknown = set(mesh_shape) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
+        raise ConfigError(f"unknown mesh axes {sorted(unknown)}; expected a subset of {MESH_AXES}")
     devices = list(jax.devices() if devices is None else devices)
     shape = [int(mesh_shape.get(axis, 1)) for axis in MESH_AXES]
     if shape.count(-1) > 1:
-        raise ValueError(f"at most one mesh axis may be -1, got {dict(mesh_shape)}")
+        raise ConfigError(f"at most one mesh axis may be -1, got {dict(mesh_shape)}")
     if -1 in shape:
         known = math.prod(s for s in shape if s != -1)
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices do not divide into mesh {dict(mesh_shape)}")
+            raise ConfigError(f"{len(devices)} devices do not divide into mesh {dict(mesh_shape)}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 

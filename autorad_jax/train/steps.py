@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +11,15 @@ import optax
 from flax import nnx
 
 from autorad_jax import models
+from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train.optim import make_optimizer
 
 
-def build(config: ml_collections.ConfigDict, class_names: Sequence[str], num_radiomics: int
-          ) -> tuple[nnx.Module, nnx.Optimizer]:
-    """(model, optimizer) for `config`; only the parameters `trainable_filter` selects get optimiser state."""
-    model = models.Model(config.model, class_names=tuple(class_names), num_radiomics=num_radiomics,
-                         rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, make_optimizer(config), wrt=models.trainable_filter(config.model))
+def build(config: ml_collections.ConfigDict, spec: ModelSpec) -> tuple[nnx.Module, nnx.Optimizer]:
+    """(model, optimizer) for `config` and `spec`, random-init; only the parameters `trainable_filter` selects get
+    optimiser state."""
+    model = models.Model(config.model, spec, rngs=nnx.Rngs(config.seed))
+    return model, nnx.Optimizer(model, make_optimizer(config), wrt=models.trainable_filter(config.model, spec))
 
 
 def loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:

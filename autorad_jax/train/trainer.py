@@ -24,15 +24,17 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from autorad_jax import models
+from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
+from autorad_jax.errors import AutoradError, ConfigError
+from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, perf, sharding, steps
 from autorad_jax.train.metrics import classification_metrics, scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
 from autorad_jax.train.reports import MetricWriter, write_report
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(AutoradError, FloatingPointError):
     """Training produced a NaN or infinite loss, gradient or parameter; nothing after the last good step is saved."""
 
 
@@ -44,9 +46,8 @@ class NonFiniteLossError(FloatingPointError):
 class Experiment:
     """What the train and eval steps need: the mesh, the (model, optimizer) graph and its abstract sharded state."""
     config: ml_collections.ConfigDict
+    spec: ModelSpec
     mesh: jax.sharding.Mesh
-    class_names: tuple[str, ...]
-    num_radiomics: int
     graphdef: nnx.GraphDef
     shardings: nnx.State  # NamedSharding per state leaf
     abstract_state: nnx.State  # ShapeDtypeStruct with sharding per state leaf (a restore target)
@@ -54,18 +55,19 @@ class Experiment:
     replicated: NamedSharding
 
     def init_state(self) -> nnx.State:
-        """Fresh state, materialised directly in its shardings (random-init towers are never built unsharded)."""
-        def build() -> nnx.State:
-            return nnx.split(steps.build(self.config, self.class_names, self.num_radiomics))[1]
-
-        if self.config.model.aimv2_dir:  # pretrained weights are read on the host, then placed
-            return jax.device_put(build(), self.shardings)
-        return jax.jit(build, out_shardings=self.shardings)()
+        """Fresh state, random-init directly in its shardings; then, when config.model.aimv2_dir is set, the pretrained
+        towers read once on the host and placed into the same shardings."""
+        state = jax.jit(lambda: nnx.split(steps.build(self.config, self.spec))[1], out_shardings=self.shardings)()
+        if not self.config.model.aimv2_dir:
+            return state
+        model, optimizer = nnx.merge(self.graphdef, state)  # optimiser moments start at zero, whatever the weights
+        modeling.load_pretrained(model, self.config.model)
+        return jax.device_put(nnx.state((model, optimizer)), self.shardings)
 
     @functools.cached_property
     def train_step(self):
         """(state, batch) -> (state, metrics), jitted with explicit shardings; the state is donated."""
-        return jax.jit(steps.make_train_step(self.graphdef, models.trainable_filter(self.config.model)),
+        return jax.jit(steps.make_train_step(self.graphdef, models.trainable_filter(self.config.model, self.spec)),
                        in_shardings=(self.shardings, self.batch_sharding),
                        out_shardings=(self.shardings, self.replicated), donate_argnums=0)
 
@@ -76,11 +78,10 @@ class Experiment:
                        out_shardings=self.replicated)
 
 
-def make_experiment(config: ml_collections.ConfigDict, num_radiomics: int) -> Experiment:
+def make_experiment(config: ml_collections.ConfigDict, spec: ModelSpec) -> Experiment:
     """Mesh from config.mesh; the (model, optimizer) state abstractly (nnx.eval_shape) with its logical shardings."""
     mesh = sharding.make_mesh(dict(config.mesh), devices=_mesh_devices(dict(config.mesh)))
-    names = pipeline.class_names(config)
-    abstract = nnx.eval_shape(lambda: steps.build(config, names, num_radiomics))
+    abstract = nnx.eval_shape(lambda: steps.build(config, spec))
     graphdef, abstract_state = nnx.split(abstract)
     shardings = sharding.logical_shardings(abstract_state, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings)
@@ -88,9 +89,9 @@ def make_experiment(config: ml_collections.ConfigDict, num_radiomics: int) -> Ex
     batch_devices = int(np.prod([mesh.shape[a] for a in _axes(batch_sharding.spec[0])]))
     for key in ("batch_size", "eval_batch_size"):
         if config.data[key] % batch_devices:
-            raise ValueError(f"config.data.{key}={config.data[key]} is not divisible by the {batch_devices} devices "
+            raise ConfigError(f"config.data.{key}={config.data[key]} is not divisible by the {batch_devices} devices "
                              f"of the mesh's batch axes {batch_sharding.spec[0]}.")
-    return Experiment(config, mesh, names, num_radiomics, graphdef, shardings, target, batch_sharding,
+    return Experiment(config, spec, mesh, graphdef, shardings, target, batch_sharding,
                       NamedSharding(mesh, PartitionSpec()))
 
 
@@ -118,7 +119,7 @@ def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
                     stats: pipeline.RadiomicsStats) -> np.ndarray:
     """Class probabilities [N, C] of every record, in record order (on every process)."""
     eval_step = exp.eval_step
-    probs = np.full((len(recs), len(exp.class_names)), np.nan, np.float32)
+    probs = np.full((len(recs), len(exp.spec.class_names)), np.nan, np.float32)
     for batch in pipeline.eval_batches(exp.config.data, recs, stats):
         p, idx = eval_step(state, pipeline.to_global(batch, exp.batch_sharding))
         p, idx = np.asarray(p), np.asarray(idx)
@@ -153,102 +154,82 @@ def _publish(workdir: str, split: str, step: int) -> None:
         shutil.copyfile(os.path.join(src, name), os.path.join(workdir, name))
 
 
-def _open_checkpoint(config: ml_collections.ConfigDict, workdir: str, manager, step: int,
-                     num_radiomics: int) -> pipeline.RadiomicsStats:
-    """Checks a checkpoint fits config and dataset; returns its radiomics statistics."""
-    saved_config, stats_json = checkpointing.restore_meta(manager, step)
-    checkpointing.check_compatible(saved_config, config, workdir)
-    stats = pipeline.RadiomicsStats.from_json(stats_json)
-    if stats.mean.shape[0] != num_radiomics:
+def _check_dataset(spec: ModelSpec, data_config: ml_collections.ConfigDict, workdir: str) -> None:
+    """DatasetError unless the dataset's radiomics features are the ones the checkpoint was trained on."""
+    names = pipeline.radiomics_names(data_config)
+    if tuple(names) != spec.radiomics_names:
         raise pipeline.DatasetError(
-            f"The dataset in {config.data.data_dir} has {num_radiomics} radiomics features but the checkpoint in "
-            f"{workdir} was trained with {stats.mean.shape[0]}: rebuild the dataset with `python run.py prepare` "
-            f"using the same configs/radiomics.yaml, or use another --workdir.")
-    return stats
+            f"The dataset in {data_config.data_dir} has {len(names)} radiomics features but the checkpoint in "
+            f"{workdir} was trained on {spec.num_radiomics} others (or in another order): rebuild the dataset with "
+            f"`python run.py prepare` using the same radiomics parameters, or use another --workdir.")
 
 
 def _restore(manager, step: int, exp: Experiment, workdir: str, data_iter=None) -> nnx.State:
+    step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(step))
+    checkpointing.check_state_shapes(checkpointing.state_shapes(manager.item_metadata(step)["state"]),
+                                     checkpointing.state_shapes(exp.abstract_state), step_dir)
     try:
         return checkpointing.restore_state(manager, step, exp.abstract_state, data_iter)
     except (ValueError, KeyError) as e:
         raise checkpointing.IncompatibleCheckpointError(
-            f"The checkpoint at step {step} in {checkpointing.checkpoint_dir(workdir)} does not fit the model of "
-            f"this config ({e}). Use another --workdir, or the config that wrote it.") from e
-
-
-def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
-    """Metrics of a checkpoint of `workdir` (default: the best by validation AUC) on `split`, with its report."""
-    manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
-    step = step if step is not None else checkpointing.best_step(manager)
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}; train first: "
-                                f"python run.py train --workdir={workdir}")
-    recs = pipeline.records(config.data, split)
-    stats = _open_checkpoint(config, workdir, manager, step, recs.radiomics.shape[1])
-    exp = make_experiment(config, recs.radiomics.shape[1])
-    state = _restore(manager, step, exp, workdir)
-    metrics = evaluate_records(exp, state, recs, stats, split=split, step=step, workdir=workdir)
-    if split == "test":
-        _publish(workdir, split, step)
-    if jax.process_index() == 0:
-        print(f"{split} split, step {step}: " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")) +
-              f"\nReport: {os.path.join(workdir, 'reports', f'{split}_step{step}')}")
-    manager.close()
-    return metrics
+            f"The checkpoint {step_dir} does not fit the model rebuilt from its config ({type(e).__name__}: {e}). "
+            f"Use another --workdir.") from e
 
 
 class Restored(NamedTuple):
-    """A checkpoint's model (on one device), the config that trained it, its radiomics statistics and its step."""
+    """A checkpoint's model, the config that trained it, its model spec, radiomics statistics and step."""
     model: nnx.Module
     config: ml_collections.ConfigDict
+    spec: ModelSpec
     stats: pipeline.RadiomicsStats
     step: int
 
 
-def load_model(workdir: str, step: int | None = None) -> Restored:
-    """The model of `workdir`'s best checkpoint by validation macro AUC (or of checkpoint `step`), from what the
-    checkpoint holds alone: the architecture comes from the config saved with it; the state goes onto one device.
-
-    Raises FileNotFoundError (no or incomplete checkpoint) or IncompatibleCheckpointError, naming what is wrong.
-    """
-    ckpt_dir = checkpointing.checkpoint_dir(workdir)
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"No checkpoint folder {ckpt_dir}: train first (python run.py train --workdir "
-                                f"{workdir}).")
-    manager = checkpointing.make_manager(workdir, keep=1, read_only=True)
-    try:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"No checkpoint in {ckpt_dir}: train first (python run.py train --workdir "
-                                    f"{workdir}).")
-        step = checkpointing.best_step(manager) if step is None else int(step)
-        if step not in steps:
-            raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; it holds steps {sorted(steps)}.")
-        step_dir = os.path.join(ckpt_dir, str(step))
-        missing = [item for item in ("state", "config", "radiomics_stats")
-                   if not os.path.isdir(os.path.join(step_dir, item))]
-        if missing:
-            raise FileNotFoundError(f"Checkpoint {step_dir} is incomplete: its item(s) {', '.join(missing)} are "
-                                    f"missing.")
-        saved, stats_json = checkpointing.restore_meta(manager, step)
+def _restore_checkpoint(workdir: str, step: int | None, data: dict | None = None,
+                        mesh: dict | None = None) -> tuple[Experiment, nnx.State, Restored]:
+    """The experiment and state of `workdir`'s checkpoint `step` (default: the best by validation macro AUC), rebuilt
+    from what the checkpoint holds alone; `data` and `mesh` override the saved config.data / config.mesh keys
+    (where the dataset is now, batch sizes, devices)."""
+    with checkpointing.open_manager(workdir, read_only=True) as manager:
+        step = checkpointing.pick_step(manager, workdir, step)
+        saved, stats_json, spec = checkpointing.restore_meta(manager, step)
         config = checkpointing.saved_config(saved)
-        config.mesh.update(data=1, fsdp=1, tensor=1)  # one device is enough to run one model
-        stats = pipeline.RadiomicsStats.from_json(stats_json)
-        exp = make_experiment(config, int(stats.mean.shape[0]))
-        checkpointing.check_state_shapes(checkpointing.state_shapes(manager.item_metadata(step)["state"]),
-                                         checkpointing.state_shapes(exp.abstract_state), step_dir)
-        try:
-            state = checkpointing.restore_state(manager, step, exp.abstract_state)
-        except (ValueError, KeyError) as e:
-            raise checkpointing.IncompatibleCheckpointError(
-                f"The state of checkpoint {step_dir} does not fit the model of the config saved with it "
-                f"({type(e).__name__}: {e}).") from e
-    finally:
-        manager.close()
+        config.data.update(data or {})
+        config.mesh.update(mesh or {})
+        exp = make_experiment(config, spec)
+        state = _restore(manager, step, exp, workdir)
     model, _ = nnx.merge(exp.graphdef, state)
-    model, _ = nnx.merge(exp.graphdef, state)
-    return Restored(model=model, config=config, stats=stats, step=step)
+    return exp, state, Restored(model, config, spec, pipeline.RadiomicsStats.from_json(stats_json), step)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
+    """Metrics of a checkpoint of `workdir` (default: the best by validation AUC) on `split`, with its report.
+
+    The model and its data settings come from the checkpoint; `config` gives only where the dataset is
+    (data.data_dir), the eval batch size and the mesh.
+    """
+    exp, state, restored = _restore_checkpoint(
+        workdir, step, data=dict(data_dir=config.data.data_dir, eval_batch_size=config.data.eval_batch_size),
+        mesh=dict(config.mesh))
+    _check_dataset(restored.spec, exp.config.data, workdir)
+    recs = pipeline.records(exp.config.data, split)
+    metrics = evaluate_records(exp, state, recs, restored.stats, split=split, step=restored.step, workdir=workdir)
+    if split == "test":
+        _publish(workdir, split, restored.step)
+    if jax.process_index() == 0:
+        print(f"{split} split, step {restored.step}: " + ", ".join(
+            f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")) +
+              f"\nReport: {os.path.join(workdir, 'reports', f'{split}_step{restored.step}')}")
+    return metrics
+
+
+def load_model(workdir: str, step: int | None = None) -> Restored:
+    """The model of `workdir`'s best checkpoint by validation macro AUC (or of checkpoint `step`) on one device,
+    rebuilt from what the checkpoint holds alone (no dataset, no pretrained folder).
+
+    Raises MissingCheckpointError or IncompatibleCheckpointError, naming what is wrong.
+    """
+    return _restore_checkpoint(workdir, step, mesh=dict(data=1, fsdp=1, tensor=1))[2]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -304,20 +285,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         os.makedirs(workdir, exist_ok=True)
     train_recs = pipeline.records(config.data, "train")
     val_recs = pipeline.records(config.data, "validation")
-    num_radiomics = train_recs.radiomics.shape[1]
     logging.info("%s: %d train / %d validation examples, %d radiomics features", pipeline.dataset_name(config.data),
-                 len(train_recs), len(val_recs), num_radiomics)
+                 len(train_recs), len(val_recs), train_recs.radiomics.shape[1])
 
-    # ---- Checkpoint manager; radiomics statistics from the checkpoint or the training split -----------------------
+    # ---- Checkpoint manager; model spec and radiomics statistics from the checkpoint, or resolved on a fresh start --
     manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
     start = manager.latest_step()
     if start is not None:
-        stats = _open_checkpoint(config, workdir, manager, start, num_radiomics)
-    else:
+        saved, stats_json, spec = checkpointing.restore_meta(manager, start)
+        checkpointing.check_compatible(saved, config, workdir)
+        _check_dataset(spec, config.data, workdir)
+        stats = pipeline.RadiomicsStats.from_json(stats_json)
+    else:  # the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in init_state)
+        spec = modeling.resolve_spec(config, pipeline.radiomics_names(config.data))
         stats = pipeline.RadiomicsStats.fit(train_recs.radiomics)
+        if is_main:
+            modeling.save_tokenizer(config.model, workdir)
 
     # ---- Mesh, model, optimiser: abstract, then materialised sharded (or restored onto the same shardings) --------
-    exp = make_experiment(config, num_radiomics)
+    exp = make_experiment(config, spec)
     train_iter = iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed))
     if start is not None:
         state = _restore(manager, start, exp, workdir, data_iter=train_iter)
@@ -396,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if save_now or preempted:
                 if not bool(check_finite(state)):
                     raise _non_finite(step, m, manager, workdir)
-                checkpointing.save(manager, step, state, train_iter, stats.to_json(), config,
+                checkpointing.save(manager, step, state, train_iter, stats.to_json(), config, spec,
                                    metrics=scalar_metrics(val_metrics) if evaluate_now else None)
             if save_now:  # includes evaluate_now: keep evaluation and checkpointing out of the step timing
                 timer = (step, time.perf_counter())

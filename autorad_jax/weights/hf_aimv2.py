@@ -1,23 +1,21 @@
 """AIMv2 weights: transformers ``save_pretrained`` folders <-> ``autorad_jax.models.aimv2`` modules.
 
 One name map (``name_map``) serves both directions: each entry pairs a transformers state-dict key with an NNX
-parameter path and a layout transform (``LINEAR``: torch (out, in) <-> flax (in, out); ``CONV``: OIHW <-> HWIO;
-``COPY``). Conversion is strict: every source key is used exactly once, every target parameter is written, and every
-shape is checked; anything else fails naming the key. Weights are read and written as safetensors only.
+parameter path and a layout transform, on the strict engine of ``autorad_jax.weights.name_map`` (every source key used
+exactly once, every parameter written, every shape checked; ``WeightsMismatchError`` otherwise). Weights are read and
+written as safetensors only.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from autorad_jax.models.aimv2 import (
@@ -28,9 +26,10 @@ from autorad_jax.models.aimv2 import (
     Aimv2VisionConfig,
     Aimv2VisionModel,
 )
+from autorad_jax.errors import AutoradError
+from autorad_jax.weights.name_map import CONV, COPY, LINEAR, NameMap, Path, Transform, dump, load, variables
 
 AnyModel = Union[Aimv2VisionModel, Aimv2TextModel, Aimv2Model]
-Path = tuple[Union[str, int], ...]
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -42,18 +41,8 @@ _MODELS = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """A layout change between the transformers tensor and the NNX parameter, in both directions."""
-
-    name: str
-    to_nnx: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-COPY = Transform("copy", lambda w: w, lambda w: w)
-LINEAR = Transform("linear", lambda w: w.T, lambda w: w.T)
-CONV = Transform("conv", lambda w: w.transpose(2, 3, 1, 0), lambda w: w.transpose(3, 2, 0, 1))
+class PretrainedFolderError(AutoradError, ValueError):
+    """A pretrained AIMv2 folder is missing, incomplete, corrupt or of another architecture."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -108,7 +97,7 @@ def _prefixed(prefix: str, entries: list[tuple[str, Path, Transform]]) -> list[t
     return [(f"{prefix}.{hf}", (prefix,) + path, t) for hf, path, t in entries]
 
 
-def name_map(config: Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]) -> dict[str, tuple[Path, Transform]]:
+def name_map(config: Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]) -> NameMap:
     """transformers key -> (NNX parameter path, transform) for the model that ``config`` describes."""
     if isinstance(config, Aimv2VisionConfig):
         entries = _vision(config)
@@ -130,48 +119,19 @@ def name_map(config: Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]) -> 
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _params(model: AnyModel) -> dict[Path, nnx.Variable]:
-    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-
-
-def _check_covers(mapping: dict[str, tuple[Path, Transform]], params: dict[Path, nnx.Variable]) -> None:
-    mapped = {path for path, _ in mapping.values()}
-    unmapped = sorted(map(str, set(params) - mapped))
-    absent = sorted(map(str, mapped - set(params)))
-    if unmapped or absent:
-        raise ValueError(f"name map and model disagree: model params not mapped {unmapped}, mapped paths absent {absent}")
-
-
-def hf_state_to_nnx(model: AnyModel, state_dict: dict[str, np.ndarray]) -> AnyModel:
+def hf_state_to_nnx(model: AnyModel, state_dict: dict[str, np.ndarray], source: str = "state dict") -> AnyModel:
     """Writes a transformers state dict into ``model`` (in place; abstract models from ``nnx.eval_shape`` too).
 
-    Parameters keep their float32 dtype. Raises ``ValueError`` naming any missing, unexpected or misshapen key.
+    Parameters keep their float32 dtype. Raises ``WeightsMismatchError`` naming any missing, unexpected or misshapen
+    key.
     """
-    mapping = name_map(model.config)
-    params = _params(model)
-    _check_covers(mapping, params)
-    missing = sorted(set(mapping) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(mapping))
-    if missing or unexpected:
-        raise ValueError(f"checkpoint keys do not match the model: missing {missing}, unexpected {unexpected}")
-    for key, (path, transform) in mapping.items():
-        var = params[path]
-        value = transform.to_nnx(np.asarray(state_dict[key]))
-        if value.shape != tuple(var.shape):
-            raise ValueError(
-                f"{key}: checkpoint shape {np.shape(state_dict[key])} -> {value.shape} after '{transform.name}', "
-                f"model parameter {'/'.join(map(str, path))} expects {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value, dtype=var.dtype))
+    load(variables(model), name_map(model.config), state_dict, source)
     return model
 
 
 def nnx_to_hf_state(model: AnyModel) -> dict[str, np.ndarray]:
     """The transformers state dict of ``model`` (contiguous numpy arrays in the parameters' dtype)."""
-    mapping = name_map(model.config)
-    params = _params(model)
-    _check_covers(mapping, params)
-    return {key: np.array(transform.to_hf(np.asarray(jax.device_get(params[path][...]))), order="C")
-            for key, (path, transform) in mapping.items()}
+    return dump(variables(model), name_map(model.config), type(model).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -179,38 +139,70 @@ def nnx_to_hf_state(model: AnyModel) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def read_json(file: str) -> dict:
+    """A JSON object from `file`; PretrainedFolderError naming the file when it is missing, truncated or not JSON."""
+    if not os.path.isfile(file):
+        raise PretrainedFolderError(f"{file} does not exist.")
+    try:
+        with open(file) as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PretrainedFolderError(f"{file} is not valid JSON (truncated or corrupt?): {e}") from e
+    if not isinstance(d, dict):
+        raise PretrainedFolderError(f"{file} holds a JSON {type(d).__name__}, not an object.")
+    return d
+
+
 def read_config(path: str) -> Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]:
     """The config dataclass for ``path/config.json``, chosen by its ``model_type``."""
     file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {path}")
-    with open(file) as f:
-        d = json.load(f)
+    if not os.path.isdir(path):
+        raise PretrainedFolderError(f"AIMv2 folder {path} does not exist.")
+    d = read_json(file)
     model_type = d.get("model_type")
     if model_type not in _MODELS:
-        raise ValueError(f"{file}: model_type {model_type!r} is not one of {sorted(_MODELS)}")
-    return _MODELS[model_type][0].from_hf_dict(d)
+        raise PretrainedFolderError(f"{file}: model_type {model_type!r} is not one of {sorted(_MODELS)}")
+    try:
+        return _MODELS[model_type][0].from_hf_dict(d)
+    except (TypeError, ValueError) as e:
+        raise PretrainedFolderError(f"{file}: {e}") from e
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of ``path/model.safetensors`` (or of the shards listed in ``model.safetensors.index.json``)."""
+    """All tensors of ``path/model.safetensors`` (or of the shards listed in ``model.safetensors.index.json``);
+    PretrainedFolderError naming a missing, truncated or corrupt file."""
     single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, WEIGHTS_INDEX_NAME)
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
-            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise PretrainedFolderError(f"{index} has no weight_map.")
+        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
     else:
-        raise FileNotFoundError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path}")
+        raise PretrainedFolderError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {path}")
     tensors: dict[str, np.ndarray] = {}
     for file in files:
+        tensors.update(read_safetensors_file(file, frozenset(tensors)))
+    return tensors
+
+
+def read_safetensors_file(file: str, seen: frozenset[str] = frozenset()) -> dict[str, np.ndarray]:
+    """All tensors of one safetensors file (bfloat16 as float32); PretrainedFolderError naming a missing, truncated or
+    corrupt file, or a key already in `seen` (another shard)."""
+    if not os.path.isfile(file):
+        raise PretrainedFolderError(f"{file} does not exist.")
+    tensors = {}
+    try:
         with safe_open(file, framework="numpy") as f, safe_open(file, framework="flax") as f_jax:
             for key in f.keys():
-                if key in tensors:
-                    raise ValueError(f"{file}: key {key} appears in more than one shard")
+                if key in seen:
+                    raise PretrainedFolderError(f"{file}: key {key} appears in more than one shard")
                 # numpy has no bfloat16; the flax backend reads it.
                 bf16 = f.get_slice(key).get_dtype() == "BF16"
                 tensors[key] = np.asarray(f_jax.get_tensor(key), np.float32) if bf16 else f.get_tensor(key)
+    except (SafetensorError, OSError) as e:
+        raise PretrainedFolderError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     return tensors
 
 
@@ -228,7 +220,7 @@ def load_pretrained(path: str, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = Non
         model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0), **module_kwargs))
     else:
         model = cls(config, dtype=dtype, rngs=rngs, **module_kwargs)
-    return hf_state_to_nnx(model, state_dict)
+    return hf_state_to_nnx(model, state_dict, path)
 
 
 def save_pretrained(model: AnyModel, path: str) -> None:

@@ -1,4 +1,4 @@
-"""AutoRad-Lung in PyTorch, on `transformers`' AIMv2, for models exported from JAX (`autorad_jax.weights.export`).
+"""AutoRad-Lung in PyTorch, on `transformers`' AIMv2, for models exported from JAX (`autorad_jax.export`).
 
 An export folder holds:
   aimv2/                    the (fine-tuned) AIMv2 towers as a `transformers` folder (`Aimv2Model.from_pretrained`),
@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers import Aimv2Model
 
+from autorad_jax.errors import AutoradError
+
 EXPORT_FORMAT = "autorad_jax.autorad_lung"
 EXPORT_FORMAT_VERSION = 1
 EXPORT_CONFIG = "autorad_lung.json"
@@ -39,7 +41,7 @@ CONDITIONINGS = ("shared", "per_token")
 POOLINGS = ("head", "mean")
 
 
-class ExportFolderError(ValueError):
+class ExportFolderError(AutoradError, ValueError):
     """An export folder is incomplete, or was not written for this model."""
 
 
@@ -112,9 +114,10 @@ class AutoRadLungTorch(nn.Module):
 
     @classmethod
     def from_export(cls, path: str) -> "AutoRadLungTorch":
-        """Loads an export folder written by `autorad_jax.weights.export` (safetensors and JSON only)."""
+        """Loads an export folder written by `autorad_jax.export` (safetensors and JSON only)."""
         config = read_export_config(path)
         towers = os.path.join(path, EXPORT_TOWERS)
+        _check_safetensors(os.path.join(towers, "model.safetensors"))
         aimv2, info = Aimv2Model.from_pretrained(towers, output_loading_info=True, dtype=torch.float32)
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
@@ -125,7 +128,7 @@ class AutoRadLungTorch(nn.Module):
             n_ctx=m["n_ctx"], width=aimv2.config.text_config.hidden_size, num_classes=len(tokens),
             length=len(tokens[0]), num_radiomics=len(config["radiomics"]["feature_names"]),
             meta_hidden_dim=m["meta_hidden_dim"], conditioning=m["conditioning"])
-        weights = safetensors.torch.load_file(os.path.join(path, EXPORT_WEIGHTS))
+        weights = safetensors.torch.load_file(_check_safetensors(os.path.join(path, EXPORT_WEIGHTS)))
         try:
             prompt_learner.load_state_dict(weights, strict=True)
         except RuntimeError as e:
@@ -169,6 +172,16 @@ class AutoRadLungTorch(nn.Module):
         text = nn.functional.normalize(text, dim=-1, eps=0.0).expand(image.shape[0], *text.shape[1:])
         scale = self.aimv2.logit_scale.clamp(0.0, self.aimv2.max_log_logit_scale).exp()
         return scale * torch.einsum("bp,bcp->bc", image, text)
+
+
+def _check_safetensors(file: str) -> str:
+    """`file`, once its header and size check out; ExportFolderError naming a truncated or corrupt file."""
+    try:
+        with safetensors.safe_open(file, framework="pt"):
+            pass
+    except (OSError, safetensors.SafetensorError) as e:
+        raise ExportFolderError(f"{file} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    return file
 
 
 def read_export_config(path: str) -> dict[str, Any]:

@@ -1,0 +1,195 @@
+"""Export of a trained AutoRad-Lung (or CoOp) model: workdir -> `transformers` AIMv2 folder + PyTorch model folder.
+
+`export(workdir, out_dir)` writes the folder that `autorad_jax.weights.torch_model.AutoRadLungTorch.from_export`
+loads (layout in that module): the AIMv2 towers through the AIMv2 name map (`hf_aimv2.save_pretrained`), the prompt
+learner through its name map, and a JSON config with class names, tokenised prompts, radiomics names and statistics,
+the preprocessing and the training config. `load_export` reads such a folder back into the JAX model. Weights are
+safetensors only.
+
+An export never destroys what it did not write: a non-empty `out_dir` is refused unless `overwrite`; the new export is
+written beside it and swapped in whole, so a failed export leaves the old one as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from autorad_jax import models
+from autorad_jax.data import pipeline
+from autorad_jax.data.tokenizer import load_tokenizer
+from autorad_jax.errors import AutoradError, ConfigError
+from autorad_jax.modeling import TOKENIZER_DIR
+from autorad_jax.models.aimv2 import interpolate_position_embedding
+from autorad_jax.models.autorad_lung import AutoRadLung
+from autorad_jax.models.spec import ModelSpec, PromptTokens
+from autorad_jax.train import checkpointing, trainer
+from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
+from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
+                                             EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
+
+_POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
+
+
+class ExportTargetError(AutoradError, FileExistsError):
+    """The export's output folder cannot be written as asked (not a folder, or not empty without --overwrite)."""
+
+
+def builder_config(name: str):
+    """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
+    import tfds_lidc
+    configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
+    if name not in configs:
+        raise ConfigError(f"config.data.builder_config={name!r} is not one of {sorted(configs)}")
+    return configs[name]
+
+
+def preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What turns a CT and a nodule mask into the model's inputs (builder config, view, window, size, normalisation)."""
+    builder = builder_config(config.data.builder_config)
+    return {"builder_config": builder.name, "crop_size": builder.crop_size, "spacing_mm": builder.spacing_mm,
+            "consensus_level": builder.consensus_level, "view": config.data.view,
+            "window_hu": [float(v) for v in config.data.window_hu], "image_size": int(config.data.image_size),
+            "image_mean": pipeline.AIMV2_MEAN.tolist(), "image_std": pipeline.AIMV2_STD.tolist(),
+            "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)", "channels": "view slices, windowed to [0, 1], normalised"}
+
+
+def _resize_position_embedding(towers: str, image_size: int) -> None:
+    """Rewrites a saved vision tower for `image_size` inputs with the position table the JAX model interpolates to
+    (transformers' AIMv2 does not interpolate)."""
+    hf_config = hf_aimv2.read_json(os.path.join(towers, hf_aimv2.CONFIG_NAME))
+    joint = "vision_config" in hf_config
+    vision = hf_config["vision_config"] if joint else hf_config
+    key = _POSITION_KEY if joint else _POSITION_KEY.removeprefix("vision_model.")
+    old, new = vision["image_size"] // vision["patch_size"], image_size // vision["patch_size"]
+    if old == new:
+        return
+    weights_file = os.path.join(towers, hf_aimv2.WEIGHTS_NAME)
+    tensors = hf_aimv2.read_safetensors_file(weights_file)
+    tensors[key] = np.asarray(interpolate_position_embedding(jnp.asarray(tensors[key]), (old, old), (new, new)),
+                              np.float32)
+    save_file(tensors, weights_file, metadata={"format": "pt"})
+    vision["image_size"] = image_size
+    with open(os.path.join(towers, hf_aimv2.CONFIG_NAME), "w") as f:
+        json.dump(hf_config, f, indent=2, sort_keys=True)
+
+
+def check_exportable(model: nnx.Module, config: ml_collections.ConfigDict) -> None:
+    """ValueError unless `model` is an AutoRad-Lung / CoOp model (the baselines have no PyTorch export)."""
+    if config.model.name not in models.PROMPT_MODELS or not isinstance(model, AutoRadLung):
+        raise ExportFolderError(
+            f"export writes AutoRad-Lung models ({', '.join(models.PROMPT_MODELS)}); this checkpoint holds a "
+            f"{config.model.name!r} model ({type(model).__name__}), which has no PyTorch export: use it with "
+            f"`python run.py predict --workdir`.")
+
+
+def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: ModelSpec,
+                 stats: pipeline.RadiomicsStats, out_dir: str, *, tokenizer_dir: Optional[str] = None,
+                 checkpoint: Optional[dict] = None) -> str:
+    """Writes the export folder of an AutoRad-Lung / CoOp model into the new or empty folder `out_dir`.
+
+    `tokenizer_dir`: the run's saved tokenizer (default: CLIP's BPE vocabulary), copied beside the towers.
+    """
+    check_exportable(model, config)
+    os.makedirs(out_dir, exist_ok=True)
+    towers, vision = os.path.join(out_dir, EXPORT_TOWERS), os.path.join(out_dir, EXPORT_VISION)
+    for folder, module in ((towers, model.aimv2), (vision, model.aimv2.vision_model)):
+        hf_aimv2.save_pretrained(module, folder)
+        _resize_position_embedding(folder, int(config.data.image_size))
+    load_tokenizer(tokenizer_dir).save_pretrained(towers)
+    prompt_learner = model.prompt_learner
+    save_file(prompt_learner_state(prompt_learner), os.path.join(out_dir, EXPORT_WEIGHTS), metadata={"format": "pt"})
+    meta_net = prompt_learner.meta_net
+    export_config = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
+        "model": {"name": config.model.name, "pooling": model.pooling, "n_ctx": int(prompt_learner.n_ctx),
+                  "ctx_from_tokens": bool(spec.prompts.ctx_from_tokens), "conditioning": prompt_learner.conditioning,
+                  "meta_hidden_dim": None if meta_net is None else int(meta_net.linear1.out_features)},
+        "class_names": list(spec.class_names),
+        "labels": list(pipeline.label_names(config.data.label_scheme)),
+        "tokenized_prompts": np.asarray(prompt_learner.tokenized_prompts[...]).tolist(),
+        "radiomics": {"feature_names": list(spec.radiomics_names), **stats.to_json()},
+        "preprocessing": preprocessing(config),
+        "checkpoint": checkpoint or {},
+        "config": config.to_dict(),
+    }
+    with open(os.path.join(out_dir, EXPORT_CONFIG), "w") as f:
+        json.dump(export_config, f, indent=2)
+    return out_dir
+
+
+def _check_target(out_dir: str, overwrite: bool) -> None:
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportTargetError(f"--out {out_dir} is a file, not a folder: give a new or empty folder.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ExportTargetError(f"--out {out_dir} is not empty: give a new or empty folder, or add --overwrite to "
+                                f"replace it whole with the new export.")
+
+
+def export(workdir: str, out_dir: str, step: Optional[int] = None, *, overwrite: bool = False) -> str:
+    """Exports the best (or step `step`) checkpoint of `workdir` to `out_dir`; returns `out_dir`.
+
+    The export is written into a new folder beside `out_dir` and moved into place when complete; with `overwrite`, a
+    non-empty `out_dir` is replaced whole only then.
+    """
+    out_dir = os.path.abspath(out_dir)
+    _check_target(out_dir, overwrite)
+    restored = trainer.load_model(workdir, step)
+    check_exportable(restored.model, restored.config)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.export-", dir=parent)
+    try:
+        export_model(restored.model, restored.config, restored.spec, restored.stats, staging,
+                     tokenizer_dir=os.path.join(workdir, TOKENIZER_DIR),
+                     checkpoint={"workdir": os.path.abspath(workdir), "step": restored.step})
+        _swap_in(staging, out_dir)
+    finally:
+        if os.path.isdir(staging):
+            shutil.rmtree(staging)
+    return out_dir
+
+
+def _swap_in(staging: str, out_dir: str) -> None:
+    """Moves the complete export `staging` to `out_dir`, replacing the (empty, or overwritten) folder there."""
+    if not os.path.isdir(out_dir):
+        os.rename(staging, out_dir)
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=os.path.dirname(out_dir))
+    os.rename(out_dir, os.path.join(old, "previous"))
+    os.rename(staging, out_dir)
+    shutil.rmtree(old)
+
+
+def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
+    """The JAX model of an export folder (the inverse of `export_model`) and the folder's JSON config."""
+    export_config = read_export_config(export_dir)
+    config = checkpointing.saved_config(export_config["config"])
+    towers_dir = os.path.join(export_dir, EXPORT_TOWERS)
+    m = export_config["model"]
+    spec = ModelSpec(
+        towers=hf_aimv2.read_config(towers_dir),
+        prompts=PromptTokens(np.asarray(export_config["tokenized_prompts"], np.int32), int(m["n_ctx"]),
+                             bool(m.get("ctx_from_tokens", False))),
+        class_names=tuple(export_config["class_names"]),
+        radiomics_names=tuple(export_config["radiomics"]["feature_names"]))
+    try:
+        model = nnx.eval_shape(lambda: models.Model(config.model, spec, rngs=nnx.Rngs(0)))
+    except ValueError as e:
+        raise ExportFolderError(f"{export_dir}: the AIMv2 folder does not fit the exported model: {e}") from e
+    hf_aimv2.hf_state_to_nnx(model.aimv2, hf_aimv2.read_safetensors(towers_dir), towers_dir)
+    weights = os.path.join(export_dir, EXPORT_WEIGHTS)
+    load_prompt_learner_state(model.prompt_learner, hf_aimv2.read_safetensors_file(weights), weights)
+    if not np.array_equal(model.prompt_learner.tokenized_prompts[...], spec.prompts.ids):
+        raise ExportFolderError(f"{export_dir}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
+    return model, export_config
