@@ -32,6 +32,7 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded f
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; overrides config.data.data_dir.")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes for dataset generation (prepare).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Rebuild a dataset that --data_dir holds from other series (prepare).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (synth, export).")
 _NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
@@ -92,7 +93,8 @@ def _run(command: str):
             raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")
         import tfds_lidc
         return tfds_lidc.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
-                                 builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value)
+                                 builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value,
+                                 overwrite=_OVERWRITE.value)
     if command in ("train", "eval", "cv"):
         from autorad_jax import train
         if command == "train":

@@ -52,7 +52,7 @@ def test_read_back_without_tensorflow(built, examples):
         splits_of[e['patient_id']].add(e['split'])
         assert 0 <= e['fold'] < 5
     assert all(len(s) == 1 for s in splits_of.values())
-    report = json.load(open(os.path.join(built, 'lidc_idri', CONFIG, '1.0.0', 'build_report.json')))
+    report = json.load(open(os.path.join(tfds_lidc.Builder(data_dir=built, config=CONFIG).data_dir, 'build_report.json')))
     assert report['series_read'] == NUM_SCANS and report['nodules_written'] == len(examples)
 
 
