@@ -74,7 +74,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  'positions or one missing slice are interpolated instead of skipped; duplicate slices dropped; '
                  'as pylidc: single-point rois dropped, invalid malignancy ratings left out, nodules with no valid '
                  'rating skipped; clusters of more than 4 annotations keep one annotation per reader for both mask '
-                 'and ratings; symlinked folders followed; per-series cache; series fingerprint in the metadata.',
+                 'and ratings; symlinked folders followed; per-series cache; series fingerprint in the metadata; '
+                 'radiomics with pyradiomics\' CT settings (voxelArrayShift 1000, minimumROIDimensions 2).',
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
