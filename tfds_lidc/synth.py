@@ -262,12 +262,15 @@ def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int 
 
 
 def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2, margin_mm: float = 10.0,
-             max_slices: int = 48, verbose: bool = True) -> list[str]:
+             max_slices: int = 48, full_size: bool = False, verbose: bool = True) -> list[str]:
     """Writes `num_scans` series (TCIA layout) for real scans picked deterministically from `seed`.
 
     Scans with annotated nodules (with characteristics) whose slab fits `max_slices` evenly spaced
-    slices are picked in a seeded random order. Returns the series folders.
+    slices are picked in a seeded random order. `full_size` writes every slice of each scan at 512^2 instead (no
+    slab, no downsampling), as LIDC-IDRI has them, to measure the builder. Returns the series folders.
     """
+    if full_size:
+        downsample, max_slices, margin_mm = 1, 10 ** 6, 0.0
     if verbose:
         print(SIMULATED_NOTICE, flush=True)
     candidates = _candidates()
@@ -280,7 +283,7 @@ def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2
         if (zmax - zmin + 2 * margin_mm) / thickness > 1.5 * max_slices:
             continue
         series_dir = generate_scan(out_dir, scan_id, seed=seed, downsample=downsample, margin_mm=margin_mm,
-                                   max_slices=max_slices)
+                                   max_slices=max_slices, z_range=(-np.inf, np.inf) if full_size else None)
         if series_dir is not None:
             written.append(series_dir)
     if verbose:
