@@ -46,7 +46,9 @@ _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a spher
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
 _EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out folder whole (export).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Replace what is there: a non-empty --out folder, whole (export); a dataset in --data_dir built "
+    "from other series (prepare).")
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
@@ -95,7 +97,8 @@ def _run(command: str):
             raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")
         import tfds_lidc
         return tfds_lidc.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
-                                 builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value)
+                                 builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value,
+                                 overwrite=_OVERWRITE.value)
     if command in ("train", "eval", "cv"):
         from autorad_jax import train
         if command == "train":
@@ -124,9 +127,10 @@ def main(argv):
         raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
     logging.info("%s %s", _PROG, command)
     from autorad_jax.errors import AutoradError
+    from tfds_lidc.errors import LidcDataError
     try:
         _run(command)
-    except AutoradError as e:
+    except (AutoradError, LidcDataError) as e:
         # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.
         sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}")

@@ -44,6 +44,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         window_hu=(-1000.0, 400.0),
         image_size=image_size,
         label_scheme="3class",  # '3class' (benign/unsure/malignant) or 'binary' (unsure band dropped).
+        # Label protocol applied to the stored per-reader ratings (autorad_jax/data/labels.py): 'mean' | 'median'
+        # (3 classes at 2.5 / 3.5), or '<mean|median>_<exclude3|3benign|3malignant>' (binary, with label_scheme=binary).
+        label_rule="mean",
+        min_readers=1,  # leave out nodules with fewer valid malignancy ratings
+        min_diameter_mm=0.0,  # leave out nodules with a smaller longest axial diameter
         augment=True,
         batch_size=32 if tiny else 64,
         eval_batch_size=64 if tiny else 128,

@@ -12,9 +12,9 @@ NUM_SCANS = 3  # scans of the native-resolution build of the tfds_lidc tests
 
 
 def read_all(data_dir: str) -> dict:
-    """{(series_uid, nodule_index): example} over all splits, read through tfds.data_source."""
+    """{(series_uid, nodule_index): example} over the dataset's splits, read through tfds.data_source."""
     out = {}
-    for split in ('train', 'validation', 'test'):
+    for split in tfds.builder(f'lidc_idri/{CONFIG}', data_dir=data_dir).info.splits.keys():
         source = tfds.data_source(f'lidc_idri/{CONFIG}', data_dir=data_dir, split=split)
         for i in range(len(source)):
             ex = source[i]

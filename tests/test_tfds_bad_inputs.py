@@ -1,5 +1,4 @@
 """Every kind of bad LIDC-IDRI input is handled and recorded in build_report.json."""
-import json
 import os
 import re
 import shutil
@@ -76,10 +75,10 @@ def _no_nodules(d):
 
 VARIANTS = {
     'LIDC-IDRI-9001': (_corrupt, 'corrupt or truncated DICOM'),
-    'LIDC-IDRI-9002': (_missing_slice, 'missing slice'),
-    'LIDC-IDRI-9003': (_uneven, 'uneven slice spacing'),
     'LIDC-IDRI-9004': (_bad_xml, 'reader XML does not parse'),
 }
+# Read, interpolated onto a regular grid, with a note in the report.
+INTERPOLATED = {'LIDC-IDRI-9002': _missing_slice, 'LIDC-IDRI-9003': _uneven}
 
 
 def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
@@ -88,35 +87,38 @@ def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
             tfds_lidc.prepare(manual, str(tmp_path / 'data'), CONFIG)
 
 
-def _task(manual: str, series_dir: str, patient: str, report_dir: str) -> series_examples.SeriesTask:
-    return series_examples.SeriesTask(manual, os.path.relpath(series_dir, manual), patient, 'train', 0, 32, 1.0,
-                                      0.5, radiomics_features.DEFAULT_PARAMS, report_dir)
+def _task(manual: str, series_dir: str, patient: str, cache_dir: str) -> series_examples.SeriesTask:
+    return series_examples.SeriesTask(manual, os.path.relpath(series_dir, manual), patient, 32, 1.0, 0.5,
+                                      radiomics_features.DEFAULT_PARAMS, cache_dir, 'test')
 
 
 def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable=redefined-outer-name
-    manual, report_dir = str(tmp_path / 'manual'), str(tmp_path / 'data')
+    manual, cache_dir = str(tmp_path / 'manual'), str(tmp_path / 'cache')
     dirs = {}
-    for patient, (damage, _) in VARIANTS.items():
+    for patient, damage in [(p, d) for p, (d, _) in VARIANTS.items()] + list(INTERPOLATED.items()):
         dirs[patient] = _copy(good, manual, patient)
         damage(dirs[patient])
     dirs['LIDC-IDRI-9005'] = _copy(good, manual, 'LIDC-IDRI-9005')
     _roi_no_slice(dirs['LIDC-IDRI-9005'])
     dirs['LIDC-IDRI-9006'] = _copy(good, manual, 'LIDC-IDRI-9006')
     _no_nodules(dirs['LIDC-IDRI-9006'])
-    written = {p: series_examples.series_examples(_task(manual, d, p, report_dir)) for p, d in dirs.items()}
-    rep = report.merge_parts(report_dir)
-    assert os.path.exists(os.path.join(report_dir, 'build_report.json'))
+    entries = [series_examples.process_series(_task(manual, d, p, cache_dir)) for p, d in dirs.items()]
+    written = {e['patient_id']: e['nodules_written'] for e in entries}
+    rep = report.build(entries, {}, {}, '', manual)
     skipped = {e['patient_id']: e['reason'] for e in rep['series_skipped']}
     assert skipped.keys() == VARIANTS.keys()
     for patient, (_, reason) in VARIANTS.items():
         assert reason in skipped[patient], skipped[patient]
         assert not written[patient]
     issues = {e['patient_id']: e['issues'] for e in rep['series']}
+    for patient in INTERPOLATED:
+        assert any('interpolated' in i for i in issues[patient]), issues[patient]
+        assert written[patient]
     assert any('matches no slice' in i for i in issues['LIDC-IDRI-9005'])
     assert written['LIDC-IDRI-9005']
     assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
     assert not written['LIDC-IDRI-9006']
-    assert rep['series_read'] == 2 and rep['nodules_written'] == len(written['LIDC-IDRI-9005'])
+    assert rep['series_read'] == 4 and not rep['errors']
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name
@@ -131,13 +133,11 @@ def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: di
     for path in ct_series.dicom_files(series_dir):   # drop every slice above the nodule's top contour
         if float(pydicom.dcmread(path).ImagePositionPatient[2]) > series.z_positions[top] + 1e-3:
             os.remove(path)
-    examples = dict(series_examples.series_examples(
-        _task(str(tmp_path), series_dir, 'LIDC-IDRI-9007', str(tmp_path / 'report'))))
-    ex = next(iter(examples.values()))
+    entry = series_examples.process_series(_task(str(tmp_path), series_dir, 'LIDC-IDRI-9007', str(tmp_path / 'c')))
+    ex = series_examples.tfds_examples(str(tmp_path / 'c'), entry, 0)[0][1]
     z_last = series.z_positions[top]
     plane_z = ex['centroid_mm'][2] + (np.arange(32) - 15.5)
     beyond = plane_z > z_last + 0.5 * spacing_z + 1e-3   # a slice covers half its spacing each side
     assert beyond.any()
     assert np.all(ex['ct'][beyond] == -1000)
-    entry = json.load(open(next((tmp_path / 'report' / 'build_report_parts').glob('*.json'))))
     assert any('padded with air' in i for i in entry['issues'])

@@ -52,7 +52,7 @@ def test_read_back_without_tensorflow(built, examples):
         splits_of[e['patient_id']].add(e['split'])
         assert 0 <= e['fold'] < 5
     assert all(len(s) == 1 for s in splits_of.values())
-    report = json.load(open(os.path.join(built, 'lidc_idri', CONFIG, '1.0.0', 'build_report.json')))
+    report = json.load(open(os.path.join(tfds_lidc.Builder(data_dir=built, config=CONFIG).data_dir, 'build_report.json')))
     assert report['series_read'] == NUM_SCANS and report['nodules_written'] == len(examples)
 
 
@@ -147,3 +147,19 @@ def test_command_lines_build_the_same_dataset(command, manual_dir, examples, tmp
     assert rebuilt.keys() == examples.keys()
     for key, ex in examples.items():
         np.testing.assert_array_equal(rebuilt[key]['radiomics'], ex['radiomics'])
+
+
+def test_radiomics_follow_pyradiomics_ct_settings():
+    """Energy is computed on HU shifted by 1000 (pyradiomics' CT example), checked by hand on a phantom nodule."""
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:24, :24, :24]
+    ball = ((zz - 11.5) ** 2 + (yy - 11.5) ** 2 + (xx - 11.5) ** 2) <= 16
+    ct = sitk.GetImageFromArray(np.where(ball, rng.integers(-600, 100, ball.shape), -900).astype(np.int16))
+    mask = sitk.GetImageFromArray(ball.astype(np.uint8))
+    sample = tfds_lidc.nodule_example(ct, mask, crop_size=16)
+    hu = sitk.GetArrayFromImage(sample.roi_ct)[sitk.GetArrayFromImage(sample.roi_mask) > 0].astype(np.float64)
+    energy = sample.radiomics[list(radiomics_features.feature_names()).index('original_firstorder_Energy')]
+    assert energy == pytest.approx(np.sum((hu + 1000) ** 2), rel=1e-6)
+    line = sitk.GetImageFromArray(np.pad(np.ones((1, 1, 5), np.uint8), ((4, 4), (4, 4), (2, 2))))
+    with pytest.raises(tfds_lidc.nodule_sample.NoduleError, match='pyradiomics refuses'):
+        tfds_lidc.nodule_example(sitk.GetImageFromArray(np.zeros((9, 9, 9), np.int16)), line, crop_size=9)

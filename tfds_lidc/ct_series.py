@@ -8,8 +8,10 @@ import numpy as np
 import pydicom
 import SimpleITK as sitk
 
+from tfds_lidc.errors import LidcDataError
 
-class SeriesError(ValueError):
+
+class SeriesError(LidcDataError, ValueError):
     """The series cannot be used; the message is the reason recorded in the build report."""
 
 
@@ -17,12 +19,15 @@ class SeriesError(ValueError):
 class CtSeries:
     """A loaded CT series and the DICOM attributes the builder uses."""
     image: sitk.Image          # int16 HU, axes (x, y, z) in SimpleITK order
-    sop_uids: list[str]        # per slice, in image z order
-    z_positions: np.ndarray    # ImagePositionPatient z per slice, in image z order
+    sop_uids: list[str]        # per read slice, in position order (annotations index these slices)
+    z_positions: np.ndarray    # ImagePositionPatient z per read slice
     patient_id: str
     study_uid: str
     series_uid: str
     slice_thickness: float
+    positions: np.ndarray      # slice positions along the slice normal, sorted, one per read slice
+    regular: bool              # False: the slices were interpolated onto `image`'s regular grid
+    notes: list[str]           # what the reader changed (duplicates dropped, interpolation), for the report
 
 
 def dicom_files(directory: str) -> list[str]:
@@ -41,31 +46,66 @@ def _read_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
     return ds, hu
 
 
-def check_spacing(positions: np.ndarray, rel_tol: float = 0.05) -> float:
-    """Returns the slice spacing of sorted slice positions; raises `SeriesError` if uneven."""
+MAX_GAP_FACTOR = 2.5  # gaps up to 2.5x the median slice spacing (one missing slice) are interpolated
+
+
+def slice_spacing(positions: np.ndarray, rel_tol: float = 0.05) -> tuple[float, bool]:
+    """(median spacing, whether every gap equals it) of sorted, distinct slice positions.
+
+    Raises `SeriesError` when there are fewer than two slices or a gap exceeds MAX_GAP_FACTOR x the median.
+    """
     if len(positions) < 2:
         raise SeriesError('fewer than two slices')
     diffs = np.diff(positions)
     spacing = float(np.median(diffs))
-    if np.any(diffs <= 1e-3):
-        raise SeriesError(f'duplicate slice position at {positions[1:][diffs <= 1e-3][0]:.2f} mm')
-    tol = max(rel_tol * spacing, 0.01)
-    gaps = np.abs(diffs - np.round(diffs / spacing) * spacing) <= tol
-    missing = gaps & (np.round(diffs / spacing) >= 2)
-    if np.any(missing):
-        i = int(np.argmax(missing))
-        raise SeriesError(f'missing slice: gap of {diffs[i]:.2f} mm after position {positions[i]:.2f} mm '
-                          f'(spacing {spacing:.2f} mm)')
-    uneven = np.abs(diffs - spacing) > tol
-    if np.any(uneven):
-        i = int(np.argmax(uneven))
-        raise SeriesError(f'uneven slice spacing: {diffs[i]:.3f} mm after position {positions[i]:.2f} mm '
-                          f'(median {spacing:.3f} mm)')
-    return spacing
+    if diffs.max() > MAX_GAP_FACTOR * spacing:
+        i = int(np.argmax(diffs))
+        raise SeriesError(f'gap of {diffs[i]:.2f} mm after slice position {positions[i]:.2f} mm is more than '
+                          f'{MAX_GAP_FACTOR} x the slice spacing ({spacing:.2f} mm)')
+    return spacing, bool(np.all(np.abs(diffs - spacing) <= max(rel_tol * spacing, 0.01)))
+
+
+def grid_count(positions: np.ndarray, spacing: float) -> int:
+    """Number of slices of the regular grid from the first to the last position."""
+    return int(round((positions[-1] - positions[0]) / spacing)) + 1
+
+
+def to_grid(values: np.ndarray, positions: np.ndarray, grid_start: float, spacing: float,
+            count: int) -> tuple[int, np.ndarray]:
+    """Linear interpolation along axis 0 of slices at sorted `positions` onto the regular grid
+    grid_start + j * spacing, j < count; returns (first j, float32 slices) for the grid slices that the
+    positions span."""
+    targets = grid_start + spacing * np.arange(count)
+    j = np.flatnonzero((targets >= positions[0] - 1e-6) & (targets <= positions[-1] + 1e-6))
+    out = np.empty((len(j),) + values.shape[1:], np.float32)
+    for row, t in enumerate(targets[j]):
+        i = int(np.clip(np.searchsorted(positions, t, side='right') - 1, 0, max(len(positions) - 2, 0)))
+        w = float(np.clip((t - positions[i]) / (positions[i + 1] - positions[i]), 0.0, 1.0)) if len(positions) > 1 else 0.0
+        out[row] = (1.0 - w) * values[i] + w * values[i + 1] if w > 0 else values[i]
+    return (int(j[0]) if len(j) else 0), out
+
+
+def _drop_duplicates(slices: list, positions: np.ndarray) -> tuple[list, np.ndarray, list[str]]:
+    """Sorted slices without exact duplicates (same position and pixels), their positions and notes for the report;
+    raises `SeriesError` on two different slices at one position. (An roi on a dropped slice still matches the
+    kept one by its z position.)"""
+    keep, notes = [0], []
+    for i in range(1, len(slices)):
+        if positions[i] - positions[keep[-1]] > 1e-3:
+            keep.append(i)
+            continue
+        if not np.array_equal(slices[keep[-1]][1], slices[i][1]):
+            raise SeriesError(f'two different slices at position {positions[i]:.2f} mm')
+        notes.append(f'duplicate slice at position {positions[i]:.2f} mm dropped')
+    return [slices[i] for i in keep], positions[keep], notes
 
 
 def load_ct_series(directory: str) -> CtSeries:
-    """Reads, validates and stacks the slices of a CT series, sorted along the slice normal."""
+    """Reads, validates and stacks the slices of a CT series, sorted along the slice normal.
+
+    Exact duplicate slices are dropped; uneven slice positions (or a missing slice) are interpolated linearly
+    onto a regular grid at the median spacing, unless a gap exceeds MAX_GAP_FACTOR x that spacing.
+    """
     files = dicom_files(directory)
     if not files:
         raise SeriesError('no DICOM files')
@@ -82,19 +122,26 @@ def load_ct_series(directory: str) -> CtSeries:
                 or not np.allclose(ds.PixelSpacing, first.PixelSpacing, atol=1e-4)):
             raise SeriesError('slices differ in orientation, size or pixel spacing')
     positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, np.float64), normal) for ds, _ in slices])
-    order = np.argsort(positions)
-    slices = [slices[i] for i in order]
-    spacing_z = check_spacing(positions[order])
-    volume = np.stack([np.clip(np.round(hu), -32768, 32767) for _, hu in slices]).astype(np.int16)
+    order = np.argsort(positions, kind='stable')
+    slices, positions, notes = _drop_duplicates([slices[i] for i in order], positions[order])
+    spacing_z, regular = slice_spacing(positions)
+    volume = np.stack([hu for _, hu in slices])
+    if not regular:
+        _, volume = to_grid(volume, positions, positions[0], spacing_z, grid_count(positions, spacing_z))
+        notes.append(f'uneven slice positions: {len(slices)} slices interpolated onto {len(volume)} slices '
+                     f'{spacing_z:.3f} mm apart')
+    volume = np.clip(np.round(volume), -32768, 32767).astype(np.int16)
     image = sitk.GetImageFromArray(volume)
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)  # DICOM: (between rows, between columns)
     image.SetSpacing((col_spacing, row_spacing, spacing_z))
     image.SetOrigin(tuple(float(v) for v in slices[0][0].ImagePositionPatient))
     image.SetDirection(tuple(np.stack([row_dir, col_dir, normal], axis=1).ravel()))
+    sop_uids = [str(ds.SOPInstanceUID) for ds, _ in slices]
     return CtSeries(image=image,
-                    sop_uids=[str(ds.SOPInstanceUID) for ds, _ in slices],
+                    sop_uids=sop_uids,
                     z_positions=np.array([float(ds.ImagePositionPatient[2]) for ds, _ in slices]),
                     patient_id=str(getattr(first, 'PatientID', '')),
                     study_uid=str(getattr(first, 'StudyInstanceUID', '')),
                     series_uid=str(getattr(first, 'SeriesInstanceUID', '')),
-                    slice_thickness=float(getattr(first, 'SliceThickness', None) or spacing_z))
+                    slice_thickness=float(getattr(first, 'SliceThickness', None) or spacing_z),
+                    positions=positions, regular=regular, notes=notes)

@@ -10,6 +10,11 @@ from scipy.spatial.distance import pdist
 
 from tfds_lidc import crop
 from tfds_lidc import radiomics_features
+from tfds_lidc.errors import LidcDataError
+
+
+class NoduleError(LidcDataError, ValueError):
+    """The nodule cannot be used (a fault of its data, not of the code); the message is the reason reported."""
 
 
 @dataclasses.dataclass
@@ -67,17 +72,20 @@ def nodule_example(ct: sitk.Image, mask: sitk.Image, *, crop_size: int = 64, spa
     mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     if voxels == 0:
-        raise ValueError('empty nodule mask')
+        raise NoduleError('empty nodule mask')
     centre = centroid_mm(mask)
     grid, offset = crop.nodule_grid(mask, centre, crop_size, spacing_mm)
     roi_ct = crop.resample_ct(ct, grid)
     roi_mask = crop.resample_mask(mask, grid)
     if not sitk.GetArrayViewFromImage(roi_mask).any():
-        raise ValueError('nodule mask vanishes at the isotropic spacing')
-    features = radiomics_features.extract(roi_ct, roi_mask, radiomics_params)
+        raise NoduleError('nodule mask vanishes at the isotropic spacing')
+    try:
+        features = radiomics_features.extract(roi_ct, roi_mask, radiomics_params)
+    except ValueError as e:  # pyradiomics' own checks of the mask (too small, too few dimensions, ...)
+        raise NoduleError(f'pyradiomics refuses the mask: {e}') from e
     names = radiomics_features.feature_names(radiomics_params)
     if tuple(features) != names:
-        raise ValueError('pyradiomics returned features in an unexpected order')
+        raise RuntimeError('pyradiomics returned features in an unexpected order')
     # The crop reaches outside the scan when one of its corners maps outside the CT's index range.
     ct_crop = crop.central_crop(sitk.GetArrayFromImage(roi_ct), offset, crop_size)
     direction = np.asarray(grid.direction).reshape(3, 3)

@@ -9,6 +9,7 @@ from matplotlib import path as mplpath
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist
 
+from tfds_lidc import ct_series
 from tfds_lidc import xml_reader
 
 
@@ -38,7 +39,8 @@ def place_annotations(reader_xml: xml_reader.ReaderXml, sop_uids: list[str], z_p
                       slice_spacing: float) -> tuple[list[Annotation], list[str]]:
     """Matches every roi to a slice (by SOP UID, else by z within half a slice); returns annotations and issues.
 
-    Only nodules with characteristics (>= 3 mm) are kept, as in pylidc; unmatched rois are dropped and reported.
+    Only nodules with characteristics (>= 3 mm) are kept, as in pylidc; single-point rois (pylidc drops them) and
+    unmatched rois are dropped and reported.
     """
     uid_to_k = {uid: k for k, uid in enumerate(sop_uids)}
     annotations, issues = [], []
@@ -52,7 +54,10 @@ def place_annotations(reader_xml: xml_reader.ReaderXml, sop_uids: list[str], z_p
                 nearest = int(np.argmin(np.abs(z_positions - roi.z)))
                 if abs(z_positions[nearest] - roi.z) <= 0.5 * slice_spacing:
                     k = nearest
-            if k is None or len(roi.xy) == 0:
+            if len(roi.xy) < 2:
+                issues.append(f'reader {_describe(nod)}: single-point roi at z={roi.z:.2f} dropped')
+                continue
+            if k is None:
                 issues.append(f'reader {_describe(nod)}: roi at z={roi.z:.2f} (SOP {roi.sop_uid}) matches no slice; dropped')
                 continue
             ij = np.round(roi.xy[:, ::-1]).astype(np.int64)
@@ -148,23 +153,49 @@ def consensus_mask(cluster: list[Annotation], bbox: tuple[slice, ...], level: fl
     return np.mean([annotation_mask(a, bbox) for a in cluster], axis=0) >= level
 
 
-def consensus_mask_image(cluster: list[Annotation], image: sitk.Image, level: float = 0.5) -> sitk.Image | None:
+def consensus_mask_image(cluster: list[Annotation], image: sitk.Image, level: float = 0.5,
+                         slice_positions: np.ndarray | None = None) -> sitk.Image | None:
     """The cluster's consensus mask as a uint8 image on `image`'s voxel grid (cropped to the cluster's bounding box);
-    None when no voxel reaches `level` reader agreement."""
-    bbox = cluster_bbox(cluster, image.GetSize()[::-1])
+    None when no voxel reaches `level` reader agreement.
+
+    `slice_positions`: positions along the slice normal of the slices the annotations index, when `image` holds them
+    interpolated onto a regular grid (`ct_series.CtSeries.regular` False); the mask is interpolated the same way.
+    """
+    num_slices = image.GetSize()[2] if slice_positions is None else len(slice_positions)
+    bbox = cluster_bbox(cluster, (num_slices,) + image.GetSize()[1::-1])
     consensus = consensus_mask(cluster, bbox, level)
     if not consensus.any():
         return None
+    k0 = bbox[0].start
+    if slice_positions is not None:
+        spacing = image.GetSpacing()[2]
+        k0, on_grid = ct_series.to_grid(consensus.astype(np.float32), slice_positions[bbox[0]], slice_positions[0],
+                                        spacing, image.GetSize()[2])
+        consensus = on_grid >= 0.5
+        if not consensus.any():
+            return None
     mask = sitk.GetImageFromArray(consensus.astype(np.uint8))
     mask.SetSpacing(image.GetSpacing())
     mask.SetDirection(image.GetDirection())
-    mask.SetOrigin(image.TransformIndexToPhysicalPoint([int(s.start) for s in bbox[::-1]]))
+    mask.SetOrigin(image.TransformIndexToPhysicalPoint([bbox[2].start, bbox[1].start, int(k0)]))
     return mask
 
 
+def select_readers(cluster: list[Annotation], max_readers: int = 4) -> tuple[list[Annotation], list[Annotation]]:
+    """(kept, left out) annotations of a cluster: one per reader (the reader's first), at most `max_readers`, in
+    reader order. LIDC has up to 4 readers per series; a larger cluster holds a reader's second mark of one
+    lesion or two lesions that clustering could not split, and the mask and ratings then use the kept ones."""
+    first = {}
+    for ann in cluster:
+        first.setdefault(ann.reader, ann)
+    kept = [first[r] for r in sorted(first)][:max_readers]
+    return kept, [a for a in cluster if not any(a is k for k in kept)]
+
+
 def reader_ratings(cluster: list[Annotation], max_readers: int = 4) -> np.ndarray:
-    """int32 [max_readers, 9] semantic ratings in reader order, 0 rows where no reader."""
+    """int32 [max_readers, 9] semantic ratings of `select_readers(cluster)`, 0 rows where no reader; a malignancy
+    of 0 means no valid rating."""
     out = np.zeros((max_readers, len(xml_reader.ATTRIBUTE_NAMES)), dtype=np.int32)
-    for row, ann in enumerate(sorted(cluster, key=lambda a: a.reader)[:max_readers]):
+    for row, ann in enumerate(select_readers(cluster, max_readers)[0]):
         out[row] = ann.characteristics
     return out

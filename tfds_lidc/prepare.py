@@ -1,22 +1,64 @@
-"""Library entry point that builds the dataset from a manual_dir."""
+"""Library entry point that builds the dataset from a manual_dir and says what it did."""
 from __future__ import annotations
 
 import os
 
 import tensorflow_datasets as tfds
 
+from tfds_lidc import report
+from tfds_lidc import series_cache
+from tfds_lidc.errors import LidcDataError
 from tfds_lidc.lidc_idri import Builder
 
 
-def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1) -> str:
+class DatasetExistsError(LidcDataError, RuntimeError):
+    """data_dir already holds this dataset, built from other series."""
+
+
+class ManualDirError(LidcDataError, FileNotFoundError):
+    """The manual_dir is missing or empty."""
+
+
+def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) -> str:
+    tasks, _ = builder.series_tasks(manual_dir, builder.series_cache_dir(download_dir))
+    return series_cache.fingerprint(
+        series_cache.key(os.path.join(manual_dir, t.series_dir), t.cache_config()) for t in tasks)
+
+
+def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1,
+            overwrite: bool = False) -> str:
     """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir`; returns the dataset dir.
 
-    Fails with the manual download instructions when `manual_dir` is missing or empty. Series are
-    converted over `num_workers` processes; build_report.json is written in the dataset dir.
+    Fails with the manual download instructions when `manual_dir` is missing or empty. When data_dir already
+    holds the dataset, it is reused if it was built from the same series (same files, config and builder
+    version) and otherwise refused unless `overwrite`. Series are converted over `num_workers` processes, each
+    series' result cached in <data_dir>/downloads/lidc_idri/<config>/ so that an interrupted build resumes. Prints a
+    summary; build_report.json is written in the dataset dir (and in the cache dir, also when the build fails).
     """
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
-        raise FileNotFoundError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
+        raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
                                 f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+    manual_dir = os.path.abspath(manual_dir)
     builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return os.fspath(builder.data_dir)
+    dataset_dir = os.fspath(builder.data_dir)
+    download_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads')
+    if builder.data_path.exists() and not overwrite:
+        stored = builder.info.metadata.get('series_fingerprint')
+        if stored != _series_fingerprint(builder, manual_dir, download_dir):
+            raise DatasetExistsError(
+                f'{dataset_dir} holds {builder.info.full_name} built from other series '
+                f"(manual_dir {builder.info.metadata.get('manual_dir', 'unknown')}); pass --overwrite to rebuild it "
+                f'from {manual_dir}, or choose another --data_dir.')
+        print(f'{builder.info.full_name} in {dataset_dir} was built from the same series; reused '
+              f'(report: {os.path.join(dataset_dir, report.REPORT_NAME)}).', flush=True)
+        return dataset_dir
+    mode = tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else None
+    config = tfds.download.DownloadConfig(manual_dir=manual_dir, **({'download_mode': mode} if mode else {}))
+    try:
+        builder.download_and_prepare(download_dir=download_dir, download_config=config)
+    finally:
+        if builder.report is not None:
+            done = builder.data_path.exists()
+            path = os.path.join(dataset_dir, report.REPORT_NAME) if done else builder.report_paths[0]
+            print(report.summary(builder.report, path), flush=True)
+    return dataset_dir

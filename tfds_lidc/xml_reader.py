@@ -6,12 +6,14 @@ import xml.etree.ElementTree as ET
 
 import numpy as np
 
+from tfds_lidc.errors import LidcDataError
+
 # Semantic ratings in the order used by the dataset's `attributes` feature.
 ATTRIBUTE_NAMES = ('subtlety', 'internalStructure', 'calcification', 'sphericity', 'margin',
                    'lobulation', 'spiculation', 'texture', 'malignancy')
 
 
-class XmlError(ValueError):
+class XmlError(LidcDataError, ValueError):
     """The reader XML cannot be used."""
 
 
@@ -29,7 +31,7 @@ class ReaderNodule:
     """One `unblindedReadNodule` of one reading session."""
     reader: int
     nodule_id: str
-    characteristics: tuple[int, ...] | None  # ATTRIBUTE_NAMES order; None for small nodules
+    characteristics: tuple[int, ...] | None  # ATTRIBUTE_NAMES order; None for small nodules (< 3 mm)
     rois: tuple[Roi, ...]
 
 
@@ -55,10 +57,13 @@ def _text(elem: ET.Element, name: str) -> str | None:
 
 
 def _characteristics(nodule: ET.Element) -> tuple[int, ...] | None:
+    """The nine ratings (0 where missing; malignancy 0 unless it is 1-5); None when the reader gave none."""
     found = _children(nodule, 'characteristics')
-    if not found or _text(found[0], 'malignancy') is None:
+    if not found or all(_text(found[0], name) is None for name in ATTRIBUTE_NAMES):
         return None
-    return tuple(int(float(_text(found[0], name) or 0)) for name in ATTRIBUTE_NAMES)
+    values = [int(float(_text(found[0], name) or 0)) for name in ATTRIBUTE_NAMES]
+    values[-1] = values[-1] if 1 <= values[-1] <= 5 else 0
+    return tuple(values)
 
 
 def _roi(elem: ET.Element) -> Roi:

@@ -24,6 +24,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from autorad_jax.data import labels as labels_lib
 from autorad_jax.errors import AutoradError, ConfigError
 
 AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
@@ -210,9 +211,25 @@ def _open_split(name: str, data_dir: str, split: str, stamp: tuple[int, ...]):
     return tfds.data_source(name, data_dir=data_dir, split=split, download=False)
 
 
+@functools.lru_cache(maxsize=8)
+def _empty_splits(name: str, data_dir: str) -> dict[str, str]:
+    """{split: why} of the splits the builder left out because no example fell in them ({} if unknown)."""
+    import tensorflow_datasets as tfds
+    import tfds_lidc  # noqa: F401  (registers the builder)
+    try:
+        return dict(tfds.builder(name, data_dir=data_dir).info.metadata.get("empty_splits", {}))
+    except Exception:  # noqa: BLE001  (no dataset: open_split says so)
+        return {}
+
+
 def open_split(data_config: ml_collections.ConfigDict, split: str):
     """The random-access source of one stored split; a DatasetError saying what to run if it is not there."""
     name = dataset_name(data_config)
+    why = _empty_splits(name, str(data_config.data_dir)).get(split)
+    if why is not None:
+        raise DatasetError(f"Dataset {name} in {data_config.data_dir} has no {split!r} split ({why}): prepare it "
+                           f"from more patients, or train with --config.data.cv_fold=0..4 (train and validation drawn "
+                           f"from the folds of the splits it has; no test).")
     try:
         source = _open_split(name, str(data_config.data_dir), split, _build_stamp(name, str(data_config.data_dir)))
     except Exception as e:  # tfds raises several types for a missing dataset / config / split.
@@ -250,7 +267,7 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
           stamp: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
     source = _open_split(name, data_dir, split, stamp)
-    out = {"label": [], "fold": [], "radiomics": [], "view": []}
+    out = {"label": [], "fold": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": []}
     for i in range(len(source)):
         ex = source[i]
         if np.shape(ex["ct"]) != (ct_size,) * 3:
@@ -259,6 +276,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
                                f"`python run.py prepare`.")
         out["label"].append(int(ex["label"]))
         out["fold"].append(int(ex["fold"]))
+        out["ratings"].append(np.asarray(ex["ratings"], np.int32))
+        out["diameter_mm"].append(float(ex["diameter_mm"]))
         out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
         out["view"].append(extract_view(np.asarray(ex["ct"]), view))
     return {k: np.stack(v) for k, v in out.items()}
@@ -273,22 +292,38 @@ def crop_size(data_config: ml_collections.ConfigDict) -> int:
     return int(head[4:])
 
 
-def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
-    """Records of `role` ('train' | 'validation' | 'test') under the label scheme and cross-validation fold.
+def label_protocol(data_config: ml_collections.ConfigDict) -> tuple[str, int, float]:
+    """(label_rule, min_readers, min_diameter_mm) of the config (defaults for configs saved before they existed);
+    a binary rule needs label_scheme='binary'. See autorad_jax/data/labels.py."""
+    rule = str(data_config.get("label_rule", "mean"))
+    if labels_lib.is_binary(rule) and data_config.label_scheme != "binary":
+        raise ConfigError(f"config.data.label_rule={rule!r} gives two classes; set config.data.label_scheme=binary.")
+    return rule, int(data_config.get("min_readers", 1)), float(data_config.get("min_diameter_mm", 0.0))
 
-    With data.cv_fold = k >= 0, 'train' is train + validation without fold k and 'validation' is fold k.
+
+def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
+    """Records of `role` ('train' | 'validation' | 'test') under the label protocol, scheme and cross-validation fold.
+
+    Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
+    min_readers and min_diameter_mm (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
+    validation without fold k and 'validation' is fold k; a split the dataset left empty is then skipped.
     """
     if role not in SPLITS:
         raise ConfigError(f"split {role!r}; use one of {SPLITS}.")
     k = int(data_config.cv_fold)
     splits = ("train", "validation") if k >= 0 and role != "test" else (role,)
     name, data_dir, size = dataset_name(data_config), str(data_config.data_dir), crop_size(data_config)
+    if len(splits) > 1:
+        splits = tuple(s for s in splits if s not in _empty_splits(name, data_dir)) or splits
     classes = scheme_classes(data_config.label_scheme)
+    rule, min_readers, min_diameter_mm = label_protocol(data_config)
     parts = []
     for split in splits:
         open_split(data_config, split)
         meta = _scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir))
+        meta = dict(meta, label=labels_lib.labels(meta["ratings"], rule))
         keep = np.isin(meta["label"], classes)
+        keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
         if k >= 0 and role == "train":
             keep &= meta["fold"] != k
         elif k >= 0 and role == "validation":
@@ -298,6 +333,7 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     recs = Records(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Records)))
     if len(recs) == 0:
         raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "
+                           f"label_rule={rule} min_readers={min_readers} min_diameter_mm={min_diameter_mm} "
                            f"cv_fold={k}.")
     return recs
 

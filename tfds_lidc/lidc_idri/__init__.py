@@ -1,4 +1,4 @@
 """TFDS dataset folder of lidc_idri."""
-from tfds_lidc.lidc_idri.lidc_idri_dataset_builder import Builder, LidcIdriConfig
+from tfds_lidc.lidc_idri.lidc_idri_dataset_builder import Builder, BuildError, LidcIdriConfig
 
-__all__ = ['Builder', 'LidcIdriConfig']
+__all__ = ['Builder', 'BuildError', 'LidcIdriConfig']

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
@@ -10,11 +11,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
+from tfds_lidc import discover
 from tfds_lidc import radiomics_features
 from tfds_lidc import report
+from tfds_lidc import series_cache
 from tfds_lidc import series_examples
 from tfds_lidc import splits as splits_lib
 from tfds_lidc import xml_reader
+from tfds_lidc.errors import LidcDataError
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download LIDC-IDRI from The Cancer Imaging Archive (https://www.cancerimagingarchive.net/collection/lidc-idri/)
@@ -28,7 +32,8 @@ Place them in `manual_dir` in the TCIA layout, one folder per patient and one fo
 
 Every folder that holds .dcm files is one series; its reader XML must sit next to its slices (as in the
 TCIA download; the XML archive "LIDC-XML-only" can be unpacked into the matching series folders).
-Non-CT series (CR/DX radiographs) are skipped and listed in build_report.json.
+Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds.
+Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
 For a small local demo in the same layout: `python run.py synth --out DIR --num_scans N`.
 """
 
@@ -42,19 +47,37 @@ class LidcIdriConfig(tfds.core.BuilderConfig):
     radiomics_params: str = radiomics_features.DEFAULT_PARAMS
 
 
-def _with_progress(results: Iterable[list[tuple[str, dict]]], total: int, split: str) -> Iterator[tuple[str, dict]]:
-    """Yields the examples of each series' result list, with a progress bar over series."""
-    with tfds.core.utils.tqdm(total=total, desc=f'lidc_idri {split}', unit=' series') as bar:
-        for examples in results:
+class BuildError(LidcDataError, RuntimeError):
+    """The build did not finish; the message names the series and the report."""
+
+
+def _with_progress(results: Iterable[dict], total: int) -> Iterator[dict]:
+    """Passes through the series results, with a progress bar over series."""
+    with tfds.core.utils.tqdm(total=total, desc='lidc_idri series', unit=' series') as bar:
+        for entry in results:
             bar.update(1)
-            yield from examples
+            yield entry
+
+
+def _xml_only_entry(folder: discover.Folder) -> dict:
+    return {'series_dir': folder.rel, 'patient_id': folder.patient_id, 'series_uid': '', 'status': 'skipped',
+            'reason': 'reader XML without DICOM slices (its series folder holds no .dcm files)',
+            'nodules_written': [], 'nodules_skipped': [], 'issues': []}
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for LIDC-IDRI nodules."""
 
-    VERSION = tfds.core.Version('1.0.0')
-    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    VERSION = tfds.core.Version('1.1.0')
+    RELEASE_NOTES = {
+        '1.0.0': 'Initial release.',
+        '1.1.0': 'Any cohort builds (empty splits left out and named in the metadata); series with uneven slice '
+                 'positions or one missing slice are interpolated instead of skipped; duplicate slices dropped; '
+                 'as pylidc: single-point rois dropped, invalid malignancy ratings left out, nodules with no valid '
+                 'rating skipped; clusters of more than 4 annotations keep one annotation per reader for both mask '
+                 'and ratings; symlinked folders followed; per-series cache; series fingerprint in the metadata; '
+                 'radiomics with pyradiomics\' CT settings (voxelArrayShift 1000, minimumROIDimensions 2).',
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
         LidcIdriConfig(name='crop64_1mm', description='64^3 crop at 1 mm isotropic.', crop_size=64),
@@ -66,6 +89,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._num_workers = num_workers
         self._use_beam = False
         self._map = map
+        self.report: dict | None = None
+        self.report_paths: list[str] = []
         kwargs.setdefault('file_format', tfds.core.FileFormat.ARRAY_RECORD)  # readable without TensorFlow
         super().__init__(**kwargs)
 
@@ -96,43 +121,73 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             metadata=tfds.core.MetadataDict(meta),
         )
 
+    def series_tasks(self, manual_dir: str, cache_dir: str) -> tuple[list[series_examples.SeriesTask],
+                                                                      list[discover.Folder]]:
+        """(a task per DICOM series folder of `manual_dir`, folders holding reader XML only)."""
+        cfg = self.builder_config
+        folders = discover.discover(manual_dir)
+        tasks = [series_examples.SeriesTask(
+            manual_dir=manual_dir, series_dir=f.rel, patient_id=f.patient_id, crop_size=cfg.crop_size,
+            spacing_mm=cfg.spacing_mm, consensus_level=cfg.consensus_level, radiomics_params=cfg.radiomics_params,
+            cache_dir=cache_dir, code_version=str(self.VERSION)) for f in folders if f.has_dicom]
+        return tasks, [f for f in folders if not f.has_dicom]
+
+    def series_cache_dir(self, download_dir: str) -> str:
+        """Where the per-series results of this builder config are kept between runs."""
+        return os.path.join(download_dir, self.name, self.builder_config.name)
+
     def _download_and_prepare(self, dl_manager, download_config=None):
         self._use_beam = bool(download_config and (download_config.beam_runner or download_config.beam_options))
         pool = None
-        if not self._use_beam and self._num_workers > 1:
+        if self._num_workers > 1:
             pool = multiprocessing.get_context('spawn').Pool(self._num_workers)
         self._map = pool.imap_unordered if pool is not None else map
         try:
             super()._download_and_prepare(dl_manager, download_config)
         finally:
             if pool is not None:
-                pool.close()
+                pool.terminate()
                 pool.join()
-        report.merge_parts(os.fspath(self.data_path))
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)  # TFDS raises, with the instructions, if missing or empty
-        series = series_examples.discover_series(manual_dir)
-        if not series:
-            raise AssertionError(f'No DICOM series found under {manual_dir}. '
-                                 f'Manual download instructions:\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}')
-        # Splits are dealt over patients whose reader XML lists a nodule, so that none is left empty
-        # by patients without nodules; the others are still read (and reported) under train.
-        with_nodules = {pid for rel, pid in series if series_examples.lists_nodules(os.path.join(manual_dir, rel))}
-        assignment = splits_lib.assign(sorted(with_nodules))
-        assignment.update({pid: ('train', f) for pid, (_, f) in
-                           splits_lib.assign([p for _, p in series if p not in with_nodules]).items()})
-        cfg = self.builder_config
-        tasks = {'train': [], 'validation': [], 'test': []}
-        for rel, pid in series:
-            split, fold = assignment[pid]
-            tasks[split].append(series_examples.SeriesTask(
-                manual_dir=manual_dir, series_dir=rel, patient_id=pid, split=split, fold=fold,
-                crop_size=cfg.crop_size, spacing_mm=cfg.spacing_mm, consensus_level=cfg.consensus_level,
-                radiomics_params=cfg.radiomics_params, report_dir=os.fspath(self.data_path)))
-        return {split: self._generate_examples(split, t) for split, t in tasks.items()}
+        cache_dir = self.series_cache_dir(os.fspath(dl_manager.download_dir))
+        tasks, xml_only = self.series_tasks(manual_dir, cache_dir)
+        if not tasks:
+            raise BuildError(f'No DICOM series found under {manual_dir} (see the manual download instructions: '
+                             f'`python -m tfds_lidc build --help` or tfds_lidc/lidc_idri/README.md).')
+        entries = list(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
+        entries += [_xml_only_entry(f) for f in xml_only]
+        with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
+        assignment, empty = splits_lib.plan(with_nodules, [e['patient_id'] for e in entries])
+        fingerprint = series_cache.fingerprint(e['cache_key'] for e in entries if 'cache_key' in e)
+        self.report = report.build(entries, assignment, empty, fingerprint, manual_dir)
+        self.report_paths = report.write(self.report, cache_dir)
+        errors = self.report['errors']
+        if errors:
+            raise BuildError(f'{len(errors)} series failed with an unexpected error (traceback in '
+                             f'{self.report_paths[0]}): ' + '; '.join(f"{e['series_dir']}: {e['reason']}" for e in errors))
+        if not with_nodules:
+            raise BuildError(f'No nodule could be written from the {len(tasks)} series of {manual_dir}; the reasons '
+                             f'are in {self.report_paths[0]}.')
+        self.report_paths += report.write(self.report, os.fspath(self.data_path))
+        self.info.metadata.update(series_fingerprint=fingerprint, manual_dir=manual_dir, empty_splits=empty,
+                                  nodules_per_split=self.report['nodules_per_split'])
+        by_split = {}
+        for e in entries:
+            if e['nodules_written']:
+                split, fold = assignment[e['patient_id']]
+                by_split.setdefault(split, []).append((e, fold))
+        return {split: self._generate_examples(cache_dir, by_split[split]) for split in splits_lib.SPLITS
+                if split in by_split}
 
-    def _generate_examples(self, split: str, tasks: list[series_examples.SeriesTask]):
+    def _generate_examples(self, cache_dir: str, series: list[tuple[dict, int]]):
+        load = functools.partial(_series_examples, cache_dir)
         if self._use_beam:
-            return beam.Create(tasks) | f'{split}_series' >> beam.FlatMap(series_examples.series_examples)
-        return _with_progress(self._map(series_examples.series_examples, tasks), len(tasks), split)
+            return beam.Create(series) | beam.FlatMap(load)
+        return (example for item in series for example in load(item))
+
+
+def _series_examples(cache_dir: str, item: tuple[dict, int]) -> list[tuple[str, dict]]:
+    entry, fold = item
+    return series_examples.tfds_examples(cache_dir, entry, fold)

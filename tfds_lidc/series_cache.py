@@ -1,0 +1,86 @@
+"""Per-series results of a build, kept so that a build stopped part way resumes where it stopped.
+
+An entry is keyed by the series UID, the files of its folder (names and sizes of the DICOM files, contents of the
+reader XML), the builder config and the builder version: a changed series, config or code misses the cache.
+Each entry is `<key>.npz` (the series' nodule arrays) and `<key>.json` (its report entry), each written to a
+temporary name and renamed, the JSON last, so a killed build never leaves a half-written entry that looks whole.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pydicom
+
+from tfds_lidc import ct_series
+
+ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignancy_mean', 'label', 'nodule_index',
+                  'centroid_mm', 'diameter_mm')
+
+
+def _series_uid(directory: str) -> str:
+    files = ct_series.dicom_files(directory)
+    try:
+        return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+    except Exception:  # an unreadable header: the series is read (and reported) as it is  # pylint: disable=broad-except
+        return ''
+
+
+def key(directory: str, config: dict) -> str:
+    """The cache key of the series folder `directory` under the builder `config` (JSON-serialisable)."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    h.update(_series_uid(directory).encode())
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.lower().endswith('.dcm'):
+            h.update(f'{name}:{os.path.getsize(path)}'.encode())
+        elif name.lower().endswith('.xml'):
+            with open(path, 'rb') as f:
+                h.update(name.encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:32]
+
+
+def _write(path: str, write) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save(cache_dir: str, cache_key: str, entry: dict, examples: list[dict]) -> None:
+    """Stores one series' report entry and nodule features."""
+    os.makedirs(cache_dir, exist_ok=True)
+    arrays = {name: np.stack([e[name] for e in examples]) for name in ARRAY_FEATURES} if examples else {}
+
+    def write_npz(tmp: str) -> None:
+        with open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(entry, f)
+
+    _write(os.path.join(cache_dir, f'{cache_key}.npz'), write_npz)
+    _write(os.path.join(cache_dir, f'{cache_key}.json'), write_json)
+
+
+def load_entry(cache_dir: str, cache_key: str) -> dict | None:
+    """The stored report entry of a series, or None when it is not (completely) cached."""
+    path = os.path.join(cache_dir, f'{cache_key}.json')
+    if not os.path.exists(path) or not os.path.exists(os.path.join(cache_dir, f'{cache_key}.npz')):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_examples(cache_dir: str, entry: dict) -> list[dict]:
+    """The stored nodule features of a series entry (without patient, series and fold)."""
+    with np.load(os.path.join(cache_dir, f"{entry['cache_key']}.npz")) as data:
+        arrays = {name: data[name] for name in data.files}
+    return [{name: arrays[name][i] for name in arrays} for i in range(len(entry['nodules_written']))]
+
+
+def fingerprint(cache_keys) -> str:
+    """One hash of a set of series (their cache keys), stored in the dataset's metadata."""
+    return hashlib.sha256('\n'.join(sorted(cache_keys)).encode()).hexdigest()[:32]
