@@ -64,7 +64,8 @@ def _copy(folder: str, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def prompt_run(pretrained, lidc_data, tmp_path_factory):
-    """Prompt training from the joint folder with SGD, binary labels and the planes view on 8 devices, 4 steps,
+    """Prompt training from the joint folder with SGD, binary labels (rating 3 counted as malignant) and the planes
+    view on 8 devices, 4 steps,
     counting the reads of the pretrained weights; the folder is then deleted for everything that follows."""
     joint, weights, _, _ = pretrained
     folder = _copy(joint, tmp_path_factory)
@@ -84,7 +85,7 @@ def prompt_run(pretrained, lidc_data, tmp_path_factory):
 def prompt_config(lidc_data, aimv2_dir: str, num_steps: int):
     config = train_config(lidc_data, num_steps=num_steps, aimv2_dir=aimv2_dir)
     config.optim.name = "sgd"
-    config.data.update(view="planes")
+    config.data.update(view="planes", label_scheme="binary", label_rule="mean_3malignant")
     return config
 
 
@@ -92,7 +93,7 @@ def test_a_fresh_run_reads_the_pretrained_weights_once_and_trains_on_them(prompt
     config, workdir, result, weights, reads = prompt_run
     assert len(reads) == 1 and result["step"] == 4
     restored = trainer.load_model(workdir)
-    assert restored.spec.class_names == ("benign lung nodule", "indeterminate lung nodule", "malignant lung nodule")
+    assert restored.spec.class_names == ("benign lung nodule", "malignant lung nodule")
     towers = _towers(restored)
     assert set(towers) == set(weights)
     for key, value in weights.items():  # prompt training leaves the towers as the folder had them
@@ -116,7 +117,7 @@ def test_without_the_pretrained_folder_resume_eval_export_and_predict_work(promp
     runs = [predict(ct=series, xml=xml, backend=backend, **where)
             for where in ({"workdir": workdir}, {"export_dir": out}) for backend in ("jax", "torch")]
     probs = [np.array([list(n["probabilities"].values()) for n in r["nodules"]]) for r in runs]
-    assert probs[0].shape[1] == 3
+    assert probs[0].shape[1] == 2
     for p in probs[1:]:
         np.testing.assert_allclose(p, probs[0], atol=1e-4)
 
@@ -195,4 +196,4 @@ def test_export_refuses_a_non_empty_folder_and_a_file_and_overwrites_whole(promp
     assert sorted(os.listdir(target)) == ["aimv2", "aimv2_vision", "autorad_lung.json", "autorad_lung.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["file", "out"]  # nothing left beside it
     config = json.loads((target / "autorad_lung.json").read_text())
-    assert config["class_names"] == list(config["config"]["model"]["class_names"])
+    assert config["class_names"] == ["benign lung nodule", "malignant lung nodule"]
