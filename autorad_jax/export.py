@@ -25,7 +25,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from autorad_jax import models
-from autorad_jax.data import pipeline
+from autorad_jax.data import pipeline, preprocess
 from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.modeling import TOKENIZER_DIR
@@ -55,13 +55,19 @@ def builder_config(name: str):
 
 
 def preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What turns a CT and a nodule mask into the model's inputs (builder config, view, window, size, normalisation)."""
+    """What turns a CT and a nodule mask into the model's inputs: the crop (builder config), the view, and the steps
+    of `autorad_jax.data.preprocess` with their constants (what `AutoRadLungTorch.preprocess` does)."""
     builder = builder_config(config.data.builder_config)
     return {"builder_config": builder.name, "crop_size": builder.crop_size, "spacing_mm": builder.spacing_mm,
             "consensus_level": builder.consensus_level, "view": config.data.view,
             "window_hu": [float(v) for v in config.data.window_hu], "image_size": int(config.data.image_size),
-            "image_mean": pipeline.AIMV2_MEAN.tolist(), "image_std": pipeline.AIMV2_STD.tolist(),
-            "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)", "channels": "view slices, windowed to [0, 1], normalised"}
+            "image_mean": preprocess.AIMV2_MEAN.tolist(), "image_std": preprocess.AIMV2_STD.tolist(),
+            "steps": ["view: int16 HU [S, S, 3] (pipeline.extract_view of the crop)",
+                      "window: clip((hu - window_hu[0]) / (window_hu[1] - window_hu[0]), 0, 1)",
+                      "resize to image_size: bilinear, half-pixel centres, edges clamped, no antialiasing "
+                      "(torch.nn.functional.interpolate(mode='bilinear', align_corners=False, antialias=False))",
+                      "normalise: (x - image_mean) / image_std per channel"],
+            "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)"}
 
 
 def _resize_position_embedding(towers: str, image_size: int) -> None:

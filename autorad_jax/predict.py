@@ -4,7 +4,8 @@
     sphere | LIDC reader XML -> readers' marks clustered into nodules, consensus masks)
       -> tfds_lidc.nodule_example (the dataset builder's own crop, mask and radiomics code)
       -> autorad_jax.data.pipeline.example_to_inputs (the training pipeline's own per-example inputs)
-      -> the model -> class probabilities, as a JSON-ready dict.
+      -> the model, preprocessing included (autorad_jax.data.preprocess, or AutoRadLungTorch.preprocess)
+      -> class probabilities, as a JSON-ready dict.
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ class Predictor:
     labels: list[str]
     class_names: list[str]
     preprocessing: dict[str, Any]
-    probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (image [H,W,3], raw radiomics [F]) -> [C]
+    probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (view [S,S,3] HU, raw radiomics [F]) -> [C]
     source: dict[str, Any]
 
 
-def _jax_probabilities(model, stats: pipeline.RadiomicsStats) -> Callable:
+def _jax_probabilities(model, stats: pipeline.RadiomicsStats, data_config) -> Callable:
     import jax
+    from autorad_jax.data import preprocess
+    prep = preprocess.Preprocessing.from_config(data_config)
 
-    def run(image: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
-        logits, _ = model(image[None], stats.apply(radiomics)[None])
+    def run(view: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
+        logits, _ = model(preprocess.images(view[None], prep), stats.apply(radiomics)[None])
         return np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))[0]
     return run
 
@@ -62,10 +65,10 @@ def _torch_probabilities(export_dir: str) -> Callable:
     from autorad_jax.weights.torch_model import AutoRadLungTorch
     model = AutoRadLungTorch.from_export(export_dir).eval()
 
-    def run(image: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
+    def run(view: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            logits = model(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None])),
-                           torch.from_numpy(np.asarray(radiomics, np.float32)[None]))
+            pixels = model.preprocess(torch.from_numpy(np.ascontiguousarray(view)[None]))
+            logits = model(pixels, torch.from_numpy(np.asarray(radiomics, np.float32)[None]))
         return logits.softmax(-1)[0].numpy()
     return run
 
@@ -93,7 +96,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
                     restored.model, config, restored.spec, restored.stats, tmp,
                     tokenizer_dir=os.path.join(workdir, export.TOKENIZER_DIR)))
         else:
-            run = _jax_probabilities(restored.model, restored.stats)
+            run = _jax_probabilities(restored.model, restored.stats, config.data)
         return Predictor(
             data_config=config.data, stats=restored.stats, feature_names=list(restored.spec.radiomics_names),
             labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(restored.spec.class_names),
@@ -105,7 +108,8 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     if backend == "torch":
         run = _torch_probabilities(export_dir)
     else:
-        run = _jax_probabilities(export.load_export(export_dir)[0], stats)
+        run = _jax_probabilities(export.load_export(export_dir)[0], stats,
+                                 checkpointing.saved_config(export_config["config"]).data)
     return Predictor(
         data_config=checkpointing.saved_config(export_config["config"]).data, stats=stats,
         feature_names=list(export_config["radiomics"]["feature_names"]), labels=list(export_config["labels"]),
@@ -271,7 +275,7 @@ def predict_nodule(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> di
         raise PredictInputError(f"the nodule cannot be measured: {e}") from e
     inputs = pipeline.example_to_inputs({"ct": sample.ct, "radiomics": sample.radiomics}, predictor.data_config,
                                         predictor.stats)
-    probs = predictor.probabilities(inputs["image"], sample.radiomics)
+    probs = predictor.probabilities(inputs["view"], sample.radiomics)
     return {
         "probabilities": {label: float(p) for label, p in zip(predictor.labels, probs)},
         "label": predictor.labels[int(np.argmax(probs))],

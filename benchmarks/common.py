@@ -20,6 +20,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from autorad_jax import modeling
+from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.train import perf, trainer
 from autorad_jax.weights import hf_aimv2, torch_model
@@ -30,12 +31,19 @@ NUM_RADIOMICS = 107
 
 
 def random_batch(config: ml_collections.ConfigDict, num_classes: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A fixed batch of config.data.batch_size normalised images, standardised radiomics and labels."""
+    """A fixed batch of config.data.batch_size int16 HU views (what the host ships), standardised radiomics and
+    labels."""
     rng = np.random.default_rng(seed)
-    b, size = config.data.batch_size, config.data.image_size
-    return {"image": rng.standard_normal((b, size, size, 3), np.float32),
+    b, size = config.data.batch_size, pipeline.crop_size(config.data)
+    return {"view": rng.integers(-1000, 400, (b, size, size, 3)).astype(np.int16),
             "radiomics": rng.standard_normal((b, NUM_RADIOMICS), np.float32),
             "label": rng.integers(0, num_classes, b).astype(np.int32), "index": np.arange(b, dtype=np.int32)}
+
+
+def torch_images(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray], device: str) -> torch.Tensor:
+    """The batch's views preprocessed once (no augmentation) as NCHW images for the PyTorch model."""
+    images = preprocess.images(batch["view"], preprocess.Preprocessing.from_config(config.data))
+    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
 def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:

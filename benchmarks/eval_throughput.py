@@ -40,7 +40,7 @@ def bench_torch(config, variant: str) -> dict:
     exp, state = common.jax_experiment(config)
     model = common.torch_model_like(exp, state, device).eval()
     batch = common.random_batch(config, len(exp.spec.class_names))
-    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    images = common.torch_images(config, batch, device)
     radiomics = torch.from_numpy(batch["radiomics"]).to(device)
     autocast_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
     forward = torch.compile(model) if variant == "compile" else model

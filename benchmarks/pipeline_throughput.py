@@ -1,5 +1,6 @@
-r"""Input-pipeline throughput: training batches/s of the grain pipeline on this host's CPUs, against what the train
-step consumes.
+r"""Input-pipeline throughput: training images/s of the grain pipeline on this host's CPUs and the bytes per image it
+sends to the devices (int16 HU views + radiomics + label: windowing, augmentation and resizing run on the devices),
+against what the train step consumes.
 
   python benchmarks/pipeline_throughput.py --config configs/autorad_lung.py:large \
       --config.data.data_dir=/data/tensorflow_datasets --worker_counts 0,4,8 --train_json train.json
@@ -24,16 +25,19 @@ _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches, after the first."
 _TRAIN_JSON = flags.DEFINE_string("train_json", None, "train_throughput.py rows: the step's images/s to compare.")
 
 
-def images_per_second(config, workers: int) -> float:
+def measure(config, workers: int) -> tuple[float, float]:
+    """(images/s per host, bytes per image of a batch) of the training pipeline with `workers` grain processes."""
     config.data.worker_count = workers
     recs = pipeline.records(config.data, "train")
     stats = pipeline.RadiomicsStats.fit(recs.radiomics)
     batches = iter(pipeline.train_loader(config.data, recs, stats, seed=0))
-    next(batches)  # start-up (worker processes, first reads) is not throughput
+    first = next(batches)  # start-up (worker processes, first reads) is not throughput
     start = time.perf_counter()
     for _ in range(_BATCHES.value):
         next(batches)
-    return _BATCHES.value * config.data.batch_size / jax.process_count() / (time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    local_batch = config.data.batch_size // jax.process_count()
+    return _BATCHES.value * local_batch / seconds, sum(v.nbytes for v in first.values()) / local_batch
 
 
 def main(argv):
@@ -42,12 +46,12 @@ def main(argv):
     if _TRAIN_JSON.value:
         with open(_TRAIN_JSON.value) as f:
             needed = max(r["images_per_s"] for r in json.load(f) if r["impl"] == "jax") / jax.process_count()
-    print("| grain workers | images/s per host | x train step needs |")
-    print("| --- | --- | --- |")
+    print("| grain workers | images/s per host | bytes per image to the devices | x train step needs |")
+    print("| --- | --- | --- | --- |")
     for workers in map(int, _WORKER_COUNTS.value):
-        rate = images_per_second(flags.FLAGS.config, workers)
+        rate, nbytes = measure(flags.FLAGS.config, workers)
         ratio = f"{rate / needed:.2f}x" if needed else "n/a"
-        print(f"| {workers} | {rate:.1f} | {ratio} |")
+        print(f"| {workers} | {rate:.1f} | {nbytes:.0f} | {ratio} |")
 
 
 if __name__ == "__main__":

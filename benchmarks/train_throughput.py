@@ -51,7 +51,7 @@ def bench_torch(config, mode: str, variant: str) -> dict:
     params = common.trainable_torch_parameters(model, mode)
     optimizer = torch.optim.AdamW(params, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
     batch = common.random_batch(config, len(exp.spec.class_names))
-    images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    images = common.torch_images(config, batch, device)
     radiomics = torch.from_numpy(batch["radiomics"]).to(device)
     labels = torch.from_numpy(batch["label"]).long().to(device)
     autocast_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from lidc_testdata import read_split
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,3 +39,6 @@ def test_pipeline_script_reports_images_per_second(lidc_data, tmp_path):
                "--train_json", str(tmp_path / "train.json"))
     line = next(line for line in out.splitlines() if line.startswith("| 0 |"))
     assert float(line.split("|")[2]) > 0
+    num_radiomics = len(read_split(lidc_data, "train")[0]["radiomics"])
+    # int16 views of 32^3 crops, float32 radiomics, int32 label
+    assert float(line.split("|")[3]) == 32 * 32 * 3 * 2 + 4 * num_radiomics + 4

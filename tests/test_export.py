@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from transformers import Aimv2Model, Aimv2VisionModel
 
 from autorad_jax import export, modeling, models
-from autorad_jax.data import pipeline
+from autorad_jax.data import pipeline, preprocess
 from autorad_jax.weights import hf_aimv2
 from autorad_jax.weights.name_map import WeightsMismatchError
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
@@ -179,3 +179,15 @@ def test_truncated_weights_are_named_in_one_line_by_both_backends(exported, tmp_
         with pytest.raises((ExportFolderError, hf_aimv2.PretrainedFolderError), match="truncated or corrupt") as e:
             load(str(folder))
         assert damaged.split("/")[-1] in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("image_size", [56, 20])
+def test_pytorch_preprocessing_is_the_device_preprocessing(exported, image_size):
+    """AutoRadLungTorch.preprocess does what autorad_jax.data.preprocess does, up- and downsampling."""
+    model = AutoRadLungTorch.from_export(exported)
+    model.config["preprocessing"]["image_size"] = image_size
+    views = np.random.default_rng(4).integers(-1100, 600, (3, 32, 32, 3)).astype(np.int16)
+    expected = preprocess.images(views, preprocess.Preprocessing(
+        tuple(model.config["preprocessing"]["window_hu"]), image_size))
+    got = model.preprocess(torch.from_numpy(views)).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(got, np.asarray(expected), atol=1e-5)

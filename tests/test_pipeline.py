@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from autorad_jax.data import pipeline
+from autorad_jax.data import pipeline, preprocess
 from lidc_testdata import read_split, tiny_config
 
 
@@ -22,35 +22,65 @@ def test_views_are_centre_slices():
 
 
 def test_resize_matches_jax_image_resize():
-    image = np.random.default_rng(1).random((32, 32, 3)).astype(np.float32)
+    images = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
     for size in (56, 224, 32, 20):
-        expected = jax.image.resize(image, (size, size, 3), method="linear", antialias=False)
-        np.testing.assert_allclose(pipeline.resize(image, size), np.asarray(expected), atol=1e-5)
+        expected = jax.image.resize(images, (2, size, size, 3), method="linear", antialias=False)
+        np.testing.assert_allclose(preprocess.resize(images, size), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("view", ["2.5d", "planes"])
-def test_example_to_inputs_matches_numpy(lidc_data, view):
+def test_example_to_inputs_and_device_preprocessing_match_numpy(lidc_data, view):
     config = tiny_config(lidc_data, view=view)
     example = read_split(lidc_data, "train")[0]
     stats = pipeline.RadiomicsStats(mean=np.zeros_like(example["radiomics"]), std=np.ones_like(example["radiomics"]))
     out = pipeline.example_to_inputs(example, config.data, stats)
 
-    ct, c = example["ct"].astype(np.float64), example["ct"].shape[0] // 2
+    ct, c = example["ct"], example["ct"].shape[0] // 2
     slices = [ct[c - 1], ct[c], ct[c + 1]] if view == "2.5d" else [ct[c], ct[:, c], ct[:, :, c]]
-    windowed = np.clip((np.stack(slices, -1) + 1000.0) / 1400.0, 0, 1)
+    np.testing.assert_array_equal(out["view"], np.stack(slices, -1))
+    assert out["view"].dtype == np.int16 and out["label"] == example["label"]
+
+    windowed = np.clip((np.stack(slices, -1).astype(np.float64) + 1000.0) / 1400.0, 0, 1)
     resized = np.asarray(jax.image.resize(windowed, (56, 56, 3), method="linear", antialias=False))
     expected = (resized - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array(
         [0.26862954, 0.26130258, 0.27577711])
-    assert out["image"].shape == (56, 56, 3) and out["image"].dtype == np.float32
-    np.testing.assert_allclose(out["image"], expected, atol=1e-4)
-    assert out["label"] == example["label"]
+    image = preprocess.images(out["view"][None], preprocess.Preprocessing.from_config(config.data))[0]
+    assert image.shape == (56, 56, 3) and image.dtype == np.float32
+    np.testing.assert_allclose(image, expected, atol=1e-5)
 
 
-def test_augmentation_keeps_shape_and_range():
-    image = np.random.default_rng(2).random((32, 32, 3)).astype(np.float32)
-    out = [pipeline.augment(image, np.random.default_rng(s)) for s in range(8)]
-    assert all(o.shape == image.shape and o.min() >= 0 and o.max() <= 1 for o in out)
-    assert any(not np.array_equal(o, image) for o in out)
+def test_augmentation_is_keyed_and_keeps_shape_and_range():
+    windowed = np.random.default_rng(2).random((8, 32, 32, 3)).astype(np.float32)
+    out = np.asarray(jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 5, 8)))
+    assert out.shape == windowed.shape and out.min() >= 0 and out.max() <= 1
+    assert all(not np.allclose(o, w) for o, w in zip(out, windowed))
+    again = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 5, 8))
+    np.testing.assert_array_equal(again, out)
+    other_step = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 6, 8))
+    assert not np.allclose(other_step, out)
+
+
+def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
+    """With the intensity jitter undone, each augmented image is a dihedral transform of the input shifted by at most
+    the documented fraction (zeros filling in): found by brute force over the 8 transforms and all shifts."""
+    image = np.random.default_rng(3).random((16, 16, 1)).astype(np.float32) * 0.5 + 0.25
+    m = int(round(preprocess.SHIFT_FRACTION * 16))
+    for key in preprocess.augmentation_keys(1, 0, 6):
+        out = np.asarray(preprocess.augment(image, key))[..., 0]
+        matches = 0
+        for flip in (False, True):
+            for k in range(4):
+                moved = np.rot90(image[:, ::-1] if flip else image, k)[..., 0]
+                for dy in range(-m, m + 1):
+                    for dx in range(-m, m + 1):
+                        shifted = np.zeros_like(moved)
+                        shifted[max(dy, 0):16 + min(dy, 0), max(dx, 0):16 + min(dx, 0)] = \
+                            moved[max(-dy, 0):16 + min(-dy, 0), max(-dx, 0):16 + min(-dx, 0)]
+                        inside = shifted > 0
+                        a, b = np.polyfit(shifted[inside], out[inside], 1)  # contrast and brightness
+                        fit = np.clip(a * shifted + b, 0, 1)
+                        matches += np.allclose(fit, out, atol=1e-5) and abs(a - 1) <= 0.1 + 1e-6
+        assert matches >= 1
 
 
 def test_radiomics_statistics_come_from_the_train_split(lidc_data):
@@ -135,7 +165,7 @@ def test_batches_match_example_to_inputs(lidc_data):
     batch = next(pipeline.eval_batches(config.data, recs, stats))
     for row, i in enumerate(batch["index"]):
         expected = pipeline.example_to_inputs(examples[i], config.data, stats)
-        np.testing.assert_array_equal(batch["image"][row], expected["image"])
+        np.testing.assert_array_equal(batch["view"][row], expected["view"])
         np.testing.assert_array_equal(batch["radiomics"][row], expected["radiomics"])
         assert recs.labels[i] == expected["label"]
 

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from autorad_jax import modeling
-from autorad_jax.data import pipeline
+from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, trainer
 from lidc_testdata import read_split, tiny_config
@@ -185,7 +185,9 @@ def test_load_model_predicts_what_evaluation_saw(trained):
     assert step == result["best_step"] and saved_config.model.name == config.model.name
     examples = read_split(config.data.data_dir, "test")
     inputs = [pipeline.example_to_inputs(ex, saved_config.data, stats) for ex in examples]
-    logits, _ = model(np.stack([i["image"] for i in inputs]), np.stack([i["radiomics"] for i in inputs]))
+    images = preprocess.images(np.stack([i["view"] for i in inputs]), preprocess.Preprocessing.from_config(
+        saved_config.data))
+    logits, _ = model(images, np.stack([i["radiomics"] for i in inputs]))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     saved = json.load(open(os.path.join(workdir, "reports", f"test_step{step}", "metrics.json")))
     assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == [i["label"] for i in inputs]))

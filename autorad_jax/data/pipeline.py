@@ -4,11 +4,11 @@ One example dict (as stored by the builder) becomes model inputs through `exampl
 prediction and export all use that one function. The stored 3D crop gives the 2D view the model sees:
   '2.5d'    the centre axial slice with the slices above and below as three channels;
   'planes'  the axial, coronal and sagittal slices through the centre.
-The view is windowed to [0, 1], augmented (training only), resized to the image size and normalised with the AIMv2
-image statistics. Each split is read once through `tfds.data_source` (labels, folds, radiomics and the view, a
-few KB per nodule, kept in memory); grain then shards, shuffles, augments and batches from memory. Radiomics are
-standardised with the training split's statistics (`RadiomicsStats`), which are saved
-with every checkpoint and reused wherever the model runs.
+The host ships each view as the stored int16 HU slices; windowing, augmentation, resizing and normalisation run on
+the devices inside the jitted steps (`autorad_jax.data.preprocess`). Each split is read once through
+`tfds.data_source` (labels, folds, radiomics and the view, a few KB per nodule, kept in memory); grain then shards,
+shuffles and batches from memory. Radiomics are standardised with the training split's statistics
+(`RadiomicsStats`), which are saved with every checkpoint and reused wherever the model runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import dataclasses
 import functools
 import glob
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import grain.python as grain
 import jax
@@ -27,15 +27,10 @@ import numpy as np
 from autorad_jax.data import labels as labels_lib
 from autorad_jax.errors import AutoradError, ConfigError
 
-AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 STORED_CLASSES = ("benign", "unsure", "malignant")  # the dataset's ClassLabel names, in label order
 # Each scheme keeps some stored classes, in this order.
 SCHEME_CLASSES = {"3class": (0, 1, 2), "binary": (0, 2)}
 SPLITS = ("train", "validation", "test")
-_SHIFT_FRACTION = 0.0625  # largest augmentation shift, as a fraction of the crop size
-_CONTRAST_JITTER = 0.1
-_BRIGHTNESS_JITTER = 0.05
 
 
 class DatasetError(AutoradError, RuntimeError):
@@ -73,54 +68,6 @@ def extract_view(ct: np.ndarray, view: str) -> np.ndarray:
     raise ConfigError(f"config.data.view={view!r}; use '2.5d' or 'planes'.")
 
 
-def window(hu: np.ndarray, window_hu: Sequence[float]) -> np.ndarray:
-    """Linear CT window: HU in [lo, hi] -> [0, 1], clipped outside."""
-    lo, hi = (float(v) for v in window_hu)
-    return np.clip((hu.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-
-@functools.lru_cache(maxsize=16)
-def _linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of linear interpolation with half-pixel centres (as jax.image.resize, no antialias)."""
-    x = (np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
-    x = np.clip(x, 0.0, n_in - 1)
-    lo = np.floor(x).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    frac = x - lo
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
-    np.add.at(m, (np.arange(n_out), hi), frac)
-    return m.astype(np.float32)
-
-
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of an [H, W, C] image to [size, size, C]."""
-    h, w, _ = image.shape
-    if (h, w) == (size, size):
-        return image
-    rows, cols = _linear_resize_matrix(h, size), _linear_resize_matrix(w, size)
-    return np.ascontiguousarray((rows @ image.transpose(2, 0, 1) @ cols.T).transpose(1, 2, 0), dtype=np.float32)
-
-
-def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Training augmentation of a windowed [H, W, C] image in [0, 1]: flips, 90-degree rotations, a small shift
-    (filled with 0 = air), contrast and brightness jitter."""
-    if rng.random() < 0.5:
-        image = image[:, ::-1]
-    if rng.random() < 0.5:
-        image = image[::-1]
-    image = np.rot90(image, k=int(rng.integers(4)), axes=(0, 1))
-    max_shift = int(round(_SHIFT_FRACTION * image.shape[0]))
-    dy, dx = rng.integers(-max_shift, max_shift + 1, size=2)
-    shifted = np.zeros_like(image)
-    h, w = image.shape[:2]
-    shifted[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-    contrast = 1.0 + rng.uniform(-_CONTRAST_JITTER, _CONTRAST_JITTER)
-    brightness = rng.uniform(-_BRIGHTNESS_JITTER, _BRIGHTNESS_JITTER)
-    return np.clip(shifted * contrast + brightness, 0.0, 1.0).astype(np.float32)
-
-
 @dataclasses.dataclass(frozen=True)
 class RadiomicsStats:
     """Per-feature mean and standard deviation of the training split's radiomics."""
@@ -149,33 +96,21 @@ class RadiomicsStats:
         return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32))
 
 
-def view_to_inputs(view_hu: np.ndarray, radiomics: np.ndarray, data_config: ml_collections.ConfigDict,
-                   stats: RadiomicsStats, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """A [S, S, 3] HU view and raw radiomics -> {'image' [H, W, 3] normalised, 'radiomics' [F] standardised}.
-
-    `rng` turns on training augmentation.
-    """
-    image = window(view_hu, data_config.window_hu)
-    if rng is not None:
-        image = augment(image, rng)
-    image = (resize(image, data_config.image_size) - AIMV2_MEAN) / AIMV2_STD
-    return {"image": image.astype(np.float32), "radiomics": stats.apply(radiomics)}
-
-
 def scheme_label(stored_label: int, label_scheme: str) -> int:
     """Index of a stored label among the scheme's classes (-1: not in the scheme, e.g. unsure under 'binary')."""
     classes = scheme_classes(label_scheme)
     return classes.index(int(stored_label)) if int(stored_label) in classes else -1
 
 
-def example_to_inputs(example: dict, data_config: ml_collections.ConfigDict, stats: RadiomicsStats,
-                      rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
-    """One stored example -> {'image' [H, W, 3] normalised, 'radiomics' [F] standardised, 'label' (when it has one)}.
+def example_to_inputs(example: dict, data_config: ml_collections.ConfigDict,
+                      stats: RadiomicsStats) -> dict[str, np.ndarray]:
+    """One stored example -> {'view' [S, S, 3] int16 HU, 'radiomics' [F] standardised, 'label' (when it has one)}.
 
-    The one path from a nodule crop to model inputs (training, evaluation, prediction and export all use it).
+    The one path from a nodule crop to model inputs (training, evaluation, prediction and export all use it);
+    `preprocess.images` turns views into images.
     """
-    out = view_to_inputs(extract_view(np.asarray(example["ct"]), data_config.view), example["radiomics"],
-                         data_config, stats, rng)
+    out = {"view": extract_view(np.asarray(example["ct"]), data_config.view).astype(np.int16),
+           "radiomics": stats.apply(example["radiomics"])}
     if "label" in example:
         out["label"] = np.int32(scheme_label(example["label"], data_config.label_scheme))
     return out
@@ -342,32 +277,20 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
 # Batches: grain for training (sharded per host, shuffled, checkpointable); a padded pass for evaluation.
 # ------------------------------------------------------------------------------------------------------------------
 
-class _ToInputs(grain.RandomMapTransform):
-    """Grain transform: the rest of `example_to_inputs` after the (cached) view, augmenting with grain's per-record
-    generator when asked."""
-
-    def __init__(self, data_config: ml_collections.ConfigDict, stats: RadiomicsStats, augment_images: bool):
-        self._data_config, self._stats, self._augment = data_config, stats, augment_images
-
-    def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-        out = view_to_inputs(element["view"], element["radiomics"], self._data_config, self._stats,
-                             rng if self._augment else None)
-        return {**out, "label": element["label"]}
-
-
 def train_loader(data_config: ml_collections.ConfigDict, recs: Records, stats: RadiomicsStats, seed: int,
                  shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
-    """Endless shuffled training batches of one shard (default: this JAX process's); its iterator is checkpointable.
+    """Endless shuffled training batches of {'view', 'radiomics' (standardised), 'label'} of one shard (default:
+    this JAX process's); its iterator is checkpointable.
 
-    Each epoch is a new permutation of the shard's records; augmentation draws come from grain's per-record
-    generator, so a resumed iterator replays exactly what an uninterrupted one would have produced.
+    Each epoch is a new permutation of the shard's records, so a resumed iterator replays exactly what an
+    uninterrupted one would have produced (augmentation happens on the devices, keyed by the step).
     """
     shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
+    source = dataclasses.replace(recs, radiomics=stats.apply(recs.radiomics))
     return grain.DataLoader(
-        data_source=recs,
+        data_source=source,
         sampler=grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed),
-        operations=[_ToInputs(data_config, stats, bool(data_config.augment)),
-                    grain.Batch(data_config.batch_size // shard_options.shard_count, drop_remainder=True)],
+        operations=[grain.Batch(data_config.batch_size // shard_options.shard_count, drop_remainder=True)],
         worker_count=int(data_config.worker_count))
 
 
@@ -384,13 +307,12 @@ def eval_indices(n: int, global_batch_size: int, process_index: int, process_cou
 
 def eval_batches(data_config: ml_collections.ConfigDict, recs: Records,
                  stats: RadiomicsStats) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over `recs` as this process's part of padded global batches of images and radiomics; 'index' is
-    each row's record index (-1: padding)."""
-    bs = data_config.eval_batch_size
-    for idx in eval_indices(len(recs), bs, jax.process_index(), jax.process_count()):
-        items = [view_to_inputs(recs.views[max(i, 0)], recs.radiomics[max(i, 0)], data_config, stats) for i in idx]
-        yield {"image": np.stack([it["image"] for it in items]),
-               "radiomics": np.stack([it["radiomics"] for it in items]), "index": idx.astype(np.int32)}
+    """One pass over `recs` as this process's part of padded global batches of views and standardised radiomics;
+    'index' is each row's record index (-1: padding, a copy of record 0)."""
+    radiomics = stats.apply(recs.radiomics)
+    for idx in eval_indices(len(recs), data_config.eval_batch_size, jax.process_index(), jax.process_count()):
+        rows = np.maximum(idx, 0)
+        yield {"view": recs.views[rows], "radiomics": radiomics[rows], "index": idx.astype(np.int32)}
 
 
 def to_global(batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding) -> dict[str, jax.Array]:

@@ -11,6 +11,8 @@ import optax
 from flax import nnx
 
 from autorad_jax import models
+from autorad_jax.data import preprocess
+from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train.optim import make_optimizer
 
@@ -29,14 +31,16 @@ def loss_and_metrics(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, d
     return loss, {"loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
 
 
-def make_train_step(graphdef: nnx.GraphDef, trainable: nnx.filterlib.Filter) -> Callable:
-    """(state, batch) -> (new state, metrics) for the (model, optimizer) pair that `graphdef` describes."""
+def make_train_step(graphdef: nnx.GraphDef, trainable: nnx.filterlib.Filter, prep: Preprocessing) -> Callable:
+    """(state, batch) -> (new state, metrics) for the (model, optimizer) pair that `graphdef` describes; the batch's
+    HU views become images here (augmented with keys from the optimiser's step when `prep.augment`)."""
 
     def train_step(state: nnx.State, batch: dict[str, jax.Array]):
         model, optimizer = nnx.merge(graphdef, state)
+        images = preprocess.images(batch["view"], prep, step=optimizer.step[...])
 
         def loss_fn(model):
-            logits, _ = model(batch["image"], batch["radiomics"], train=True)
+            logits, _ = model(images, batch["radiomics"], train=True)
             return loss_and_metrics(logits, batch["label"])
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
@@ -49,12 +53,12 @@ def make_train_step(graphdef: nnx.GraphDef, trainable: nnx.filterlib.Filter) -> 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """(state, batch) -> (class probabilities [B, C], record index [B]) in inference mode."""
+def make_eval_step(graphdef: nnx.GraphDef, prep: Preprocessing) -> Callable:
+    """(state, batch) -> (class probabilities [B, C], record index [B]) in inference mode, from HU views."""
 
     def eval_step(state: nnx.State, batch: dict[str, jax.Array]):
         model, _ = nnx.merge(graphdef, state)
-        logits, _ = model(batch["image"], batch["radiomics"], train=False)
+        logits, _ = model(preprocess.images(batch["view"], prep), batch["radiomics"], train=False)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["index"]
 
     return eval_step

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
+from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, perf, sharding, steps
@@ -67,14 +68,17 @@ class Experiment:
     @functools.cached_property
     def train_step(self):
         """(state, batch) -> (state, metrics), jitted with explicit shardings; the state is donated."""
-        return jax.jit(steps.make_train_step(self.graphdef, models.trainable_filter(self.config.model, self.spec)),
+        prep = Preprocessing.from_config(self.config.data, train=True, seed=self.config.seed)
+        trainable = models.trainable_filter(self.config.model, self.spec)
+        return jax.jit(steps.make_train_step(self.graphdef, trainable, prep),
                        in_shardings=(self.shardings, self.batch_sharding),
                        out_shardings=(self.shardings, self.replicated), donate_argnums=0)
 
     @functools.cached_property
     def eval_step(self):
         """(state, batch) -> (probabilities, record index), both replicated so every process can read them."""
-        return jax.jit(steps.make_eval_step(self.graphdef), in_shardings=(self.shardings, self.batch_sharding),
+        return jax.jit(steps.make_eval_step(self.graphdef, Preprocessing.from_config(self.config.data)),
+                       in_shardings=(self.shardings, self.batch_sharding),
                        out_shardings=self.replicated)
 
 

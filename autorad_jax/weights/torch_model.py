@@ -11,7 +11,8 @@ An export folder holds:
 
     from autorad_jax.weights.torch_model import AutoRadLungTorch
     model = AutoRadLungTorch.from_export("export/").eval()
-    probabilities = model(pixel_values, radiomics).softmax(-1)  # [B,3,H,W] normalised images, raw radiomics [B,F]
+    pixel_values = model.preprocess(views)  # [B,S,S,3] HU views -> [B,3,H,W] normalised images
+    probabilities = model(pixel_values, radiomics).softmax(-1)  # raw radiomics [B,F]
 
 This module needs only torch, safetensors and transformers (no JAX); nothing here loads pickle.
 """
@@ -138,6 +139,18 @@ class AutoRadLungTorch(nn.Module):
         return cls(aimv2, prompt_learner, pooling=m["pooling"],
                    radiomics_mean=torch.tensor(config["radiomics"]["mean"]),
                    radiomics_std=torch.tensor(config["radiomics"]["std"]), config=config)
+
+    def preprocess(self, views: torch.Tensor) -> torch.Tensor:
+        """[B, S, S, 3] HU views -> [B, 3, H, W] normalised images: the steps of the export's
+        `preprocessing["steps"]` (lung window, bilinear resize without antialiasing, AIMv2 normalisation)."""
+        p = self.config["preprocessing"]
+        lo, hi = p["window_hu"]
+        x = ((views.float() - lo) / (hi - lo)).clamp(0.0, 1.0).permute(0, 3, 1, 2)
+        size = int(p["image_size"])
+        if tuple(x.shape[-2:]) != (size, size):
+            x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+        mean, std = (torch.tensor(p[k], dtype=x.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
+        return (x - mean) / std
 
     def standardize(self, radiomics: torch.Tensor) -> torch.Tensor:
         """(radiomics - mean) / std, with non-finite results set to 0 (as the training pipeline)."""
