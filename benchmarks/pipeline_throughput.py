@@ -7,12 +7,14 @@ against what the train step consumes.
 (--train_json: rows written by train_throughput.py --json_out; the fastest JAX step sets the images/s to beat.)
 """
 
+import dataclasses
 import json
 import os
 import sys
 import time
 
 import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -22,6 +24,8 @@ from autorad_jax.data import pipeline
 config_flags.DEFINE_config_file("config", "configs/autorad_lung.py:tiny", "Experiment config.", lock_config=True)
 _WORKER_COUNTS = flags.DEFINE_list("worker_counts", ["0", "2"], "grain worker processes to try.")
 _BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches, after the first.")
+_MIN_RECORDS = flags.DEFINE_integer(
+    "min_records", 1800, "Repeat a smaller training split's records to this many (LIDC-IDRI's has about 1,800).")
 _TRAIN_JSON = flags.DEFINE_string("train_json", None, "train_throughput.py rows: the step's images/s to compare.")
 
 
@@ -29,6 +33,10 @@ def measure(config, workers: int) -> tuple[float, float]:
     """(images/s per host, bytes per image of a batch) of the training pipeline with `workers` grain processes."""
     config.data.worker_count = workers
     recs = pipeline.records(config.data, "train")
+    if len(recs) < _MIN_RECORDS.value:  # grain's index shuffle costs more per record on tiny splits
+        reps = -(-_MIN_RECORDS.value // len(recs))
+        recs = pipeline.Records(*(np.concatenate([getattr(recs, f.name)] * reps)
+                                  for f in dataclasses.fields(pipeline.Records)))
     stats = pipeline.RadiomicsStats.fit(recs.radiomics)
     batches = iter(pipeline.train_loader(config.data, recs, stats, seed=0))
     first = next(batches)  # start-up (worker processes, first reads) is not throughput

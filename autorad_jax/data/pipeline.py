@@ -291,7 +291,8 @@ def train_loader(data_config: ml_collections.ConfigDict, recs: Records, stats: R
         data_source=source,
         sampler=grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed),
         operations=[grain.Batch(data_config.batch_size // shard_options.shard_count, drop_remainder=True)],
-        worker_count=int(data_config.worker_count))
+        worker_count=int(data_config.worker_count),
+        read_options=grain.ReadOptions(num_threads=0))  # records are in memory: reader threads only add overhead
 
 
 def eval_indices(n: int, global_batch_size: int, process_index: int, process_count: int) -> Iterator[np.ndarray]:
