@@ -108,7 +108,8 @@ def test_nodules_ratings_and_labels_match_pylidc(cohorts):
             assert [len(c) for c in theirs] == [5] and [len(c) for c in ours] == [4]
             note = next(i for i in issues[uid] if 'left out' in i)
             left_out_id = note.split("nodule '")[-1].rstrip("'")
-            left = [a.malignancy for a in scan.annotations if a._nodule_id == left_out_id]  # pylint: disable=protected-access
+            left = [a.malignancy for a in scan.annotations
+                    if a._nodule_id == left_out_id]  # pylint: disable=protected-access
             assert len(left) == 1
             expected = list(theirs[0])
             expected.remove(left[0])

@@ -78,7 +78,7 @@ def to_grid(values: np.ndarray, positions: np.ndarray, grid_start: float, spacin
     out = np.empty((len(j),) + values.shape[1:], np.float32)
     for row, t in enumerate(targets[j]):
         i = int(np.clip(np.searchsorted(positions, t, side='right') - 1, 0, max(len(positions) - 2, 0)))
-        w = float(np.clip((t - positions[i]) / (positions[i + 1] - positions[i]), 0.0, 1.0)) if len(positions) > 1 else 0.0
+        w = 0.0 if len(positions) < 2 else float(np.clip((t - positions[i]) / (positions[i + 1] - positions[i]), 0, 1))
         out[row] = (1.0 - w) * values[i] + w * values[i + 1] if w > 0 else values[i]
     return (int(j[0]) if len(j) else 0), out
 

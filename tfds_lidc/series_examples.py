@@ -71,12 +71,14 @@ def process_series(task: SeriesTask) -> dict:
     unexpected exception gives status 'error' with its traceback and is not cached, so a rerun tries again.
     """
     directory = os.path.join(task.manual_dir, task.series_dir)
-    cache_key = series_cache.key(directory, task.cache_config())
+    series_key = series_cache.key(directory, task.cache_config())
+    cache_key = series_cache.cache_key(directory, series_key)
     entry = series_cache.load_entry(task.cache_dir, cache_key)
     if entry is not None:
         return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
-    entry = {'cache_key': cache_key, 'series_dir': task.series_dir, 'patient_id': task.patient_id, 'series_uid': '',
-             'status': 'read', 'reason': '', 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+    entry = {'series_key': series_key, 'cache_key': cache_key, 'series_dir': task.series_dir,
+             'patient_id': task.patient_id, 'series_uid': '', 'status': 'read', 'reason': '', 'nodules_written': [],
+             'nodules_skipped': [], 'issues': []}
     examples = []
     try:
         examples = _series_examples(task, directory, entry)

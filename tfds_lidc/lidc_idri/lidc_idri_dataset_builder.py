@@ -159,13 +159,14 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         entries += [_xml_only_entry(f) for f in xml_only]
         with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
         assignment, empty = splits_lib.plan(with_nodules, [e['patient_id'] for e in entries])
-        fingerprint = series_cache.fingerprint(e['cache_key'] for e in entries if 'cache_key' in e)
+        fingerprint = series_cache.fingerprint(e['series_key'] for e in entries if 'series_key' in e)
         self.report = report.build(entries, assignment, empty, fingerprint, manual_dir)
         self.report_paths = report.write(self.report, cache_dir)
         errors = self.report['errors']
         if errors:
+            failed = '; '.join(f"{e['series_dir']}: {e['reason']}" for e in errors)
             raise BuildError(f'{len(errors)} series failed with an unexpected error (traceback in '
-                             f'{self.report_paths[0]}): ' + '; '.join(f"{e['series_dir']}: {e['reason']}" for e in errors))
+                             f'{self.report_paths[0]}): {failed}')
         if not with_nodules:
             raise BuildError(f'No nodule could be written from the {len(tasks)} series of {manual_dir}; the reasons '
                              f'are in {self.report_paths[0]}.')
