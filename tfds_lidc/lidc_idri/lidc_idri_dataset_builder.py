@@ -153,8 +153,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         cache_dir = self.series_cache_dir(os.fspath(dl_manager.download_dir))
         tasks, xml_only = self.series_tasks(manual_dir, cache_dir)
         if not tasks:
-            raise BuildError(f'No DICOM series found under {manual_dir} (see the manual download instructions: '
-                             f'`python -m tfds_lidc build --help` or tfds_lidc/lidc_idri/README.md).')
+            raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
+                             f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
         entries = list(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
         entries += [_xml_only_entry(f) for f in xml_only]
         with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
@@ -178,13 +178,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if e['nodules_written']:
                 split, fold = assignment[e['patient_id']]
                 by_split.setdefault(split, []).append((e, fold))
-        return {split: self._generate_examples(cache_dir, by_split[split]) for split in splits_lib.SPLITS
+        return {split: self._generate_examples(split, cache_dir, by_split[split]) for split in splits_lib.SPLITS
                 if split in by_split}
 
-    def _generate_examples(self, cache_dir: str, series: list[tuple[dict, int]]):
+    def _generate_examples(self, split: str, cache_dir: str, series: list[tuple[dict, int]]):
         load = functools.partial(_series_examples, cache_dir)
         if self._use_beam:
-            return beam.Create(series) | beam.FlatMap(load)
+            return beam.Create(series) | f'{split}_series' >> beam.FlatMap(load)
         return (example for item in series for example in load(item))
 
 
