@@ -126,8 +126,7 @@ def _example(task: SeriesTask, series: ct_series.CtSeries, cluster: list[nodules
     ratings = attributes[:, -1]
     if not np.any(ratings > 0):
         raise nodule_sample.NoduleError('no reader gave a valid malignancy rating (1-5)')
-    mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level,
-                                            slice_positions=None if series.regular else series.positions)
+    mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level)
     if mask is None:
         raise nodule_sample.NoduleError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
     sample = nodule_sample.nodule_example(series.image, mask, crop_size=task.crop_size, spacing_mm=task.spacing_mm,
