@@ -34,8 +34,7 @@ def stage_seconds(series_dir: str, crop_size: int) -> tuple[float, float, float,
     for cluster in clusters:
         kept, _ = nodules.select_readers(cluster)
         start = time.perf_counter()
-        mask = nodules.consensus_mask_image(kept, series.image, 0.5,
-                                            slice_positions=None if series.regular else series.positions)
+        mask = nodules.consensus_mask_image(kept, series.image, 0.5)
         if mask is None:
             continue
         grid, _ = crop.nodule_grid(mask, nodule_sample.centroid_mm(mask), crop_size, 1.0)

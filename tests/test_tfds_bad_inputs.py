@@ -56,6 +56,25 @@ def _uneven(d):
     ds.save_as(path)
 
 
+def _duplicate(d, change_pixels=False):
+    """A second file of the middle slice (new SOP UID), with the same or different pixels."""
+    ds = pydicom.dcmread(_middle(d))
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    if change_pixels:
+        ds.PixelData = (ds.pixel_array + 1).astype(ds.pixel_array.dtype).tobytes()
+    ds.save_as(os.path.join(d, 'zz-duplicate.dcm'))
+
+
+def _ratings(d):
+    """Every malignancy of the first nodule's readers made invalid (0 or 7) and one of its rois a single point."""
+    text = open(_xml(d)).read()
+    text = re.sub(r'<malignancy>\d</malignancy>', '<malignancy>0</malignancy>', text)
+    text = text.replace('<malignancy>0</malignancy>', '<malignancy>7</malignancy>', 1)
+    text = re.sub(r'(<roi>(?:(?!</roi>).)*?</edgeMap>)(?:\s*<edgeMap>.*?</edgeMap>)+(\s*</roi>)', r'\1\2', text,
+                  count=1, flags=re.S)
+    open(_xml(d), 'w').write(text)
+
+
 def _bad_xml(d):
     open(_xml(d), 'w').write('<LidcReadMessage xmlns="http://www.nih.gov"><readingSession>')
 
@@ -76,9 +95,11 @@ def _no_nodules(d):
 VARIANTS = {
     'LIDC-IDRI-9001': (_corrupt, 'corrupt or truncated DICOM'),
     'LIDC-IDRI-9004': (_bad_xml, 'reader XML does not parse'),
+    'LIDC-IDRI-9008': (lambda d: _duplicate(d, change_pixels=True), 'two different slices at position'),
 }
-# Read, interpolated onto a regular grid, with a note in the report.
-INTERPOLATED = {'LIDC-IDRI-9002': _missing_slice, 'LIDC-IDRI-9003': _uneven}
+# Read, with a note in the report: interpolated onto a regular grid, or a duplicate slice dropped.
+NOTED = {'LIDC-IDRI-9002': (_missing_slice, 'interpolated'), 'LIDC-IDRI-9003': (_uneven, 'interpolated'),
+         'LIDC-IDRI-9009': (_duplicate, 'duplicate slice')}
 
 
 def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
@@ -95,13 +116,15 @@ def _task(manual: str, series_dir: str, patient: str, cache_dir: str) -> series_
 def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable=redefined-outer-name
     manual, cache_dir = str(tmp_path / 'manual'), str(tmp_path / 'cache')
     dirs = {}
-    for patient, damage in [(p, d) for p, (d, _) in VARIANTS.items()] + list(INTERPOLATED.items()):
+    for patient, (damage, _) in list(VARIANTS.items()) + list(NOTED.items()):
         dirs[patient] = _copy(good, manual, patient)
         damage(dirs[patient])
     dirs['LIDC-IDRI-9005'] = _copy(good, manual, 'LIDC-IDRI-9005')
     _roi_no_slice(dirs['LIDC-IDRI-9005'])
     dirs['LIDC-IDRI-9006'] = _copy(good, manual, 'LIDC-IDRI-9006')
     _no_nodules(dirs['LIDC-IDRI-9006'])
+    dirs['LIDC-IDRI-9010'] = _copy(good, manual, 'LIDC-IDRI-9010')
+    _ratings(dirs['LIDC-IDRI-9010'])
     entries = [series_examples.process_series(_task(manual, d, p, cache_dir)) for p, d in dirs.items()]
     written = {e['patient_id']: e['nodules_written'] for e in entries}
     rep = report.build(entries, {}, {}, '', manual)
@@ -111,14 +134,18 @@ def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable
         assert reason in skipped[patient], skipped[patient]
         assert not written[patient]
     issues = {e['patient_id']: e['issues'] for e in rep['series']}
-    for patient in INTERPOLATED:
-        assert any('interpolated' in i for i in issues[patient]), issues[patient]
+    for patient, (_, note) in NOTED.items():
+        assert any(note in i for i in issues[patient]), issues[patient]
         assert written[patient]
+    # No valid malignancy anywhere: every nodule is skipped and named, none labelled; the single-point roi dropped.
+    assert not written['LIDC-IDRI-9010'] and any('single-point roi' in i for i in issues['LIDC-IDRI-9010'])
+    reasons = [n['reason'] for n in rep['nodules_skipped'] if n['patient_id'] == 'LIDC-IDRI-9010']
+    assert reasons and all('no reader gave a valid malignancy' in r for r in reasons)
     assert any('matches no slice' in i for i in issues['LIDC-IDRI-9005'])
     assert written['LIDC-IDRI-9005']
     assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
     assert not written['LIDC-IDRI-9006']
-    assert rep['series_read'] == 4 and not rep['errors']
+    assert rep['series_read'] == 6 and not rep['errors']
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name

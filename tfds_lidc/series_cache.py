@@ -1,7 +1,9 @@
 """Per-series results of a build, kept so that a build stopped part way resumes where it stopped.
 
-An entry is keyed by the series UID, the files of its folder (names and sizes of the DICOM files, contents of the
-reader XML), the builder config and the builder version: a changed series, config or code misses the cache.
+A series is identified by its series UID, the files of its folder (names and sizes of the DICOM files, contents of
+the reader XML), the builder config and the builder version (`key`; the dataset's fingerprint is made of these);
+its cache entry adds the DICOM files' modification times (`cache_key`), so a changed series, config or code
+misses the cache.
 Each entry is `<key>.npz` (the series' nodule arrays) and `<key>.json` (its report entry), each written to a
 temporary name and renamed, the JSON last, so a killed build never leaves a half-written entry that looks whole.
 """
@@ -24,12 +26,12 @@ def _series_uid(directory: str) -> str:
     files = ct_series.dicom_files(directory)
     try:
         return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
-    except Exception:  # an unreadable header: the series is read (and reported) as it is  # pylint: disable=broad-except
+    except Exception:  # pylint: disable=broad-except  # unreadable: the series is read (and reported) as it is
         return ''
 
 
 def key(directory: str, config: dict) -> str:
-    """The cache key of the series folder `directory` under the builder `config` (JSON-serialisable)."""
+    """The identity of the series folder `directory` under the builder `config` (JSON-serialisable)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     h.update(_series_uid(directory).encode())
     for name in sorted(os.listdir(directory)):
@@ -39,6 +41,15 @@ def key(directory: str, config: dict) -> str:
         elif name.lower().endswith('.xml'):
             with open(path, 'rb') as f:
                 h.update(name.encode() + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()[:32]
+
+
+def cache_key(directory: str, series_key: str) -> str:
+    """The cache key of a series: its `key` and the modification times of its DICOM files."""
+    h = hashlib.sha256(series_key.encode())
+    for name in sorted(os.listdir(directory)):
+        if name.lower().endswith('.dcm'):
+            h.update(f'{name}:{os.stat(os.path.join(directory, name)).st_mtime_ns}'.encode())
     return h.hexdigest()[:32]
 
 
@@ -81,6 +92,6 @@ def load_examples(cache_dir: str, entry: dict) -> list[dict]:
     return [{name: arrays[name][i] for name in arrays} for i in range(len(entry['nodules_written']))]
 
 
-def fingerprint(cache_keys) -> str:
-    """One hash of a set of series (their cache keys), stored in the dataset's metadata."""
-    return hashlib.sha256('\n'.join(sorted(cache_keys)).encode()).hexdigest()[:32]
+def fingerprint(series_keys) -> str:
+    """One hash of a set of series (their `key`s), stored in the dataset's metadata."""
+    return hashlib.sha256('\n'.join(sorted(series_keys)).encode()).hexdigest()[:32]

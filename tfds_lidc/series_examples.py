@@ -71,12 +71,14 @@ def process_series(task: SeriesTask) -> dict:
     unexpected exception gives status 'error' with its traceback and is not cached, so a rerun tries again.
     """
     directory = os.path.join(task.manual_dir, task.series_dir)
-    cache_key = series_cache.key(directory, task.cache_config())
+    series_key = series_cache.key(directory, task.cache_config())
+    cache_key = series_cache.cache_key(directory, series_key)
     entry = series_cache.load_entry(task.cache_dir, cache_key)
     if entry is not None:
         return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
-    entry = {'cache_key': cache_key, 'series_dir': task.series_dir, 'patient_id': task.patient_id, 'series_uid': '',
-             'status': 'read', 'reason': '', 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+    entry = {'series_key': series_key, 'cache_key': cache_key, 'series_dir': task.series_dir,
+             'patient_id': task.patient_id, 'series_uid': '', 'status': 'read', 'reason': '', 'nodules_written': [],
+             'nodules_skipped': [], 'issues': []}
     examples = []
     try:
         examples = _series_examples(task, directory, entry)
@@ -124,8 +126,7 @@ def _example(task: SeriesTask, series: ct_series.CtSeries, cluster: list[nodules
     ratings = attributes[:, -1]
     if not np.any(ratings > 0):
         raise nodule_sample.NoduleError('no reader gave a valid malignancy rating (1-5)')
-    mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level,
-                                            slice_positions=None if series.regular else series.positions)
+    mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level)
     if mask is None:
         raise nodule_sample.NoduleError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
     sample = nodule_sample.nodule_example(series.image, mask, crop_size=task.crop_size, spacing_mm=task.spacing_mm,

@@ -48,15 +48,16 @@ def labels(ratings: np.ndarray, label_rule: str = "mean") -> np.ndarray:
     score_name, protocol = parse_rule(label_rule)
     r = np.asarray(ratings, np.float64)
     valid = (r >= 1) & (r <= 5)
-    with np.errstate(invalid="ignore"):
-        values = np.where(valid, r, np.nan)
-        score = np.nanmean(values, axis=1) if score_name == "mean" else np.nanmedian(values, axis=1)
+    rated = valid.any(axis=1)
+    values = np.where(valid, r, np.nan)
+    values[~rated] = 0.0  # no score; labelled LEFT_OUT below
+    score = np.nanmean(values, axis=1) if score_name == "mean" else np.nanmedian(values, axis=1)
     if protocol is None:
         out = np.where(score < 2.5, BENIGN, np.where(score > 3.5, MALIGNANT, UNSURE))
     else:
         three = np.isclose(score, 3.0)
         out = np.where(three, BINARY_PROTOCOLS[protocol], np.where(score < 3, BENIGN, MALIGNANT))
-    return np.where(valid.any(axis=1), out, LEFT_OUT).astype(np.int32)
+    return np.where(rated, out, LEFT_OUT).astype(np.int32)
 
 
 def cohort(ratings: np.ndarray, diameter_mm: np.ndarray, min_readers: int = 1,

@@ -154,19 +154,25 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         cache_dir = self.series_cache_dir(os.fspath(dl_manager.download_dir))
         tasks, xml_only = self.series_tasks(manual_dir, cache_dir)
         if not tasks:
-            raise BuildError(f'No DICOM series found under {manual_dir} (see the manual download instructions: '
-                             f'`python -m tfds_lidc build --help` or tfds_lidc/lidc_idri/README.md).')
-        entries = list(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
-        entries += [_xml_only_entry(f) for f in xml_only]
+            raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
+                             f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
+        entries = [_xml_only_entry(f) for f in xml_only]
+        try:
+            entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
+        finally:
+            if len(entries) < len(tasks) + len(xml_only):  # interrupted: report the series done so far
+                self.report = dict(report.build(entries, {}, {}, '', manual_dir), interrupted=True)
+                self.report_paths = report.write(self.report, cache_dir)
         with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
         assignment, empty = splits_lib.plan(with_nodules, [e['patient_id'] for e in entries])
-        fingerprint = series_cache.fingerprint(e['cache_key'] for e in entries if 'cache_key' in e)
+        fingerprint = series_cache.fingerprint(e['series_key'] for e in entries if 'series_key' in e)
         self.report = report.build(entries, assignment, empty, fingerprint, manual_dir)
         self.report_paths = report.write(self.report, cache_dir)
         errors = self.report['errors']
         if errors:
+            failed = '; '.join(f"{e['series_dir']}: {e['reason']}" for e in errors)
             raise BuildError(f'{len(errors)} series failed with an unexpected error (traceback in '
-                             f'{self.report_paths[0]}): ' + '; '.join(f"{e['series_dir']}: {e['reason']}" for e in errors))
+                             f'{self.report_paths[0]}): {failed}')
         if not with_nodules:
             raise BuildError(f'No nodule could be written from the {len(tasks)} series of {manual_dir}; the reasons '
                              f'are in {self.report_paths[0]}.')
@@ -178,13 +184,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             if e['nodules_written']:
                 split, fold = assignment[e['patient_id']]
                 by_split.setdefault(split, []).append((e, fold))
-        return {split: self._generate_examples(cache_dir, by_split[split]) for split in splits_lib.SPLITS
+        return {split: self._generate_examples(split, cache_dir, by_split[split]) for split in splits_lib.SPLITS
                 if split in by_split}
 
-    def _generate_examples(self, cache_dir: str, series: list[tuple[dict, int]]):
+    def _generate_examples(self, split: str, cache_dir: str, series: list[tuple[dict, int]]):
         load = functools.partial(_series_examples, cache_dir)
         if self._use_beam:
-            return beam.Create(series) | beam.FlatMap(load)
+            return beam.Create(series) | f'{split}_series' >> beam.FlatMap(load)
         return (example for item in series for example in load(item))
 
 
