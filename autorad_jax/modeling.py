@@ -108,12 +108,3 @@ def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict) 
     if any(k.startswith(prefix) for k in state):  # a joint folder: its vision tower
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     hf_aimv2.hf_state_to_nnx(model.vision_model, state, folder)
-
-
-def build(config: ml_collections.ConfigDict, spec: ModelSpec, *, pretrained: bool = False) -> nnx.Module:
-    """The model of `config` and `spec` on the host, random-init; with `pretrained`, config.model.aimv2_dir's weights
-    loaded into it (for tools and tests; the trainer initialises sharded and loads through `load_pretrained`)."""
-    model = models.Model(config.model, spec, rngs=nnx.Rngs(config.seed))
-    if pretrained and config.model.aimv2_dir:
-        load_pretrained(model, config.model)
-    return model
