@@ -1,0 +1,67 @@
+"""What the command line shows: absl logs at WARNING unless --verbosity asks for more, no TFDS progress bars, and
+third-party warnings that say nothing to the user filtered, all in one place. The library's own progress bars
+(training, batch prediction) use tqdm on stderr; each command's result is printed last (see autorad_jax/cli.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from typing import Any
+
+import numpy as np
+
+# (message regex, category, module regex) of warnings that concern the libraries' own internals, not the user's run.
+QUIET_WARNINGS = (
+    (r".*os\.fork\(\) was called.*", RuntimeWarning, ""),  # JAX, when grain or TFDS start worker processes
+    (r".*[Tt]ensor[Ff]low.*", UserWarning, ""),  # TFDS and transformers noting that TensorFlow is absent
+    (r".*pkg_resources is deprecated.*", UserWarning, ""),
+    (r".*`resume_download` is deprecated.*", FutureWarning, ""),
+    (r".*Sharding info not provided when restoring.*", UserWarning, ""),  # orbax, on restores onto the host
+    (r".*Couldn't find sharding info under RestoreArgs.*", UserWarning, ""),
+    (r".*GLCM is symmetrical.*", UserWarning, ""),  # pyradiomics
+    (r"Casting complex values to real.*", np.exceptions.ComplexWarning, ""),  # pyradiomics' complex-typed results
+)
+# Absl log lines of third-party libraries that say nothing to the user (TFDS, before a dataset's first build).
+QUIET_LOGS = (r"Variant folder .* has no dataset_info\.json",)
+# Worker processes (dataset build) start without this module's filters: the same, as PYTHONWARNINGS understands them.
+CHILD_WARNINGS = ("ignore:Casting complex values to real", "ignore:pkg_resources is deprecated:UserWarning")
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(re.match(p, record.getMessage()) for p in QUIET_LOGS)
+
+
+def quiet_third_party() -> None:
+    """Filters QUIET_WARNINGS and QUIET_LOGS (here and in worker processes), turns TFDS progress bars off and keeps
+    TensorFlow's C++ logging (if present) quiet."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *CHILD_WARNINGS]))
+    for message, category, module in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    logging.getLogger("absl").addFilter(_DropLines())
+    logging.getLogger("radiomics").setLevel(logging.ERROR)  # per-nodule notes on the features it computes
+    import tensorflow_datasets as tfds
+    tfds.disable_progress_bar()
+
+
+def jsonable(value: Any) -> Any:
+    """`value` with numpy arrays and scalars made plain Python, for json.dumps."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def to_json(value: Any, indent: int | None = 2) -> str:
+    """The JSON text of a command's result."""
+    return json.dumps(jsonable(value), indent=indent)
