@@ -138,7 +138,7 @@ def _show(command: str, result) -> None:
     elif command == "export":
         print(f"Exported to {result} (model card: {os.path.join(result, 'README.md')})")
     elif command == "predict":
-        print(f"{result['predicted']} nodules from {result['rows']} rows ({result['errors']} rows with an error) in "
+        print(f"{result['predicted']} nodules from {result['rows']} rows (rows with an error: {result['errors']}) in "
               f"{result['seconds']:.1f} s ({result['nodules_per_second']:.2f} nodules/s): {result['csv']}, "
               f"{result['json']}" + (f", {result['report']['html']}" if "report" in result else ""))
 

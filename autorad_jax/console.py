@@ -25,8 +25,10 @@ QUIET_WARNINGS = (
     (r".*GLCM is symmetrical.*", UserWarning, ""),  # pyradiomics
     (r"Casting complex values to real.*", np.exceptions.ComplexWarning, ""),  # pyradiomics' complex-typed results
 )
-# Absl log lines of third-party libraries that say nothing to the user (TFDS, before a dataset's first build).
-QUIET_LOGS = (r"Variant folder .* has no dataset_info\.json",)
+# Absl log lines of third-party libraries that say nothing to the user: TFDS before a dataset's first build, orbax
+# opening a checkpoint read-only (eval, export, predict).
+QUIET_LOGS = (r"Variant folder .* has no dataset_info\.json", r"CheckpointManagerOptions\.read_only=True",
+              r"Given directory is read only")
 # Worker processes (dataset build) start without this module's filters: the same, as PYTHONWARNINGS understands them.
 CHILD_WARNINGS = ("ignore:Casting complex values to real", "ignore:pkg_resources is deprecated:UserWarning")
 
@@ -37,8 +39,8 @@ class _DropLines(logging.Filter):
 
 
 def quiet_third_party() -> None:
-    """Filters QUIET_WARNINGS and QUIET_LOGS (here and in worker processes), turns TFDS progress bars off and keeps
-    TensorFlow's C++ logging (if present) quiet."""
+    """Filters QUIET_WARNINGS and QUIET_LOGS (here and in worker processes), turns the progress bars of TFDS and
+    transformers off and keeps TensorFlow's C++ logging (if present) quiet."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *CHILD_WARNINGS]))
     for message, category, module in QUIET_WARNINGS:
@@ -46,7 +48,9 @@ def quiet_third_party() -> None:
     logging.getLogger("absl").addFilter(_DropLines())
     logging.getLogger("radiomics").setLevel(logging.ERROR)  # per-nodule notes on the features it computes
     import tensorflow_datasets as tfds
+    import transformers
     tfds.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" of every from_pretrained
 
 
 def jsonable(value: Any) -> Any:

@@ -83,7 +83,7 @@ def _picture(path: str, predictor: Predictor, inputs: NoduleInputs, nodule: dict
     mask = pipeline.extract_view(inputs.sample.mask.astype(np.float32), view)
     names = VIEW_NAMES.get(view, ("view 1", "view 2", "view 3"))
     fig = plt.figure(figsize=FIGSIZE, dpi=DPI)
-    grid = fig.add_gridspec(2, 5, width_ratios=[1, 1, 1, 0.25, 1.9])
+    grid = fig.add_gridspec(2, 5, width_ratios=[1, 1, 1, 0.75, 1.6])
     extent = (0, size, size, 0)  # crop and saliency on the model's input grid
     for i in range(3):
         for row, overlay in ((0, None), (1, exp.saliency[..., i])):
@@ -117,7 +117,7 @@ def _picture(path: str, predictor: Predictor, inputs: NoduleInputs, nodule: dict
     fig.text(0.01, 0.01, f"Probabilities by the {predictor.source['backend']} backend; saliency (|∂ logit / ∂ pixel|) "
              f"and attributions by the JAX model" + (", loaded from the export with export.load_export"
                                                      if "export" in predictor.source else "")
-             + ". Green: consensus mask. Research use only.", fontsize=8)
+             + ". Green: the nodule mask. Research use only.", fontsize=8)
     fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.07, wspace=0.3, hspace=0.25)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
