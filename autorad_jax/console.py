@@ -50,6 +50,11 @@ def quiet_third_party() -> None:
     import tensorflow_datasets as tfds
     import transformers
     tfds.disable_progress_bar()
+    # TFDS prints "Downloading and preparing dataset Unknown size ..." and "... downloaded and prepared" on every
+    # build, unconditionally; a local build from --manual_dir downloads nothing, and prepare says what it builds.
+    for method in ("_log_download_bytes", "_log_download_done"):
+        if hasattr(tfds.core.DatasetBuilder, method):
+            setattr(tfds.core.DatasetBuilder, method, lambda self: None)
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" of every from_pretrained
 
 
@@ -67,5 +72,5 @@ def jsonable(value: Any) -> Any:
 
 
 def to_json(value: Any, indent: int | None = 2) -> str:
-    """The JSON text of a command's result."""
-    return json.dumps(jsonable(value), indent=indent)
+    """The JSON text of a command's result (objects JSON does not know, as their str)."""
+    return json.dumps(jsonable(value), indent=indent, default=str)
