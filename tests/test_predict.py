@@ -1,5 +1,6 @@
 """predict and export on a trained workdir: generator scans against the built dataset's examples (scored by the
-trainer's own evaluation path), both backends, every nodule source, and bad inputs."""
+trainer's own evaluation path), both backends, every nodule source, bad inputs, report pictures and radiomic
+attributions, CSV batch prediction and the export's model card."""
 
 import csv
 import glob
