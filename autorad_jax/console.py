@@ -14,16 +14,10 @@ from typing import Any
 
 import numpy as np
 
-# (message regex, category, module regex) of warnings that concern the libraries' own internals, not the user's run.
+# (message regex, category) of warnings that concern the libraries' own internals, not the user's run.
 QUIET_WARNINGS = (
-    (r".*os\.fork\(\) was called.*", RuntimeWarning, ""),  # JAX, when grain or TFDS start worker processes
-    (r".*[Tt]ensor[Ff]low.*", UserWarning, ""),  # TFDS and transformers noting that TensorFlow is absent
-    (r".*pkg_resources is deprecated.*", UserWarning, ""),
-    (r".*`resume_download` is deprecated.*", FutureWarning, ""),
-    (r".*Sharding info not provided when restoring.*", UserWarning, ""),  # orbax, on restores onto the host
-    (r".*Couldn't find sharding info under RestoreArgs.*", UserWarning, ""),
-    (r".*GLCM is symmetrical.*", UserWarning, ""),  # pyradiomics
-    (r"Casting complex values to real.*", np.exceptions.ComplexWarning, ""),  # pyradiomics' complex-typed results
+    (r".*pkg_resources is deprecated.*", UserWarning),  # pylidc's import (demo-data generator)
+    (r"Casting complex values to real.*", np.exceptions.ComplexWarning),  # pyradiomics' complex-typed results
 )
 # Absl log lines of third-party libraries that say nothing to the user: TFDS before a dataset's first build, orbax
 # opening a checkpoint read-only (eval, export, predict).
@@ -43,8 +37,8 @@ def quiet_third_party() -> None:
     transformers off and keeps TensorFlow's C++ logging (if present) quiet."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *CHILD_WARNINGS]))
-    for message, category, module in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for message, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     logging.getLogger("absl").addFilter(_DropLines())
     logging.getLogger("radiomics").setLevel(logging.ERROR)  # per-nodule notes on the features it computes
     import tensorflow_datasets as tfds
