@@ -9,14 +9,18 @@ Subcommands (default: demo):
   train    train and evaluate a config in --workdir (resumes from its checkpoints)
   eval     evaluate the best checkpoint of --workdir on --split
   cv       5-fold patient cross-validation of the model and the baselines, with a summary table
-  predict  malignancy of one nodule in a new CT (--ct with --mask, --center/--diameter or --xml)
+  predict  malignancy of nodules in a new CT (--ct with --mask, --center/--diameter or --xml; --report DIR for
+           pictures with saliency), or of every row of a CSV (--nodules FILE.csv, LUNA16 columns with --ct_root)
   export   write the trained model of --workdir as transformers and PyTorch folders to --out
 
 Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error); the
 default is the packaged configs/autorad_lung.py:tiny.
+
+Output: library logs at WARNING (--verbosity=0 for INFO), one progress bar per long phase, the command's result
+last; --json prints the result alone, as JSON.
 """
 
-import json
+import contextlib
 import os
 import sys
 
@@ -49,6 +53,11 @@ _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model ru
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace what is there: a non-empty --out folder, whole (export); a dataset in --data_dir built "
     "from other series (prepare).")
+_REPORT = flags.DEFINE_string("report", None, "Folder for a report picture per nodule and an index.html (predict).")
+_NODULES = flags.DEFINE_string("nodules", None, "CSV with one nodule per row, e.g. LUNA16's annotations.csv (predict).")
+_CT_ROOT = flags.DEFINE_string("ct_root", None, "Folder holding the CSV's <seriesuid>.mhd files or DICOM series folders "
+                               "(predict --nodules).")
+_JSON = flags.DEFINE_bool("json", False, "Print the command's result alone, as JSON.")
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "Multi-host: host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes (else $JAX_NUM_PROCESSES).")
@@ -70,7 +79,10 @@ def _config():
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with a one-line error for a config override naming a key the config does not have."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
+        if flags.FLAGS["verbosity"].using_default_value:  # absl would raise it to INFO; --verbosity=0 asks for that
+            flags.FLAGS.verbosity = logging.WARNING
+        return argv
     except (AttributeError, KeyError) as e:
         reason = str(e.args[0]).strip("\"'").replace("\\n", " ").replace("\\'", "'")
         sys.exit(f"{_PROG}: --config override: the config has no key {reason}")
@@ -111,12 +123,27 @@ def _run(command: str):
             raise app.UsageError("export needs --out.")
         from autorad_jax import export
         return export.export(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value, overwrite=_OVERWRITE.value)
+    model = dict(workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
+    if _NODULES.value:
+        from autorad_jax import batch_predict
+        return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,
+                                         report_dir=_REPORT.value, **model)
     from autorad_jax import predict
-    result = predict.predict(
-        ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value, xml=_XML.value,
-        workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
-    print(json.dumps(result, indent=2))
-    return result
+    return predict.predict(ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value,
+                           xml=_XML.value, report_dir=_REPORT.value, **model)
+
+
+def _show(command: str, result) -> None:
+    """Prints the result of `command` as the last thing on screen (alone, as JSON, with --json)."""
+    from autorad_jax import console
+    if _JSON.value or (command == "predict" and not _NODULES.value):
+        print(console.to_json(result, indent=2))
+    elif command == "export":
+        print(f"Exported to {result} (model card: {os.path.join(result, 'README.md')})")
+    elif command == "predict":
+        print(f"{result['predicted']} nodules from {result['rows']} rows (rows with an error: {result['errors']}) in "
+              f"{result['seconds']:.1f} s ({result['nodules_per_second']:.2f} nodules/s): {result['csv']}, "
+              f"{result['json']}" + (f", {result['report']['html']}" if "report" in result else ""))
 
 
 def main(argv):
@@ -126,14 +153,18 @@ def main(argv):
     if command not in SUBCOMMANDS:
         raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
     logging.info("%s %s", _PROG, command)
+    from autorad_jax import console
     from autorad_jax.errors import AutoradError
     from tfds_lidc.errors import LidcDataError
+    console.quiet_third_party()
     try:
-        _run(command)
+        with contextlib.redirect_stdout(sys.stderr) if _JSON.value else contextlib.nullcontext():
+            result = _run(command)
     except (AutoradError, LidcDataError) as e:
         # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.
         sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}")
+    _show(command, result)
 
 
 def run() -> None:

@@ -3,8 +3,8 @@
 `export(workdir, out_dir)` writes the folder that `autorad_jax.weights.torch_model.AutoRadLungTorch.from_export`
 loads (layout in that module): the AIMv2 towers through the AIMv2 name map (`hf_aimv2.save_pretrained`), the prompt
 learner through its name map, and a JSON config with class names, tokenised prompts, radiomics names and statistics,
-the preprocessing and the training config. `load_export` reads such a folder back into the JAX model. Weights are
-safetensors only.
+the preprocessing and the training config, and a model card (README.md, autorad_jax/model_card.py). `load_export`
+reads such a folder back into the JAX model. Weights are safetensors only.
 
 An export never destroys what it did not write: a non-empty `out_dir` is refused unless `overwrite`; the new export is
 written beside it and swapped in whole, so a failed export leaves the old one as it was.
@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from autorad_jax import models
+from autorad_jax import model_card, models
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.errors import AutoradError, ConfigError
@@ -131,6 +131,7 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
     }
     with open(os.path.join(out_dir, EXPORT_CONFIG), "w") as f:
         json.dump(export_config, f, indent=2)
+    model_card.write_model_card(out_dir, config, export_config, workdir=(checkpoint or {}).get("workdir"))
     return out_dir
 
 

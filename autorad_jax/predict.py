@@ -47,6 +47,7 @@ class Predictor:
     preprocessing: dict[str, Any]
     probabilities: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (view [S,S,3] HU, raw radiomics [F]) -> [C]
     source: dict[str, Any]
+    jax_model: Any = None  # the JAX model, where one was loaded (for saliency; see autorad_jax.report)
 
 
 def _jax_probabilities(model, stats: pipeline.RadiomicsStats, data_config) -> Callable:
@@ -97,7 +98,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
                     tokenizer_dir=os.path.join(workdir, export.TOKENIZER_DIR)))
         else:
             run = _jax_probabilities(restored.model, restored.stats, config.data)
-        return Predictor(
+        return Predictor(jax_model=restored.model,
             data_config=config.data, stats=restored.stats, feature_names=list(restored.spec.radiomics_names),
             labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(restored.spec.class_names),
             preprocessing=export.preprocessing(config), probabilities=run,
@@ -105,13 +106,12 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
                     "backend": backend})
     export_config = read_export_config(export_dir)
     stats = pipeline.RadiomicsStats.from_json(export_config["radiomics"])
-    if backend == "torch":
-        run = _torch_probabilities(export_dir)
-    else:
-        run = _jax_probabilities(export.load_export(export_dir)[0], stats,
-                                 checkpointing.saved_config(export_config["config"]).data)
-    return Predictor(
-        data_config=checkpointing.saved_config(export_config["config"]).data, stats=stats,
+    data_config = checkpointing.saved_config(export_config["config"]).data
+    jax_model = None if backend == "torch" else export.load_export(export_dir)[0]
+    run = (_torch_probabilities(export_dir) if backend == "torch"
+           else _jax_probabilities(jax_model, stats, data_config))
+    return Predictor(jax_model=jax_model,
+        data_config=data_config, stats=stats,
         feature_names=list(export_config["radiomics"]["feature_names"]), labels=list(export_config["labels"]),
         class_names=list(export_config["class_names"]), preprocessing=export_config["preprocessing"],
         probabilities=run, source={"export": os.path.abspath(export_dir), "model": export_config["model"]["name"],
@@ -259,8 +259,15 @@ def _builder_params(preprocessing: dict[str, Any]) -> str:
     return builder_config(preprocessing["builder_config"]).radiomics_params
 
 
-def predict_nodule(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> dict[str, Any]:
-    """Probabilities and measurements of one nodule (crop and radiomics by the dataset builder's own function)."""
+@dataclasses.dataclass
+class NoduleInputs:
+    """One nodule as the model sees it: the builder's sample (crop, mask, radiomics) and its HU view."""
+    sample: nodule_sample.NoduleSample
+    view: np.ndarray  # [S, S, 3] int16 HU; autorad_jax.data.preprocess makes the model's image of it
+
+
+def nodule_inputs(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> NoduleInputs:
+    """The nodule's crop and radiomics (by the dataset builder's own function) and its model input view."""
     prep = predictor.preprocessing
     params = _builder_params(prep)
     names = list(radiomics_features.feature_names(params))
@@ -275,7 +282,13 @@ def predict_nodule(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> di
         raise PredictInputError(f"the nodule cannot be measured: {e}") from e
     inputs = pipeline.example_to_inputs({"ct": sample.ct, "radiomics": sample.radiomics}, predictor.data_config,
                                         predictor.stats)
-    probs = predictor.probabilities(inputs["view"], sample.radiomics)
+    return NoduleInputs(sample, inputs["view"])
+
+
+def score_nodule(predictor: Predictor, inputs: NoduleInputs) -> dict[str, Any]:
+    """Probabilities and measurements of one nodule."""
+    sample = inputs.sample
+    probs = predictor.probabilities(inputs.view, sample.radiomics)
     return {
         "probabilities": {label: float(p) for label, p in zip(predictor.labels, probs)},
         "label": predictor.labels[int(np.argmax(probs))],
@@ -283,17 +296,18 @@ def predict_nodule(predictor: Predictor, ct: sitk.Image, mask: sitk.Image) -> di
         "diameter_mm": float(sample.diameter_mm),
         "volume_mm3": float(sample.volume_mm3),
         "crop_reaches_outside_scan": bool(sample.padded),
-        "radiomics": {n: float(v) for n, v in zip(names, sample.radiomics)},
+        "radiomics": {n: float(v) for n, v in zip(predictor.feature_names, sample.radiomics)},
     }
 
 
 def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optional[float] = None,
             xml: Optional[str] = None, workdir: Optional[str] = None, export_dir: Optional[str] = None,
-            backend: str = "jax") -> dict[str, Any]:
+            backend: str = "jax", report_dir: Optional[str] = None) -> dict[str, Any]:
     """Malignancy class probabilities of the nodule(s) given by `mask` / `center` + `diameter` / `xml` in the CT `ct`.
 
     Returns a JSON-serialisable dict: the model used, the CT, and per nodule the class probabilities, label,
     centroid (x, y, z mm, scanner coordinates), axial diameter (mm), volume (mm^3) and the radiomic features used.
+    With `report_dir`, a picture per nodule (views, saliency, radiomic attributions) and an index.html go there.
     Raises PredictInputError naming what is wrong with the CT, the nodule or the model.
     """
     image, series = read_ct(ct)
@@ -303,9 +317,15 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     if masks is None:
         masks = nodule_masks(image, series, **nodules,
                              consensus_level=float(predictor.preprocessing["consensus_level"]))
-    return {
+    inputs = [nodule_inputs(predictor, image, m) for m, _ in masks]
+    result = {
         "model": predictor.source,
         "ct": os.path.abspath(ct),
         "classes": {label: name for label, name in zip(predictor.labels, predictor.class_names)},
-        "nodules": [{**info, **predict_nodule(predictor, image, m)} for m, info in masks],
+        "nodules": [{**info, **score_nodule(predictor, x)} for (_, info), x in zip(masks, inputs)],
     }
+    if report_dir is not None:
+        from autorad_jax import report
+        result["report"] = report.write_reports(predictor, inputs, result["nodules"], report_dir,
+                                                titles=[os.path.basename(os.path.normpath(ct))] * len(inputs))
+    return result

@@ -60,3 +60,13 @@ def test_large_config_matches_aimv2_large_patch14_224():
 def test_unknown_variant_is_an_error():
     with pytest.raises(ValueError, match="huge"):
         autorad_lung.get_config("huge")
+
+
+def test_absl_info_lines_are_off_unless_verbosity_asks_and_bad_input_is_one_line(tmp_path):
+    missing = str(tmp_path / "missing.csv")
+    quiet = _run("predict", "--nodules", missing, "--export", str(tmp_path))
+    assert quiet.returncode != 0
+    assert quiet.stderr.strip().splitlines() == [quiet.stderr.strip()]  # one line, no traceback
+    assert f"nodule table {missing}" in quiet.stderr and "No such file" in quiet.stderr
+    info = _run("predict", "--nodules", missing, "--export", str(tmp_path), "--verbosity=0")
+    assert "cli.py" in info.stderr and "] run.py predict" in info.stderr  # absl's INFO line, only when asked

@@ -1,6 +1,8 @@
 """predict and export on a trained workdir: generator scans against the built dataset's examples (scored by the
-trainer's own evaluation path), both backends, every nodule source, and bad inputs."""
+trainer's own evaluation path), both backends, every nodule source, bad inputs, report pictures and radiomic
+attributions, CSV batch prediction and the export's model card."""
 
+import csv
 import glob
 import json
 import os
@@ -13,7 +15,7 @@ from transformers import Aimv2Model
 
 from autorad_jax import export
 from autorad_jax import predict as predict_lib
-from autorad_jax.data import pipeline
+from autorad_jax.data import pipeline, preprocess
 from autorad_jax.predict import PredictInputError, predict
 from autorad_jax.train import checkpointing, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
@@ -197,3 +199,109 @@ def test_export_folder_incomplete_through_predict(exported, scan, tmp_path):
     os.remove(folder / "aimv2" / "model.safetensors")
     with pytest.raises(ExportFolderError, match="missing aimv2/model.safetensors"):
         predict(ct=scan[0], xml=scan[1], export_dir=str(folder), backend="torch")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Report pictures, radiomic attributions, batch prediction, the model card, the quiet command line.
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("source,backend", [("workdir", "jax"), ("export", "torch")])
+def test_report_pictures_from_workdir_and_export(trained, exported, reference, scan, source, backend, tmp_path):
+    from matplotlib import image as mpimg
+    from autorad_jax import report
+    _, example = reference[scan[2][0]]
+    where = {"workdir": trained[1]} if source == "workdir" else {"export_dir": exported}
+    result = predict(ct=scan[0], center=[f"{v:.3f}" for v in example["centroid_mm"]], diameter=8.0, backend=backend,
+                     report_dir=str(tmp_path), **where)
+    (picture,) = result["report"]["pictures"]
+    height, width, _ = mpimg.imread(picture).shape
+    assert (width, height) == (report.FIGSIZE[0] * report.DPI, report.FIGSIZE[1] * report.DPI)
+    with open(result["report"]["html"]) as f:
+        assert f'src="{os.path.basename(picture)}"' in f.read()
+    (top,) = result["report"]["top_radiomics"]
+    assert len(top) == report.TOP_FEATURES and set(top) <= set(result["nodules"][0]["radiomics"])
+
+
+def test_top_radiomic_attributions_are_gradient_times_input_of_named_features(trained, reference, scan, lidc_data):
+    import tensorflow_datasets as tfds
+    from autorad_jax import report
+    predictor = predict_lib.load_predictor(workdir=trained[1])
+    _, example = reference[scan[2][0]]
+    view = pipeline.example_to_inputs(example, predictor.data_config, predictor.stats)["view"]
+    image = np.asarray(preprocess.images(view[None], preprocess.Preprocessing.from_config(predictor.data_config))[0])
+    explain_fn = report.explainer(predictor.jax_model)
+    raw = np.asarray(example["radiomics"], np.float32)
+    exp = report.explain(explain_fn, image, predictor.stats.apply(raw))
+    top = report.top_features(exp.attributions)
+    names = tfds.builder("lidc_idri/crop32_1mm", data_dir=lidc_data).info.metadata["radiomics_feature_names"]
+    assert {predictor.feature_names[j] for j in top} <= set(names) and len(top) == report.TOP_FEATURES
+    assert np.abs(exp.attributions[top[0]]) > 0
+    assert all(exp.saliency[..., v].std() > 0 for v in range(3))  # where the model looked, over each view
+    np.testing.assert_allclose(exp.probabilities, reference[scan[2][0]][0], atol=1e-5)
+
+    def logit(z):  # the predicted class's logit by a plain forward pass
+        logits, _ = predictor.jax_model(image[None], z[None].astype(np.float32))
+        return float(np.asarray(logits)[0, exp.predicted])
+
+    z, h = predictor.stats.apply(raw).astype(np.float64), 1e-2
+    for j in top[:2]:  # gradient x input against central differences
+        step = np.eye(len(z))[j] * h
+        expected = (logit(z + step) - logit(z - step)) / (2 * h) * z[j]
+        np.testing.assert_allclose(exp.attributions[j], expected, rtol=0.05, atol=1e-4)
+    changed = raw.copy()
+    changed[top[0]] = predictor.stats.mean[top[0]] + 3 * predictor.stats.std[top[0]] * -np.sign(z[top[0]] or 1)
+    moved = report.explain(explain_fn, image, predictor.stats.apply(changed))
+    assert abs(moved.attributions[top[0]] - exp.attributions[top[0]]) > 1e-3 * abs(exp.attributions[top[0]])
+
+
+def _luna_csv(path, reference, keys, bad_uid: str) -> list[dict]:
+    """A LUNA16 annotations.csv of the stored nodules `keys` (centre from the dataset, diameter 8 mm) with one row of a
+    series that is not there, second."""
+    rows = [{"seriesuid": uid, "coordX": c[0], "coordY": c[1], "coordZ": c[2], "diameter_mm": 8.0}
+            for uid, c in ((k[0], reference[k][1]["centroid_mm"]) for k in keys)]
+    rows.insert(1, {**rows[0], "seriesuid": bad_uid})
+    with open(path, "w") as f:
+        f.write("seriesuid,coordX,coordY,coordZ,diameter_mm\n")
+        f.writelines(f"{r['seriesuid']},{r['coordX']:.3f},{r['coordY']:.3f},{r['coordZ']:.3f},{r['diameter_mm']}\n"
+                     for r in rows)
+    return rows
+
+
+def test_luna16_csv_predicts_as_one_at_a_time_and_a_bad_row_keeps_its_error(exported, reference, scan, lidc_data,
+                                                                             tmp_path):
+    from autorad_jax import batch_predict
+    series_dir, _, keys = scan
+    rows = _luna_csv(tmp_path / "annotations.csv", reference, keys[:2], "1.2.3.404")  # 2 nodules, 1 bad row
+    ct_root = os.path.join(os.path.dirname(lidc_data), "scans")
+    summary = batch_predict.predict_csv(str(tmp_path / "annotations.csv"), str(tmp_path / "out"), export_dir=exported,
+                                        ct_root=ct_root)
+    assert (summary["rows"], summary["predicted"], summary["errors"]) == (len(rows), len(rows) - 1, 1)
+    with open(summary["json"]) as f:
+        out = json.load(f)["nodules"]
+    with open(summary["csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["row"]) for r in table] == [r["row"] for r in out] == list(range(1, len(rows) + 1))
+    assert "1.2.3.404 is not under --ct_root" in out[1]["error"] and "1.2.3.404" in table[1]["error"]
+    for row, got, flat in zip(rows, out, table):
+        if row["seriesuid"] == "1.2.3.404":
+            continue
+        alone = predict(ct=series_dir, center=[f"{row[c]:.3f}" for c in ("coordX", "coordY", "coordZ")],
+                        diameter=8.0, export_dir=exported)["nodules"][0]
+        np.testing.assert_allclose(probabilities(got), probabilities(alone), atol=1e-6)
+        np.testing.assert_allclose([float(flat[f"p_{k}"]) for k in alone["probabilities"]], probabilities(alone),
+                                   atol=1e-6)
+        assert got["error"] == "" and got["label"] == alone["label"]
+
+
+def test_export_has_a_model_card_naming_demo_data_and_the_workdir_metrics(trained, exported):
+    import yaml
+    text = open(os.path.join(exported, "README.md")).read()
+    _, front, body = text.split("---\n", 2)
+    meta = yaml.safe_load(front)
+    assert meta["library_name"] == "autorad-jax" and "demo-data" in meta["tags"]
+    assert "SIMULATED" in body and "Research only" in body
+    with open(os.path.join(trained[1], "metrics.json")) as f:
+        metrics = json.load(f)
+    assert f"| accuracy | {metrics['accuracy']:.3f} |" in body
+    (result,) = meta["model-index"][0]["results"]
+    assert {m["type"]: m["value"] for m in result["metrics"]}["accuracy"] == round(metrics["accuracy"], 4)

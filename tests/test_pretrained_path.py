@@ -193,7 +193,8 @@ def test_export_refuses_a_non_empty_folder_and_a_file_and_overwrites_whole(promp
         export.export(workdir, str(target), step=12345, overwrite=True)
     assert os.listdir(target) == ["notes.txt"]
     export.export(workdir, str(target), overwrite=True)
-    assert sorted(os.listdir(target)) == ["aimv2", "aimv2_vision", "autorad_lung.json", "autorad_lung.safetensors"]
+    assert sorted(os.listdir(target)) == ["README.md", "aimv2", "aimv2_vision", "autorad_lung.json",
+                                          "autorad_lung.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["file", "out"]  # nothing left beside it
     config = json.loads((target / "autorad_lung.json").read_text())
     assert config["class_names"] == ["benign lung nodule", "malignant lung nodule"]

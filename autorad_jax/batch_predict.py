@@ -1,0 +1,156 @@
+"""Prediction for every nodule of a CSV, with the model loaded once (`run.py predict --nodules FILE.csv`).
+
+One nodule per row, given by a CT and one of: a mask (`mask`), a centre and diameter (`coordX`, `coordY`, `coordZ` in
+mm and `diameter_mm`, as LUNA16's annotations.csv), or a LIDC reader XML (`xml`, which may give several nodules). The
+CT is the `ct` column (a DICOM series folder or a volume file), or the row's `seriesuid` found under `--ct_root`
+(`<seriesuid>.mhd` / `.nii.gz` / `.nrrd` files, or DICOM series folders named by or containing the UID, at any
+depth). Relative paths are relative to the CSV's folder. Writes predictions.csv and predictions.json with one row per
+nodule; a row that cannot be predicted gets its error there and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+from autorad_jax import predict as predict_lib
+from autorad_jax.errors import AutoradError
+
+VOLUME_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".nrrd")
+CENTER_COLUMNS = ("coordX", "coordY", "coordZ")
+
+
+class NoduleTableError(AutoradError, ValueError):
+    """The nodule CSV cannot be read, or its columns say neither a CT nor a nodule."""
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    """The CSV's rows as dicts (header names stripped); NoduleTableError naming the file and the problem."""
+    try:
+        with open(path, newline="") as f:
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise NoduleTableError(f"nodule table {path}: {e}") from e
+    columns = set(rows[0]) if rows else set()
+    if not rows:
+        raise NoduleTableError(f"nodule table {path} has no rows.")
+    if not columns & {"ct", "seriesuid"}:
+        raise NoduleTableError(f"nodule table {path} has neither a 'ct' nor a 'seriesuid' column (columns: "
+                               f"{', '.join(sorted(columns))}).")
+    if not (columns & {"mask", "xml"} or set(CENTER_COLUMNS) <= columns):
+        raise NoduleTableError(f"nodule table {path} gives no nodule: add 'mask', 'xml', or 'coordX', 'coordY', "
+                               f"'coordZ' with 'diameter_mm' (columns: {', '.join(sorted(columns))}).")
+    return rows
+
+
+def index_ct_root(ct_root: str) -> dict[str, str]:
+    """{name: path} of the volume files (name without suffix) and folders under `ct_root`."""
+    if not os.path.isdir(ct_root):
+        raise NoduleTableError(f"--ct_root {ct_root} is not a folder.")
+    found = {}
+    for folder, dirs, files in os.walk(ct_root):
+        for d in dirs:
+            found.setdefault(d, os.path.join(folder, d))
+        for f in files:
+            for suffix in VOLUME_SUFFIXES:
+                if f.endswith(suffix):
+                    found.setdefault(f[:-len(suffix)], os.path.join(folder, f))
+    return found
+
+
+def find_series(uid: str, index: dict[str, str], ct_root: str) -> str:
+    """The CT of series `uid`: a file or folder named by the UID, else a folder whose name contains it."""
+    if uid in index:
+        return index[uid]
+    matches = sorted(path for name, path in index.items() if uid in name and os.path.isdir(path))
+    if not matches:
+        raise predict_lib.PredictInputError(f"series {uid} is not under --ct_root {ct_root} (no {uid}.mhd / .nii.gz "
+                                            f"/ .nrrd file or folder named by it).")
+    return matches[0]
+
+
+def _row_ct(row: dict[str, str], base: str, ct_root: Optional[str], index: Optional[dict[str, str]]) -> str:
+    if row.get("ct"):
+        return os.path.join(base, row["ct"])
+    if not row.get("seriesuid"):
+        raise predict_lib.PredictInputError("the row gives neither 'ct' nor 'seriesuid'.")
+    if ct_root is None:
+        raise predict_lib.PredictInputError("a 'seriesuid' row needs --ct_root (the folder holding the series).")
+    return find_series(row["seriesuid"], index, ct_root)
+
+
+def _row_nodule(row: dict[str, str], base: str) -> dict[str, Any]:
+    """predict.nodule_masks' nodule arguments of a row."""
+    center = [row.get(c, "") for c in CENTER_COLUMNS]
+    try:
+        diameter = float(row["diameter_mm"]) if row.get("diameter_mm") else None
+    except ValueError as e:
+        raise predict_lib.PredictInputError(f"diameter_mm {row['diameter_mm']!r} is not a number.") from e
+    return dict(mask=os.path.join(base, row["mask"]) if row.get("mask") else None,
+                xml=os.path.join(base, row["xml"]) if row.get("xml") else None,
+                center=center if any(center) else None, diameter=diameter)
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row of a result row: scalars, probabilities as p_<label>, the centroid as three columns."""
+    out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+    out.update({f"p_{label}": p for label, p in row.get("probabilities", {}).items()})
+    out.update({f"centroid_{a}_mm": v for a, v in zip("xyz", row.get("centroid_mm", []))})
+    return out
+
+
+def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None, export_dir: Optional[str] = None,
+                backend: str = "jax", ct_root: Optional[str] = None,
+                report_dir: Optional[str] = None) -> dict[str, Any]:
+    """Predicts every row of `nodules_csv`; writes out_dir/predictions.{csv,json}; returns their paths and counts."""
+    rows = read_rows(nodules_csv)
+    base = os.path.dirname(os.path.abspath(nodules_csv))
+    index = index_ct_root(ct_root) if ct_root is not None else None
+    predictor = predict_lib.load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
+    consensus = float(predictor.preprocessing["consensus_level"])
+    read_ct = functools.lru_cache(maxsize=2)(predict_lib.read_ct)  # rows of one series come one after another
+    results, inputs, scored, titles = [], [], [], []
+    start = time.perf_counter()
+    for number, row in enumerate(tqdm(rows, desc="nodules", unit="row"), start=1):
+        head = {"row": number, **{k: row[k] for k in ("seriesuid", "ct") if row.get(k)}}
+        try:
+            ct = _row_ct(row, base, ct_root, index)
+            image, series = read_ct(ct)
+            masks = predict_lib.nodule_masks(image, series, **_row_nodule(row, base), consensus_level=consensus)
+            found = [(info, predict_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
+        except AutoradError as e:
+            results.append({**head, "error": str(e)})
+            continue
+        for info, x in found:
+            nodule = {**head, "ct": os.path.abspath(ct), **info, **predict_lib.score_nodule(predictor, x),
+                      "error": ""}
+            results.append(nodule)
+            if report_dir is not None:
+                inputs.append(x)
+                scored.append(nodule)
+                titles.append(f"row {number}: {row.get('seriesuid') or os.path.basename(os.path.normpath(ct))}")
+    seconds = time.perf_counter() - start
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, json_path = os.path.join(out_dir, "predictions.csv"), os.path.join(out_dir, "predictions.json")
+    flat = [_flat(r) for r in results]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(flat)
+    predicted = sum(1 for r in results if not r["error"])
+    summary = {"csv": os.path.abspath(csv_path), "json": os.path.abspath(json_path), "rows": len(rows),
+               "predicted": predicted, "errors": len({r["row"] for r in results if r["error"]}),
+               "seconds": seconds, "nodules_per_second": predicted / max(seconds, 1e-9)}
+    if report_dir is not None:
+        from autorad_jax import report
+        summary["report"] = report.write_reports(predictor, inputs, scored, report_dir, titles)
+    with open(json_path, "w") as f:
+        json.dump({"model": predictor.source, "nodules": results, **summary}, f, indent=1)
+    return summary
