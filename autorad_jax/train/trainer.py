@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
+from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, perf, sharding, steps
@@ -117,13 +118,23 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
                     stats: pipeline.RadiomicsStats) -> np.ndarray:
-    """Class probabilities [N, C] of every record, in record order (on every process)."""
+    """Class probabilities [N, C] of every record, in record order (on every process). The next batches are made and
+    placed on the devices while a step runs: each step's output is fetched only after the next step is dispatched."""
     eval_step = exp.eval_step
     probs = np.full((len(recs), len(exp.spec.class_names)), np.nan, np.float32)
-    for batch in pipeline.eval_batches(exp.config.data, recs, stats):
-        p, idx = eval_step(state, pipeline.to_global(batch, exp.batch_sharding))
-        p, idx = np.asarray(p), np.asarray(idx)
+
+    def collect(out) -> None:
+        p, idx = np.asarray(out[0]), np.asarray(out[1])
         probs[idx[idx >= 0]] = p[idx >= 0]
+
+    pending = None
+    for batch in prefetch_to_device(pipeline.eval_batches(exp.config.data, recs, stats), exp.batch_sharding):
+        out = eval_step(state, batch)
+        if pending is not None:
+            collect(pending)
+        pending = out
+    if pending is not None:
+        collect(pending)
     return probs
 
 
