@@ -62,6 +62,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         attention_implementation="",  # '' (XLA) | 'cudnn' (fused attention on NVIDIA GPUs)
         remat="none",  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
+        # True: each tower's blocks are one jax.lax.scan over stacked parameters (trace and compile time independent of
+        # depth); False: unrolled, one block per layer. Checkpoints of the two layouts are not interchangeable.
+        scan_layers=not tiny,
         vision=_tower(64, 2, 2, 128, patch_size=14, image_size=image_size, use_head=True) if tiny
         else _tower(1024, 24, 8, 2816, patch_size=14, image_size=image_size, use_head=True),
         text=_tower(64, 2, 2, 128, max_position_embeddings=32) if tiny

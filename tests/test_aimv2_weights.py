@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from autorad_jax.models import aimv2
 from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import name_map as name_map_engine
 from autorad_jax.weights.name_map import WeightsMismatchError
 
 VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=56,
@@ -222,3 +223,44 @@ def test_public_import_in_a_fresh_interpreter():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scanned_layout_matches_transformers_and_round_trips(folders, kind, tmp_path):
+    """Scanned blocks (the vision stack split in two groups at block 1) load transformers' per-layer weights, compute
+    its outputs, and write back the very tensors they read."""
+    path, ref = folders[kind]
+    kwargs = dict(scan_layers=True) if kind == "text" else dict(scan_layers=True, scan_split=1)
+    model = hf_aimv2.load_pretrained(path, **kwargs)
+    vision = {"vision": model, "text": None, "joint": getattr(model, "vision_model", None)}[kind]
+    if vision is not None:
+        assert vision.encoder.layers["0"].ffn.up_proj.kernel.shape == (1, 64, 96)
+        assert vision.encoder.layers["1"].ffn.up_proj.kernel.shape == (1, 64, 96)
+    ours = _run_ours(model, kind, *_inputs())
+    for name in ref:
+        assert rel_err(ours[name], ref[name]) <= 1e-5, name
+
+    hf_aimv2.save_pretrained(model, tmp_path)
+    original, saved = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert sorted(original) == sorted(saved)
+    for key in original:
+        np.testing.assert_array_equal(original[key], saved[key], err_msg=key)
+    again = hf_aimv2.load_pretrained(tmp_path, **kwargs)
+    for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+        assert p1 == p2
+        np.testing.assert_array_equal(np.asarray(v1[...]), np.asarray(v2[...]), err_msg=str(p1))
+
+
+def test_scanned_name_map_fills_every_row_once():
+    """Each stacked parameter takes one transformers key per row; a map that misses a row is refused."""
+    config = aimv2.Aimv2VisionConfig(**VISION)
+    model = aimv2.Aimv2VisionModel(config, rngs=nnx.Rngs(0), scan_layers=True)
+    mapping = hf_aimv2.name_map(config, vision_starts=(0,))
+    assert mapping["encoder.layers.1.ffn.up_proj.weight"][0] == ("encoder", "layers", "0", "ffn", "up_proj", "kernel")
+    assert mapping["encoder.layers.1.ffn.up_proj.weight"][2] == 1
+    state = hf_aimv2.nnx_to_hf_state(model)
+    kernel = np.asarray(model.encoder.layers["0"].ffn.up_proj.kernel[...])
+    np.testing.assert_array_equal(state["encoder.layers.1.ffn.up_proj.weight"], kernel[1].T)
+    del mapping["encoder.layers.1.ffn.up_proj.weight"]
+    with pytest.raises(WeightsMismatchError, match=r"up_proj/kernel with rows \[0\]"):
+        name_map_engine.dump(name_map_engine.variables(model), mapping, "vision")

@@ -104,7 +104,7 @@ def test_large_model_initialises_abstractly():
     config = experiment.get_config("large").model
     spec = spec_of(config, 107)
     model = nnx.eval_shape(lambda: Model(config, spec, rngs=nnx.Rngs(0)))
-    assert len(model.aimv2.vision_model.encoder.layers) == 24
+    assert model.aimv2.vision_model.encoder.layers["0"].ffn.up_proj.kernel.shape == (24, 1024, 2816)  # scanned
     assert model.aimv2.text_model.embeddings.token_embedding.embedding.shape == (49408, 768)
     assert model.prompt_learner.ctx.shape == (5, 768)  # "a CT scan of a" is 5 BPE tokens
     assert model.prompt_learner.ctx.get_metadata()["out_sharding"] == (None, "embed")

@@ -11,6 +11,9 @@ Trainable parameters by config.model.trainable (the text tower, text projection 
   last_k  + the last `trainable_last_k` vision blocks and the top of the vision tower: its final RMSNorm, its
           attention-pool head and `visual_projection` (with k = 0 only that top trains);
   full    + the whole vision tower (patch embedding and position embedding included).
+With config.model.scan_layers the vision blocks are stacked in scanned groups keyed by their first block, and for
+last_k the stack is split at the first trainable block, so that the filter selects whole groups: `("encoder",
+"layers", i)` is block i unrolled, or the group of blocks from i on when scanned.
 """
 
 from __future__ import annotations

@@ -263,18 +263,68 @@ def _run_layer(layer: Aimv2EncoderLayer, x: Array, mask: Optional[Array], causal
     return layer(x, mask, causal)
 
 
+def _stacked_layers(config, count: int, *, dtype, rngs: nnx.Rngs,
+                    attention_implementation: Optional[str]) -> Aimv2EncoderLayer:
+    """``count`` blocks as one ``Aimv2EncoderLayer`` whose parameters have a leading ``layers`` axis (``nnx.vmap``)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs: nnx.Rngs) -> Aimv2EncoderLayer:
+        return Aimv2EncoderLayer(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation)
+
+    return make(rngs)
+
+
+def _scan_layers(stack: Aimv2EncoderLayer, x: Array, mask: Optional[Array], causal: bool, remat: bool,
+                 policy: Optional[Callable[..., bool]]) -> Array:
+    """``x`` through the stacked blocks of ``stack`` in order (``jax.lax.scan``), each rematerialised with ``remat``."""
+    graphdef, state = nnx.split(stack)
+
+    def body(h: Array, layer_state) -> tuple[Array, None]:
+        return nnx.merge(graphdef, layer_state)(h, mask, causal), None
+
+    if remat:
+        body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    return jax.lax.scan(body, x, state)[0]
+
+
+def scan_group_starts(num_layers: int, split: int = 0) -> tuple[int, ...]:
+    """First block of each scanned group: one group, or two (``[0, split)`` and ``[split, num_layers)``)."""
+    return (0, split) if 0 < split < num_layers else (0,)
+
+
 class Aimv2Encoder(nnx.Module):
-    """A list of ``Aimv2EncoderLayer``; ``remat=True`` wraps each layer in ``jax.checkpoint`` (``remat_policy``)."""
+    """The blocks, unrolled or scanned; ``remat=True`` wraps each block in ``jax.checkpoint`` (``remat_policy``).
+
+    Unrolled (``scan_layers=False``): ``layers`` is an ``nnx.List`` of ``num_hidden_layers`` blocks, as transformers.
+    Scanned: ``layers`` is an ``nnx.Dict`` of stacked groups keyed by their first block (``"0"``, and ``str(scan_split)``
+    when ``0 < scan_split < num_hidden_layers``), whose parameters have a leading ``layers`` axis; the groups run one
+    after the other, each as one ``jax.lax.scan``, so trace and compile time do not grow with depth. Splitting the
+    stack lets a parameter filter freeze the first blocks and train the last ones (``trainable='last_k'``).
+    ``group_starts`` is None when unrolled.
+    """
 
     def __init__(self, config, *, dtype, rngs: nnx.Rngs, attention_implementation: Optional[str] = None,
-                 remat: bool = False, remat_policy: Optional[Callable[..., bool]] = None):
-        self.layers = nnx.List([
-            Aimv2EncoderLayer(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation)
-            for _ in range(config.num_hidden_layers)])
+                 remat: bool = False, remat_policy: Optional[Callable[..., bool]] = None, scan_layers: bool = False,
+                 scan_split: int = 0):
+        n = config.num_hidden_layers
+        kw = dict(dtype=dtype, rngs=rngs, attention_implementation=attention_implementation)
+        if scan_layers:
+            self.group_starts = scan_group_starts(n, scan_split)
+            ends = self.group_starts[1:] + (n,)
+            self.layers = nnx.Dict({str(s): _stacked_layers(config, e - s, **kw)
+                                    for s, e in zip(self.group_starts, ends)})
+        else:
+            self.group_starts = None
+            self.layers = nnx.List([Aimv2EncoderLayer(config, **kw) for _ in range(n)])
         self.remat = remat
         self.remat_policy = remat_policy
 
     def __call__(self, x: Array, mask: Optional[Array] = None, causal: bool = False) -> Array:
+        if self.group_starts is not None:
+            for start in self.group_starts:
+                x = _scan_layers(self.layers[str(start)], x, mask, causal, self.remat, self.remat_policy)
+            return x
         run = nnx.remat(_run_layer, static_argnums=(3,), policy=self.remat_policy) if self.remat else _run_layer
         for layer in self.layers:
             x = run(layer, x, mask, causal)
@@ -379,16 +429,17 @@ class Aimv2VisionModel(nnx.Module):
     ``last_hidden_state`` [B, N, D] is the final-RMSNorm output. ``pooler_output`` [B, D] is the attention-pooling head
     output when ``config.use_head``; otherwise the mean over tokens of ``last_hidden_state`` (transformers returns None
     there). ``H`` and ``W`` may differ from ``config.image_size``: the position embedding is then resized with
-    ``interpolate_position_embedding``.
+    ``interpolate_position_embedding``. ``scan_layers``/``scan_split``: the blocks' layout (see ``Aimv2Encoder``).
     """
 
     def __init__(self, config: Aimv2VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  attention_implementation: Optional[str] = None, remat: bool = False,
-                 remat_policy: Optional[Callable[..., bool]] = None):
+                 remat_policy: Optional[Callable[..., bool]] = None, scan_layers: bool = False, scan_split: int = 0):
         self.config = config
         self.embeddings = Aimv2VisionEmbeddings(config, dtype=dtype, rngs=rngs)
         self.encoder = Aimv2Encoder(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation,
-                                    remat=remat, remat_policy=remat_policy)
+                                    remat=remat, remat_policy=remat_policy, scan_layers=scan_layers,
+                                    scan_split=scan_split)
         self.rms_norm = Aimv2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.head = Aimv2AttentionPoolingHead(config, dtype=dtype, rngs=rngs) if config.use_head else None
 
@@ -438,11 +489,11 @@ class Aimv2TextModel(nnx.Module):
 
     def __init__(self, config: Aimv2TextConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  attention_implementation: Optional[str] = None, remat: bool = False,
-                 remat_policy: Optional[Callable[..., bool]] = None):
+                 remat_policy: Optional[Callable[..., bool]] = None, scan_layers: bool = False):
         self.config = config
         self.embeddings = Aimv2TextEmbeddings(config, rngs=rngs)
         self.encoder = Aimv2Encoder(config, dtype=dtype, rngs=rngs, attention_implementation=attention_implementation,
-                                    remat=remat, remat_policy=remat_policy)
+                                    remat=remat, remat_policy=remat_policy, scan_layers=scan_layers)
         self.rms_norm = Aimv2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def __call__(self, input_ids: Array, attention_mask: Optional[Array] = None, *,
@@ -469,16 +520,17 @@ class Aimv2Model(nnx.Module):
     """AIMv2-LiT: vision tower + text tower + bias-free projections + clamped logit scale.
 
     ``logits_per_text = logit_scale_value() * normalize(text_embeds) @ normalize(image_embeds).T`` (float32), with
-    ``logit_scale_value() = exp(clip(logit_scale, 0, log(max_logit_scale)))`` as transformers.
+    ``logit_scale_value() = exp(clip(logit_scale, 0, log(max_logit_scale)))`` as transformers. ``scan_layers``
+    applies to both towers, ``scan_split`` to the vision tower only (see ``Aimv2Encoder``).
     """
 
     def __init__(self, config: Aimv2Config, *, dtype=jnp.float32, rngs: nnx.Rngs,
                  attention_implementation: Optional[str] = None, remat: bool = False,
-                 remat_policy: Optional[Callable[..., bool]] = None):
+                 remat_policy: Optional[Callable[..., bool]] = None, scan_layers: bool = False, scan_split: int = 0):
         self.config = config
         kw = dict(dtype=dtype, rngs=rngs, attention_implementation=attention_implementation, remat=remat,
-                  remat_policy=remat_policy)
-        self.vision_model = Aimv2VisionModel(config.vision_config, **kw)
+                  remat_policy=remat_policy, scan_layers=scan_layers)
+        self.vision_model = Aimv2VisionModel(config.vision_config, scan_split=scan_split, **kw)
         self.text_model = Aimv2TextModel(config.text_config, **kw)
         p = config.projection_dim
         self.visual_projection = _linear(config.vision_config.hidden_size, p, ("embed", None), bias=False, dtype=dtype,

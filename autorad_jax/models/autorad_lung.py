@@ -39,17 +39,25 @@ def l2_normalize(x: Array) -> Array:
 REMAT_POLICIES = {"none": None, "full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
+def vision_scan_split(model_config, num_layers: int) -> int:
+    """First vision block that trains with config.model.trainable='last_k' (its scanned stack splits there), else 0."""
+    return num_layers - model_config.trainable_last_k if model_config.trainable == "last_k" else 0
+
+
 def tower_options(model_config) -> dict[str, Any]:
-    """Constructor options of the AIMv2 towers from config.model: compute dtype, attention kernel, rematerialisation."""
+    """Constructor options of the AIMv2 towers from config.model: compute dtype, attention kernel, rematerialisation,
+    unrolled or scanned blocks."""
     if model_config.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.model.remat must be one of {tuple(REMAT_POLICIES)}, got {model_config.remat!r}")
     return dict(dtype=jnp.dtype(model_config.dtype), attention_implementation=model_config.attention_implementation or None,
-                remat=model_config.remat != "none", remat_policy=REMAT_POLICIES[model_config.remat])
+                remat=model_config.remat != "none", remat_policy=REMAT_POLICIES[model_config.remat],
+                scan_layers=bool(model_config.scan_layers))
 
 
 def build_aimv2(model_config, towers: Aimv2Config, *, rngs: nnx.Rngs) -> Aimv2Model:
     """The joint AIMv2 model of `towers`, random-init, with config.model's compute options."""
-    return Aimv2Model(towers, rngs=rngs, **tower_options(model_config))
+    split = vision_scan_split(model_config, towers.vision_config.num_hidden_layers)
+    return Aimv2Model(towers, rngs=rngs, scan_split=split, **tower_options(model_config))
 
 
 def pooled_image_features(vision_model, images: Array, pooling: str) -> Array:

@@ -16,14 +16,15 @@ from flax import nnx
 
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.aimv2 import Aimv2VisionConfig, Aimv2VisionModel
-from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features, tower_options
+from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features, tower_options, vision_scan_split
 
 Array = jax.Array
 
 
 def build_vision(model_config, vision: Aimv2VisionConfig, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
     """The AIMv2 vision tower of `vision`, random-init, with config.model's compute options."""
-    return Aimv2VisionModel(vision, rngs=rngs, **tower_options(model_config))
+    return Aimv2VisionModel(vision, rngs=rngs, scan_split=vision_scan_split(model_config, vision.num_hidden_layers),
+                            **tower_options(model_config))
 
 
 def _dense(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:

@@ -3,7 +3,7 @@
 Parameters carry logical axis names (``out_sharding`` metadata, e.g. ``('embed', 'mlp')``); a rule table maps each
 logical name to a mesh axis of the ``('data', 'fsdp', 'tensor')`` mesh, as MaxText does. Data parallelism shards
 the batch over ``data`` and ``fsdp``; FSDP shards parameters' ``embed`` axis over ``fsdp``; tensor parallelism shards
-``mlp``/``heads``/``vocab`` over ``tensor``.
+``mlp``/``heads``/``vocab`` over ``tensor``. Scanned blocks' stacked ``layers`` axis is not sharded.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ DEFAULT_LOGICAL_AXIS_RULES: LogicalRules = (
     ("kv", None),
     ("vocab", "tensor"),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned blocks: each device holds every layer of its shard
 )
 
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
 from autorad_jax.data.preprocess import Preprocessing
+from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, perf, sharding, steps
@@ -121,13 +122,23 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
                     stats: pipeline.RadiomicsStats) -> np.ndarray:
-    """Class probabilities [N, C] of every record, in record order (on every process)."""
+    """Class probabilities [N, C] of every record, in record order (on every process). The next batches are made and
+    placed on the devices while a step runs: each step's output is fetched only after the next step is dispatched."""
     eval_step = exp.eval_step
     probs = np.full((len(recs), len(exp.spec.class_names)), np.nan, np.float32)
-    for batch in pipeline.eval_batches(exp.config.data, recs, stats):
-        p, idx = eval_step(state, pipeline.to_global(batch, exp.batch_sharding))
-        p, idx = np.asarray(p), np.asarray(idx)
+
+    def collect(out) -> None:
+        p, idx = np.asarray(out[0]), np.asarray(out[1])
         probs[idx[idx >= 0]] = p[idx >= 0]
+
+    pending = None
+    for batch in prefetch_to_device(pipeline.eval_batches(exp.config.data, recs, stats), exp.batch_sharding):
+        out = eval_step(state, batch)
+        if pending is not None:
+            collect(pending)
+        pending = out
+    if pending is not None:
+        collect(pending)
     return probs
 
 
@@ -308,7 +319,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # ---- Mesh, model, optimiser: abstract, then materialised sharded (or restored onto the same shardings) --------
     exp = make_experiment(config, spec)
-    train_iter = iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed))
+    # The next batches are placed on the devices while a step runs; the prefetcher checkpoints the grain position of
+    # the batches it has handed out.
+    train_iter = prefetch_to_device(iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed)),
+                                    exp.batch_sharding)
     if start is not None:
         state = _restore(manager, start, exp, workdir, data_iter=train_iter)
         logging.info("Resumed from step %d of %s", start, checkpointing.checkpoint_dir(workdir))
@@ -350,7 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     try:
         while step < num_steps:
-            batch = pipeline.to_global(next(train_iter), exp.batch_sharding)
+            batch = next(train_iter)
             if compiled is None:
                 compiled = train_step.lower(state, batch).compile()
                 flops = perf.compiled_flops(compiled)

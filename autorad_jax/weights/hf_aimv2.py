@@ -1,7 +1,7 @@
 """AIMv2 weights: transformers ``save_pretrained`` folders <-> ``autorad_jax.models.aimv2`` modules.
 
 One name map (``name_map``) serves both directions: each entry pairs a transformers state-dict key with an NNX
-parameter path and a layout transform, on the strict engine of ``autorad_jax.weights.name_map`` (every source key used
+parameter path (and, for scanned layers, a row of the stacked parameter) and a layout transform, on the strict engine of ``autorad_jax.weights.name_map`` (every source key used
 exactly once, every parameter written, every shape checked; ``WeightsMismatchError`` otherwise). Weights are read and
 written as safetensors only.
 """
@@ -27,7 +27,7 @@ from autorad_jax.models.aimv2 import (
     Aimv2VisionModel,
 )
 from autorad_jax.errors import AutoradError
-from autorad_jax.weights.name_map import CONV, COPY, LINEAR, NameMap, Path, Transform, dump, load, variables
+from autorad_jax.weights.name_map import CONV, COPY, LINEAR, NameMap, Path, Target, Transform, dump, load, variables
 
 AnyModel = Union[Aimv2VisionModel, Aimv2TextModel, Aimv2Model]
 CONFIG_NAME = "config.json"
@@ -50,68 +50,95 @@ class PretrainedFolderError(AutoradError, ValueError):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def _linear(hf: str, path: Path, bias: bool) -> list[tuple[str, Path, Transform]]:
-    entries = [(f"{hf}.weight", path + ("kernel",), LINEAR)]
+GroupStarts = Optional[tuple[int, ...]]  # an encoder's layout: None unrolled, else its scanned groups' first blocks
+Entry = tuple[str, Path, Transform, Optional[int]]  # (transformers key, NNX path, transform, row of a stacked param)
+
+
+def _linear(hf: str, path: Path, bias: bool, row: Optional[int] = None) -> list[Entry]:
+    entries = [(f"{hf}.weight", path + ("kernel",), LINEAR, row)]
     if bias:
-        entries.append((f"{hf}.bias", path + ("bias",), COPY))
+        entries.append((f"{hf}.bias", path + ("bias",), COPY, row))
     return entries
 
 
-def _encoder(config: Union[Aimv2VisionConfig, Aimv2TextConfig]) -> list[tuple[str, Path, Transform]]:
+def _block(starts: GroupStarts, i: int) -> tuple[Path, Optional[int]]:
+    """NNX path and row of transformers' block i: ``layers/i`` unrolled, ``layers/<group start>`` row i - start scanned."""
+    if starts is None:
+        return ("encoder", "layers", i), None
+    start = max(s for s in starts if s <= i)
+    return ("encoder", "layers", str(start)), i - start
+
+
+def _encoder(config: Union[Aimv2VisionConfig, Aimv2TextConfig], starts: GroupStarts) -> list[Entry]:
     entries = []
     for i in range(config.num_hidden_layers):
-        hf, path = f"encoder.layers.{i}", ("encoder", "layers", i)
+        hf, (path, row) = f"encoder.layers.{i}", _block(starts, i)
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            entries += _linear(f"{hf}.attention.{proj}", path + ("attention", proj), config.qkv_bias)
+            entries += _linear(f"{hf}.attention.{proj}", path + ("attention", proj), config.qkv_bias, row)
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            entries += _linear(f"{hf}.ffn.{proj}", path + ("ffn", proj), config.mlp_bias)
+            entries += _linear(f"{hf}.ffn.{proj}", path + ("ffn", proj), config.mlp_bias, row)
         for norm in ("rms_norm1", "rms_norm2"):
-            entries.append((f"{hf}.{norm}.weight", path + (norm, "weight"), COPY))
-    entries.append(("rms_norm.weight", ("rms_norm", "weight"), COPY))
+            entries.append((f"{hf}.{norm}.weight", path + (norm, "weight"), COPY, row))
+    entries.append(("rms_norm.weight", ("rms_norm", "weight"), COPY, None))
     return entries
 
 
-def _vision(config: Aimv2VisionConfig) -> list[tuple[str, Path, Transform]]:
+def _vision(config: Aimv2VisionConfig, starts: GroupStarts) -> list[Entry]:
     entries = [
-        ("embeddings.patch_embed.weight", ("embeddings", "patch_embed", "kernel"), CONV),
-        ("embeddings.patch_embed.bias", ("embeddings", "patch_embed", "bias"), COPY),
-        ("embeddings.rms_norm.weight", ("embeddings", "rms_norm", "weight"), COPY),
-        ("embeddings.position_embedding.weight", ("embeddings", "position_embedding", "embedding"), COPY),
-    ] + _encoder(config)
+        ("embeddings.patch_embed.weight", ("embeddings", "patch_embed", "kernel"), CONV, None),
+        ("embeddings.patch_embed.bias", ("embeddings", "patch_embed", "bias"), COPY, None),
+        ("embeddings.rms_norm.weight", ("embeddings", "rms_norm", "weight"), COPY, None),
+        ("embeddings.position_embedding.weight", ("embeddings", "position_embedding", "embedding"), COPY, None),
+    ] + _encoder(config, starts)
     if config.use_head:
-        entries += [("head.cls_token", ("head", "cls_token"), COPY)]
+        entries += [("head.cls_token", ("head", "cls_token"), COPY, None)]
         entries += _linear("head.k_proj", ("head", "k_proj"), config.qkv_bias)
         entries += _linear("head.v_proj", ("head", "v_proj"), config.qkv_bias)
         entries += _linear("head.output_proj", ("head", "output_proj"), True)
     return entries
 
 
-def _text(config: Aimv2TextConfig) -> list[tuple[str, Path, Transform]]:
+def _text(config: Aimv2TextConfig, starts: GroupStarts) -> list[Entry]:
     return [
-        ("embeddings.token_embedding.weight", ("embeddings", "token_embedding", "embedding"), COPY),
-        ("embeddings.position_embedding.weight", ("embeddings", "position_embedding", "embedding"), COPY),
-    ] + _encoder(config)
+        ("embeddings.token_embedding.weight", ("embeddings", "token_embedding", "embedding"), COPY, None),
+        ("embeddings.position_embedding.weight", ("embeddings", "position_embedding", "embedding"), COPY, None),
+    ] + _encoder(config, starts)
 
 
-def _prefixed(prefix: str, entries: list[tuple[str, Path, Transform]]) -> list[tuple[str, Path, Transform]]:
-    return [(f"{prefix}.{hf}", (prefix,) + path, t) for hf, path, t in entries]
+def _prefixed(prefix: str, entries: list[Entry]) -> list[Entry]:
+    return [(f"{prefix}.{hf}", (prefix,) + path, t, row) for hf, path, t, row in entries]
 
 
-def name_map(config: Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]) -> NameMap:
-    """transformers key -> (NNX parameter path, transform) for the model that ``config`` describes."""
+def _target(path: Path, transform: Transform, row: Optional[int]) -> Target:
+    return (path, transform) if row is None else (path, transform, row)
+
+
+def name_map(config: Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config], vision_starts: GroupStarts = None,
+             text_starts: GroupStarts = None) -> NameMap:
+    """transformers key -> (NNX parameter path, transform[, row]) for the model that ``config`` describes, with its
+    encoders unrolled (``None``) or scanned in groups starting at ``vision_starts``/``text_starts`` (see
+    ``Aimv2Encoder.group_starts``; a lone tower's layout is ``vision_starts`` for vision, ``text_starts`` for text)."""
     if isinstance(config, Aimv2VisionConfig):
-        entries = _vision(config)
+        entries = _vision(config, vision_starts)
     elif isinstance(config, Aimv2TextConfig):
-        entries = _text(config)
+        entries = _text(config, text_starts)
     elif isinstance(config, Aimv2Config):
-        entries = (_prefixed("vision_model", _vision(config.vision_config))
-                   + _prefixed("text_model", _text(config.text_config))
-                   + [("visual_projection.weight", ("visual_projection", "kernel"), LINEAR),
-                      ("text_projection.weight", ("text_projection", "kernel"), LINEAR),
-                      ("logit_scale", ("logit_scale",), COPY)])
+        entries = (_prefixed("vision_model", _vision(config.vision_config, vision_starts))
+                   + _prefixed("text_model", _text(config.text_config, text_starts))
+                   + [("visual_projection.weight", ("visual_projection", "kernel"), LINEAR, None),
+                      ("text_projection.weight", ("text_projection", "kernel"), LINEAR, None),
+                      ("logit_scale", ("logit_scale",), COPY, None)])
     else:
         raise TypeError(f"not an AIMv2 config: {type(config).__name__}")
-    return {hf: (path, t) for hf, path, t in entries}
+    return {hf: _target(path, t, row) for hf, path, t, row in entries}
+
+
+def model_name_map(model: AnyModel) -> NameMap:
+    """``name_map`` for ``model``'s config and its encoders' layout (unrolled or scanned)."""
+    if isinstance(model, Aimv2Model):
+        return name_map(model.config, model.vision_model.encoder.group_starts, model.text_model.encoder.group_starts)
+    starts = model.encoder.group_starts
+    return name_map(model.config, vision_starts=starts, text_starts=starts)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -125,13 +152,13 @@ def hf_state_to_nnx(model: AnyModel, state_dict: dict[str, np.ndarray], source: 
     Parameters keep their float32 dtype. Raises ``WeightsMismatchError`` naming any missing, unexpected or misshapen
     key.
     """
-    load(variables(model), name_map(model.config), state_dict, source)
+    load(variables(model), model_name_map(model), state_dict, source)
     return model
 
 
 def nnx_to_hf_state(model: AnyModel) -> dict[str, np.ndarray]:
     """The transformers state dict of ``model`` (contiguous numpy arrays in the parameters' dtype)."""
-    return dump(variables(model), name_map(model.config), type(model).__name__)
+    return dump(variables(model), model_name_map(model), type(model).__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -210,7 +237,8 @@ def load_pretrained(path: str, dtype=jnp.float32, rngs: Optional[nnx.Rngs] = Non
     """The vision, text or joint model of a transformers AIMv2 folder (``config.json`` + safetensors).
 
     ``dtype`` is the compute dtype (parameters are float32). ``module_kwargs`` go to the module constructor
-    (``attention_implementation``, ``remat``, ``remat_policy``). The model is built abstractly (no random init) unless
+    (``attention_implementation``, ``remat``, ``remat_policy``, ``scan_layers``; the folder's per-layer weights are
+    stacked for scanned layers). The model is built abstractly (no random init) unless
     ``rngs`` is given.
     """
     config = read_config(path)
