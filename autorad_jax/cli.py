@@ -44,6 +44,11 @@ _MASK = flags.DEFINE_string("mask", None, "Nodule mask on the CT grid (predict).
 _CENTER = flags.DEFINE_list("center", None, "Nodule centre x,y,z in mm, with --diameter (predict).")
 _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a sphere is used as the mask (predict).")
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
+_XML_MATCHES_CT = flags.DEFINE_bool(
+    "xml_matches_ct", False, "The --xml names no series but was made for this --ct: use it anyway (predict).")
+_HU_RANGE = flags.DEFINE_list(
+    "hu_range", None, "lo,hi: the CT values predict accepts, in HU (default -3100,5000; wider for extended-scale "
+    "scans with metal).")
 _EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
 _OVERWRITE = flags.DEFINE_bool(
@@ -80,6 +85,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"{_PROG}: {e}\nSee {_PROG} --help.")
 
 
+def _hu_range(values: list[str]) -> tuple[float, float]:
+    """--hu_range lo,hi as two increasing numbers, else a UsageError."""
+    try:
+        lo, hi = (float(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--hu_range {','.join(values)}: expected two numbers lo,hi in HU.") from None
+    if not lo < hi:
+        raise app.UsageError(f"--hu_range {','.join(values)}: lo must be below hi.")
+    return lo, hi
+
+
 def _run(command: str):
     """Calls the one library function behind `command` (imported here: each pulls in a different stack)."""
     if command in ("demo", "train", "eval", "cv"):
@@ -111,10 +127,12 @@ def _run(command: str):
             raise app.UsageError("export needs --out.")
         from autorad_jax import export
         return export.export(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value, overwrite=_OVERWRITE.value)
-    from autorad_jax import predict
+    from autorad_jax import image_checks, predict
     result = predict.predict(
         ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value, xml=_XML.value,
-        workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
+        workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value,
+        hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,
+        xml_matches_ct=_XML_MATCHES_CT.value)
     print(json.dumps(result, indent=2))
     return result
 
