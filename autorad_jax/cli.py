@@ -18,6 +18,7 @@ default is the packaged configs/autorad_lung.py:tiny.
 
 import json
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -137,6 +138,21 @@ def _run(command: str):
     return result
 
 
+def rerun_command(argv: list[str], overrides: dict) -> str:
+    """The command line `argv` with each `--config.<key>` of `overrides` set to its value (replaced or added)."""
+    keys = {f"--config.{k}" for k in overrides}
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in keys:
+            skip = "=" not in arg  # '--config.key value' takes the next argument too
+        else:
+            kept.append(arg)
+    prog = ["python", argv[0]] if argv[0].endswith(".py") else [argv[0]]
+    return shlex.join(prog + kept + [f"--config.{k}={v}" for k, v in overrides.items()])
+
+
 def main(argv):
     if len(argv) > 2:
         raise app.UsageError(f"Expected one subcommand, got {argv[1:]}")
@@ -151,7 +167,8 @@ def main(argv):
     except (AutoradError, LidcDataError) as e:
         # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.
-        sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}")
+        advice = f" Run: {rerun_command(sys.argv, e.overrides)}" if getattr(e, "overrides", None) else ""
+        sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}{advice}")
 
 
 def run() -> None:
