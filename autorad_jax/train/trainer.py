@@ -279,7 +279,8 @@ def _non_finite(step: int, metrics: dict, manager, workdir: str, config: ml_coll
     kept = (f"the last good checkpoint (step {last}) is kept in {checkpointing.checkpoint_dir(workdir)}"
             if last is not None else "no checkpoint was written")
     lr = float(config.optim.learning_rate)
-    lower = float(f"{lr / 10 if math.isfinite(lr) and lr > 0 else checkpointing.saved_config({}).optim.learning_rate:g}")
+    lower = lr / 10 if math.isfinite(lr) and lr > 0 else checkpointing.saved_config({}).optim.learning_rate
+    lower = float(f"{lower:g}")  # the value the message prints
     return NonFiniteLossError(
         f"Training stopped at step {step}: the loss is {metrics.get('loss', float('nan'))} and the gradient norm "
         f"{metrics.get('grad_norm', float('nan'))} (not finite); {kept}. To "
