@@ -22,6 +22,7 @@ last; --json prints the result alone, as JSON.
 
 import contextlib
 import os
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -48,6 +49,11 @@ _MASK = flags.DEFINE_string("mask", None, "Nodule mask on the CT grid (predict).
 _CENTER = flags.DEFINE_list("center", None, "Nodule centre x,y,z in mm, with --diameter (predict).")
 _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a sphere is used as the mask (predict).")
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
+_XML_MATCHES_CT = flags.DEFINE_bool(
+    "xml_matches_ct", False, "The --xml names no series but was made for this --ct: use it anyway (predict).")
+_HU_RANGE = flags.DEFINE_list(
+    "hu_range", None, "lo,hi: the CT values predict accepts, in HU (default -3100,5000; wider for extended-scale "
+    "scans with metal).")
 _EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
 _OVERWRITE = flags.DEFINE_bool(
@@ -92,6 +98,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"{_PROG}: {e}\nSee {_PROG} --help.")
 
 
+def _hu_range(values: list[str]) -> tuple[float, float]:
+    """--hu_range lo,hi as two increasing numbers, else a UsageError."""
+    try:
+        lo, hi = (float(v) for v in values)
+    except ValueError:
+        raise app.UsageError(f"--hu_range {','.join(values)}: expected two numbers lo,hi in HU.") from None
+    if not lo < hi:
+        raise app.UsageError(f"--hu_range {','.join(values)}: lo must be below hi.")
+    return lo, hi
+
+
 def _run(command: str):
     """Calls the one library function behind `command` (imported here: each pulls in a different stack)."""
     if command in ("demo", "train", "eval", "cv"):
@@ -128,9 +145,11 @@ def _run(command: str):
         from autorad_jax import batch_predict
         return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,
                                          report_dir=_REPORT.value, **model)
-    from autorad_jax import predict
+    from autorad_jax import image_checks, predict
     return predict.predict(ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value,
-                           xml=_XML.value, report_dir=_REPORT.value, **model)
+                           xml=_XML.value, report_dir=_REPORT.value,
+                           hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,
+                           xml_matches_ct=_XML_MATCHES_CT.value, **model)
 
 
 def _show(command: str, result) -> None:
@@ -144,6 +163,21 @@ def _show(command: str, result) -> None:
         print(f"{result['predicted']} nodules from {result['rows']} rows (rows with an error: {result['errors']}) in "
               f"{result['seconds']:.1f} s ({result['nodules_per_second']:.2f} nodules/s): {result['csv']}, "
               f"{result['json']}" + (f", {result['report']['html']}" if "report" in result else ""))
+
+
+def rerun_command(argv: list[str], overrides: dict) -> str:
+    """The command line `argv` with each `--config.<key>` of `overrides` set to its value (replaced or added)."""
+    keys = {f"--config.{k}" for k in overrides}
+    kept, skip = [], False
+    for arg in argv[1:]:
+        if skip:
+            skip = False
+        elif arg.split("=", 1)[0] in keys:
+            skip = "=" not in arg  # '--config.key value' takes the next argument too
+        else:
+            kept.append(arg)
+    prog = ["python", argv[0]] if argv[0].endswith(".py") else [argv[0]]
+    return shlex.join(prog + kept + [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
 def main(argv):
@@ -163,7 +197,8 @@ def main(argv):
     except (AutoradError, LidcDataError) as e:
         # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.
-        sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}")
+        advice = f" Run: {rerun_command(sys.argv, e.overrides)}" if getattr(e, "overrides", None) else ""
+        sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}{advice}")
     _show(command, result)
 
 

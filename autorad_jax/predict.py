@@ -18,12 +18,17 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from autorad_jax import image_checks
 from autorad_jax.data import pipeline
 from autorad_jax.errors import AutoradError
 from tfds_lidc import ct_series, nodule_sample, radiomics_features, xml_reader
 from tfds_lidc import nodules as nodules_lib
 
 BACKENDS = ("jax", "torch")
+# A lung nodule is at most 30 mm across, a mass up to about 60; below 3 mm LIDC readers mark no nodule outline. A mask's
+# equivalent-sphere diameter may fall a little under its longest axis, hence the lower bound for masks.
+DIAMETER_RANGE_MM = (3.0, 60.0)
+MASK_DIAMETER_RANGE_MM = (2.0, 60.0)
 SPHERE_NOTE = ("no segmentation was given: the mask is a sphere of the given diameter around the given centre, so the "
                "radiomic shape features describe that sphere, not the nodule")
 
@@ -122,8 +127,36 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
 # The CT and the nodule masks.
 # ------------------------------------------------------------------------------------------------------------------
 
-def read_ct(path: str) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
-    """The CT in HU (and its DICOM series, for a folder); PredictInputError naming the path and the reason."""
+def _plain(values: Sequence[float], digits: int = 4) -> str:
+    """Numbers as plain text, '(512, 512, 128)' (never 'np.int64(512)')."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+
+def _checked(image: sitk.Image, path: str, hu_range: Sequence[float]) -> sitk.Image:
+    """`image` after image_checks' Hounsfield check, as PredictInputError."""
+    try:
+        image_checks.check_hounsfield(image, path, hu_range)
+    except image_checks.ImageCheckError as e:
+        raise PredictInputError(str(e)) from e
+    return image
+
+
+def _read_volume(path: str, what: str) -> sitk.Image:
+    """sitk.ReadImage of a file whose data length matches its header, else PredictInputError naming `what`."""
+    try:
+        image_checks.check_file(path)
+        return sitk.ReadImage(path)
+    except image_checks.ImageCheckError as e:
+        raise PredictInputError(f"{what} {e}") from e
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise PredictInputError(f"unreadable {what} {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
+
+
+def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE
+            ) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
+    """The CT in HU (and its DICOM series, for a folder), complete (image_checks) and every value finite and within
+    `hu_range`; PredictInputError naming the path and the reason."""
     if path is None:
         raise PredictInputError("no CT given (--ct: a DICOM series folder, or a NIfTI / NRRD / MetaImage file).")
     if os.path.isdir(path):
@@ -131,35 +164,36 @@ def read_ct(path: str) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
             series = ct_series.load_ct_series(path)
         except ct_series.SeriesError as e:
             raise PredictInputError(f"unreadable CT {path}: {e}") from e
-        return series.image, series
+        return _checked(series.image, path, hu_range), series
     if not os.path.isfile(path):
         raise PredictInputError(f"CT {path} does not exist.")
-    try:
-        image = sitk.ReadImage(path)
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise PredictInputError(f"unreadable CT {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
+    image = _read_volume(path, "CT")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise PredictInputError(f"CT {path} is not a 3D scalar volume ({image.GetDimension()}D, "
                                 f"{image.GetNumberOfComponentsPerPixel()} components per voxel).")
-    return image, None
+    return _checked(image, path, hu_range), None
 
 
 def read_mask(path: str, ct: sitk.Image) -> sitk.Image:
     """A nodule mask file (non-zero = nodule) that lies on the CT's voxel grid."""
-    try:
-        mask = sitk.ReadImage(path)
-    except RuntimeError as e:
-        raise PredictInputError(f"unreadable mask {path}: {str(e).strip().splitlines()[-1]}") from e
+    mask = _read_volume(path, "mask")
     checks = [("size (voxels)", mask.GetSize(), ct.GetSize(), 0.0), ("spacing (mm)", mask.GetSpacing(),
               ct.GetSpacing(), 1e-4), ("origin (mm)", mask.GetOrigin(), ct.GetOrigin(), 1e-3),
               ("direction", mask.GetDirection(), ct.GetDirection(), 1e-4)]
     for what, got, want, tol in checks:
         if len(got) != len(want) or not np.allclose(got, want, rtol=tol, atol=tol):
             raise PredictInputError(f"mask {path} is not on the CT's grid: its {what} is "
-                                    f"{tuple(np.round(got, 4))}, the CT's is {tuple(np.round(want, 4))}.")
-    if not sitk.GetArrayViewFromImage(mask).any():
+                                    f"{_plain(got)}, the CT's is {_plain(want)}.")
+    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
+    if not voxels:
         raise PredictInputError(f"mask {path} is empty (no non-zero voxel).")
+    volume = voxels * float(np.prod(mask.GetSpacing()))
+    diameter = float((6 * volume / np.pi) ** (1 / 3))
+    lo, hi = MASK_DIAMETER_RANGE_MM
+    if not lo <= diameter <= hi:
+        raise PredictInputError(f"mask {path} holds {voxels} voxels, {volume:.1f} mm^3, a sphere of diameter "
+                                f"{diameter:.1f} mm: outside the {lo:g}-{hi:g} mm of a lung nodule or mass "
+                                f"(a mask of the whole lung or of a single voxel?).")
     return mask
 
 
@@ -171,9 +205,8 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
     if np.any(index < -0.5) or np.any(index > size - 0.5):
         bounds = [ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in (-0.5 * np.ones(3),
                                                                                               size - 0.5)]
-        raise PredictInputError(f"centre {tuple(center)} mm is outside the CT volume, which spans "
-                                f"{tuple(np.round(np.minimum(*bounds), 1))} to "
-                                f"{tuple(np.round(np.maximum(*bounds), 1))} mm.")
+        raise PredictInputError(f"centre {_plain(center)} mm is outside the CT volume, which spans "
+                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm.")
     radius = diameter_mm / 2
     reach = radius / np.asarray(ct.GetSpacing()) + 1
     lo = np.clip(np.floor(index - reach), 0, size - 1).astype(int)
@@ -184,8 +217,8 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
     points = np.asarray(ct.GetOrigin()) + (idx * np.asarray(ct.GetSpacing())) @ direction.T
     inside = (np.linalg.norm(points - center, axis=1) <= radius).reshape(xx.shape)
     if not inside.any():
-        raise PredictInputError(f"a sphere of diameter {diameter_mm} mm at {tuple(center)} holds no voxel centre of "
-                                f"the CT (spacing {ct.GetSpacing()} mm); give a larger --diameter.")
+        raise PredictInputError(f"a sphere of diameter {diameter_mm:g} mm at {_plain(center)} holds no voxel centre "
+                                f"of the CT (spacing {_plain(ct.GetSpacing())} mm); give a larger --diameter.")
     mask = sitk.GetImageFromArray(inside.transpose(2, 1, 0).astype(np.uint8))
     mask.SetSpacing(ct.GetSpacing())
     mask.SetDirection(ct.GetDirection())
@@ -193,18 +226,26 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
     return mask
 
 
-def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: float) -> list[tuple[sitk.Image, dict]]:
-    """Consensus masks of the nodules of a LIDC reader XML (readers' marks clustered as the dataset builder does)."""
+def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: float, *,
+              matches_ct: bool = False) -> list[tuple[sitk.Image, dict]]:
+    """Consensus masks of the nodules of a LIDC reader XML (readers' marks clustered as the dataset builder does),
+    each described with the reader marks the XML holds but the series does not ('xml_issues').
+
+    An XML that names no series is refused unless `matches_ct` says it was made for this CT.
+    """
     if series is None:
         raise PredictInputError("--xml needs the CT as a DICOM series folder (the reader XML names its slices).")
     try:
         reader_xml = xml_reader.parse_reader_xml(path)
     except xml_reader.XmlError as e:
         raise PredictInputError(f"reader XML {path}: {e}") from e
+    if reader_xml.series_uid is None and not matches_ct:
+        raise PredictInputError(f"reader XML {path} names no series (no SeriesInstanceUid), so nothing shows it was "
+                                f"made for the CT {series.series_uid}; pass --xml_matches_ct if it was.")
     if reader_xml.series_uid not in (None, series.series_uid):
         raise PredictInputError(f"reader XML {path} is for series {reader_xml.series_uid}, the CT is series "
                                 f"{series.series_uid}.")
-    annotations, _ = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
+    annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
                                                    series.image.GetSpacing()[2])
     clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
     out = []
@@ -214,7 +255,7 @@ def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: 
             continue
         ratings = nodules_lib.reader_ratings(cluster)[:, -1]
         out.append((mask, {"nodule_index": index, "readers": int(np.count_nonzero(ratings)),
-                           "reader_malignancy": [int(r) for r in ratings if r > 0]}))
+                           "reader_malignancy": [int(r) for r in ratings if r > 0], "xml_issues": list(issues)}))
     if not out:
         raise PredictInputError(f"reader XML {path} marks no nodule >= 3 mm with {consensus_level:.0%} reader "
                                 f"agreement in this series.")
@@ -232,8 +273,10 @@ def _parse_center(center) -> np.ndarray:
 
 
 def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: Optional[str], center, diameter,
-                 xml: Optional[str], consensus_level: float) -> list[tuple[sitk.Image, dict]]:
-    """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml."""
+                 xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False
+                 ) -> list[tuple[sitk.Image, dict]]:
+    """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml; a diameter
+    or a mask's equivalent-sphere diameter outside DIAMETER_RANGE_MM / MASK_DIAMETER_RANGE_MM is refused."""
     given = [name for name, v in (("--mask", mask), ("--center", center), ("--xml", xml)) if v is not None]
     if len(given) != 1:
         raise PredictInputError(f"give the nodule with exactly one of --mask, --center (with --diameter) or --xml; "
@@ -241,13 +284,15 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
     if mask is not None:
         return [(read_mask(mask, ct), {"mask": f"mask file {os.path.abspath(mask)}"})]
     if center is not None:
-        if diameter is None or not float(diameter) > 0:
-            raise PredictInputError(f"--center needs a positive --diameter in mm (got {diameter!r}).")
+        lo, hi = DIAMETER_RANGE_MM
+        if diameter is None or not lo <= float(diameter) <= hi:
+            raise PredictInputError(f"--center needs a --diameter from {lo:g} to {hi:g} mm, a lung nodule's or mass's "
+                                    f"(got {diameter if diameter is None else float(diameter)}).")
         point = _parse_center(center)
         return [(sphere_mask(ct, point, float(diameter)),
                  {"mask": f"sphere of diameter {float(diameter)} mm at {point.tolist()} mm", "note": SPHERE_NOTE})]
     return [(m, {"mask": f"consensus (>= {consensus_level:.0%} of readers) of reader XML {os.path.abspath(xml)}",
-                 **info}) for m, info in xml_masks(xml, series, consensus_level)]
+                 **info}) for m, info in xml_masks(xml, series, consensus_level, matches_ct=xml_matches_ct)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -302,16 +347,17 @@ def score_nodule(predictor: Predictor, inputs: NoduleInputs) -> dict[str, Any]:
 
 def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optional[float] = None,
             xml: Optional[str] = None, workdir: Optional[str] = None, export_dir: Optional[str] = None,
-            backend: str = "jax", report_dir: Optional[str] = None) -> dict[str, Any]:
+            backend: str = "jax", report_dir: Optional[str] = None,
+            hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, xml_matches_ct: bool = False) -> dict[str, Any]:
     """Malignancy class probabilities of the nodule(s) given by `mask` / `center` + `diameter` / `xml` in the CT `ct`.
 
     Returns a JSON-serialisable dict: the model used, the CT, and per nodule the class probabilities, label,
     centroid (x, y, z mm, scanner coordinates), axial diameter (mm), volume (mm^3) and the radiomic features used.
     With `report_dir`, a picture per nodule (views, saliency, radiomic attributions) and an index.html go there.
-    Raises PredictInputError naming what is wrong with the CT, the nodule or the model.
+    Raises PredictInputError naming what is wrong with the CT (see read_ct), the nodule or the model.
     """
-    image, series = read_ct(ct)
-    nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml)
+    image, series = read_ct(ct, hu_range)
+    nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml, xml_matches_ct=xml_matches_ct)
     masks = None if xml is not None else nodule_masks(image, series, **nodules, consensus_level=0.0)  # fail early
     predictor = load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
     if masks is None:

@@ -2,18 +2,23 @@
 
 import json
 import os
+import re
 import shutil
 import signal
+import socket
+import subprocess
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from autorad_jax import cli as cli_lib
 from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, trainer
+from autorad_jax.train import checkpointing, trainer, workdir_lock
+from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_split, tiny_config
 
 
@@ -134,17 +139,6 @@ def test_incompatible_workdir_names_the_mismatch(trained):
         trainer.train_and_evaluate(other, workdir)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(trained, tmp_path):
-    config, workdir, _ = trained
-    shutil.copytree(checkpointing.checkpoint_dir(workdir), checkpointing.checkpoint_dir(str(tmp_path)))
-    diverging = config.copy_and_resolve_references()
-    diverging.optim.learning_rate = float("inf")
-    diverging.train.update(num_steps=10, checkpoint_every=10, eval_every=10)
-    with pytest.raises(trainer.NonFiniteLossError, match=r"not finite.*last good checkpoint \(step 6\)"):
-        trainer.train_and_evaluate(diverging, str(tmp_path))
-    assert checkpointing.make_manager(str(tmp_path), 3, read_only=True).latest_step() == 6
-
-
 def test_cross_validation_writes_a_summary(lidc_data, tmp_path, monkeypatch):
     from autorad_jax.train import cv
     monkeypatch.setattr(cv, "MODELS", ("radiomics_logreg",))
@@ -191,3 +185,68 @@ def test_load_model_predicts_what_evaluation_saw(trained):
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     saved = json.load(open(os.path.join(workdir, "reports", f"test_step{step}", "metrics.json")))
     assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == [i["label"] for i in inputs]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One writer per workdir
+# ------------------------------------------------------------------------------------------------------------------
+
+def copy_run(trained, tmp_path) -> str:
+    """A copy of the trained workdir (its checkpoints and metrics log), without its reports."""
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained[1], workdir, ignore=shutil.ignore_patterns("reports", "tensorboard", "*.png"))
+    return str(workdir)
+
+
+def test_second_train_on_a_locked_workdir_is_refused_naming_the_holder(trained, tmp_path):
+    config = trained[0]
+    workdir = copy_run(trained, tmp_path)
+    holder = subprocess.Popen(["sleep", "120"])  # a live process of this host, standing for a running train
+    try:
+        with open(os.path.join(workdir, workdir_lock.LOCK_NAME), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": holder.pid, "started": "2026-01-02 03:04:05 UTC"}, f)
+        before = snapshot(tmp_path)
+        proc = cli("train", f"--workdir={workdir}", f"--data_dir={config.data.data_dir}", cwd=tmp_path)
+        assert_one_line_error(proc, f"{workdir} is in use by another training run (host {socket.gethostname()}, "
+                                    f"pid {holder.pid}, started 2026-01-02 03:04:05 UTC")
+        assert snapshot(tmp_path) == before
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock.hold(workdir):  # the holder is dead now: its lock is stale, and taken over
+        with open(os.path.join(workdir, workdir_lock.LOCK_NAME)) as f:
+            assert json.load(f)["pid"] == os.getpid()
+    assert not os.path.exists(os.path.join(workdir, workdir_lock.LOCK_NAME))
+
+
+def test_lock_of_another_host_is_refused(trained, tmp_path):
+    workdir = str(tmp_path)
+    with open(os.path.join(workdir, workdir_lock.LOCK_NAME), "w") as f:
+        json.dump({"host": "elsewhere.invalid", "pid": 1, "started": "yesterday"}, f)
+    with pytest.raises(workdir_lock.WorkdirLockedError,
+                       match=r"host elsewhere\.invalid, pid 1, started yesterday.*if no run is going on"):
+        trainer.train_and_evaluate(trained[0], workdir)
+    assert os.listdir(workdir) == [workdir_lock.LOCK_NAME]
+
+
+def test_diverged_run_continues_as_its_message_says_logging_each_step_once(trained, tmp_path):
+    config, original, _ = trained
+    workdir = copy_run(trained, tmp_path)
+    diverging = config.copy_and_resolve_references()
+    diverging.optim.learning_rate = float("inf")
+    diverging.train.update(num_steps=8, eval_every=8, checkpoint_every=8)
+    # Step 7's update makes the parameters infinite (its own loss, logged, is finite); step 8's loss is NaN.
+    with pytest.raises(trainer.NonFiniteLossError, match=r"step 8: .*last good checkpoint \(step 6\)") as e:
+        trainer.train_and_evaluate(diverging, workdir)
+    key, value = re.search(r"rerun the same command with --config\.(\S+)=(\S+) ", str(e.value)).groups()
+    assert key == "optim.learning_rate"
+    diverging.optim.learning_rate = float(value)
+    result = trainer.train_and_evaluate(diverging, workdir)
+    assert result["step"] == 8 and len(result["train_loss"]) == 2 and np.all(np.isfinite(result["train_loss"]))
+    with open(os.path.join(workdir, "train_metrics.jsonl")) as f:
+        lines = f.read().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 9))
+    assert lines[:6] == open(os.path.join(original, "train_metrics.jsonl")).read().splitlines()
+    command = cli_lib.rerun_command(["run.py", "train", "--config.optim.learning_rate", "inf", "--workdir=w"],
+                                    e.value.overrides)
+    assert command == f"python run.py train --workdir=w --config.optim.learning_rate={value}"

@@ -82,6 +82,18 @@ class MetricWriter:
             with open(os.path.join(self._workdir, f"{jsonl}.jsonl"), "a") as f:
                 f.write(json.dumps({"step": step, **scalars}) + "\n")
 
+    def drop_after(self, step: int, jsonl: str) -> None:
+        """Removes the lines of <jsonl>.jsonl with a step above `step` (logged after the checkpoint a run resumes
+        from, and about to be logged again), so that the file holds each step once."""
+        path = os.path.join(self._workdir, f"{jsonl}.jsonl")
+        if self._tb is None or not os.path.exists(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()

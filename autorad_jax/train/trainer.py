@@ -7,8 +7,10 @@ resumes from its workdir's latest checkpoint; only process 0 writes reports.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import signal
@@ -30,14 +32,19 @@ from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, perf, sharding, steps
+from autorad_jax.train import checkpointing, perf, sharding, steps, workdir_lock
 from autorad_jax.train.metrics import classification_metrics, scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
 from autorad_jax.train.reports import MetricWriter, write_report
 
 
 class NonFiniteLossError(AutoradError, FloatingPointError):
-    """Training produced a NaN or infinite loss, gradient or parameter; nothing after the last good step is saved."""
+    """Training produced a NaN or infinite loss, gradient or parameter; nothing after the last good step is saved.
+    `overrides` holds the config changes ('optim.learning_rate': value) the message advises for the rerun."""
+
+    def __init__(self, message: str, overrides: dict | None = None):
+        super().__init__(message)
+        self.overrides = dict(overrides or {})
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -274,37 +281,56 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _non_finite(step: int, metrics: dict, manager, workdir: str) -> NonFiniteLossError:
+def _non_finite(step: int, metrics: dict, manager, workdir: str, config: ml_collections.ConfigDict
+                ) -> NonFiniteLossError:
+    """The error of a diverged run, advising a tenth of the learning rate (the packaged default for a non-finite one);
+    a rerun resumes from the latest checkpoint, which holds only finite values (checked before every save)."""
     manager.wait_until_finished()
     last = manager.latest_step()
     kept = (f"the last good checkpoint (step {last}) is kept in {checkpointing.checkpoint_dir(workdir)}"
             if last is not None else "no checkpoint was written")
+    lr = float(config.optim.learning_rate)
+    lower = lr / 10 if math.isfinite(lr) and lr > 0 else checkpointing.saved_config({}).optim.learning_rate
+    lower = float(f"{lower:g}")  # the value the message prints
     return NonFiniteLossError(
         f"Training stopped at step {step}: the loss is {metrics.get('loss', float('nan'))} and the gradient norm "
-        f"{metrics.get('grad_norm', float('nan'))} (not finite); {kept}. Lower config.optim.learning_rate, raise "
-        f"optim.warmup_steps, or check the inputs.")
+        f"{metrics.get('grad_norm', float('nan'))} (not finite); {kept}. To "
+        f"{'continue from it' if last is not None else 'start again'} with a lower learning rate, rerun the same "
+        f"command with --config.optim.learning_rate={lower:g} (or raise optim.warmup_steps, or check the inputs).",
+        overrides={"optim.learning_rate": lower})
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains config in workdir (resuming from its latest checkpoint), evaluates on validation during training and
     the best checkpoint on test at the end (with data.cv_fold >= 0: the final state on the held-out fold).
 
+    Process 0 holds workdir/train.lock meanwhile (WorkdirLockedError naming the holder if another run has it); the
+    metric writer and the checkpoint manager are closed on every path.
+
     Returns {'step', 'best_step', 'train_loss': [loss of each step run now], 'validation': metrics, 'test': metrics
     (absent in cross-validation)}, or
     {'step', 'preempted': True} when SIGTERM stopped the run (its checkpoint is saved; rerun to resume).
     """
-    # ---- Workdir and data -----------------------------------------------------------------------------------------
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
+    with workdir_lock.hold(workdir, active=is_main), contextlib.ExitStack() as closing:
+        return _train_and_evaluate(config, workdir, closing)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing: contextlib.ExitStack) -> dict:
+    """train_and_evaluate in a locked workdir; what it opens is closed by `closing`."""
+    # ---- Workdir and data -----------------------------------------------------------------------------------------
+    is_main = jax.process_index() == 0
     train_recs = pipeline.records(config.data, "train")
     val_recs = pipeline.records(config.data, "validation")
     logging.info("%s: %d train / %d validation examples, %d radiomics features", pipeline.dataset_name(config.data),
                  len(train_recs), len(val_recs), train_recs.radiomics.shape[1])
 
     # ---- Checkpoint manager; model spec and radiomics statistics from the checkpoint, or resolved on a fresh start --
-    manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints)
+    manager = closing.enter_context(
+        checkpointing.open_manager(workdir, read_only=False, keep=config.train.keep_checkpoints))
     start = manager.latest_step()
     if start is not None:
         saved, stats_json, spec = checkpointing.restore_meta(manager, start)
@@ -340,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The learning rate of every update, computed once: logging it then needs no device work inside the loop (an
     # eager schedule call there would wait for the step in flight).
     learning_rates = np.asarray(jax.vmap(learning_rate_schedule(config))(np.arange(max(1, -(-num_steps // accum)))))
-    writer = MetricWriter(workdir, is_main)
+    writer = closing.enter_context(contextlib.closing(MetricWriter(workdir, is_main)))
+    writer.drop_after(step, "train_metrics")  # the steps after the checkpoint resumed from are logged again
     preemption = _Preemption()
     peak = perf.peak_flops(jax.devices()[0])
     compiled, flops = None, None
@@ -355,7 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         s, m = step_metrics
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         if not m.pop("finite"):
-            raise _non_finite(s, m, manager, workdir)
+            raise _non_finite(s, m, manager, workdir, config)
         m["learning_rate"] = float(learning_rates[(s - 1) // accum])
         writer.write(s, m, prefix="train", jsonl="train_metrics")
         losses.append(m["loss"])
@@ -399,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                workdir=workdir, writer=writer)
             if save_now or preempted:
                 if not bool(check_finite(state)):
-                    raise _non_finite(step, m, manager, workdir)
+                    raise _non_finite(step, m, manager, workdir, config)
                 checkpointing.save(manager, step, state, train_iter, stats.to_json(), config, spec,
                                    metrics=scalar_metrics(val_metrics) if evaluate_now else None)
             if save_now:  # includes evaluate_now: keep evaluation and checkpointing out of the step timing
@@ -408,7 +435,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 manager.wait_until_finished()
                 logging.warning("Preempted at step %d: checkpoint saved in %s; run the same command to resume.",
                                 step, checkpointing.checkpoint_dir(workdir))
-                writer.close()
                 return {"step": step, "preempted": True}
         if pending is not None:
             finish(pending)
@@ -432,7 +458,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         result["test"] = evaluate_records(exp, state, pipeline.records(config.data, "test"), stats, split="test",
                                           step=best, workdir=workdir, writer=writer)
         _publish(workdir, "test", best)
-    writer.close()
-    manager.close()
     return result
 
