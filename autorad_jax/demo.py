@@ -76,11 +76,11 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
         results[name], reports[name] = result["test"], model_dir
 
     width = max(len(n) for n in results)
-    lines = [f"{'test split':<{width}}  " + "  ".join(f"{m:>17}" for m in TABLE_METRICS)]
+    lines = [f"{name}: {d}/metrics.json, roc.png, confusion.png (all evaluations: {d}/reports/)"
+             for name, d in reports.items()]
+    lines += [notice, f"Demo finished in {time.time() - start:.0f} s.", ""]
+    lines += [f"{'test split':<{width}}  " + "  ".join(f"{m:>17}" for m in TABLE_METRICS)]
     lines += [f"{name:<{width}}  " + "  ".join(f"{metrics[m]:>17.3f}" for m in TABLE_METRICS)
               for name, metrics in results.items()]
-    lines += [f"{name}: {d}/metrics.json, roc.png, confusion.png (all evaluations: {d}/reports/)"
-              for name, d in reports.items()]
-    lines += [notice, f"Demo finished in {time.time() - start:.0f} s."]
-    _say("\n".join(lines))
+    _say("\n".join(lines))  # the metrics table is the last thing on screen
     return results
