@@ -9,6 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from autorad_jax import modeling
 from autorad_jax.data import pipeline
+from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.models import trainable_filter
 from autorad_jax.train import checkpointing, steps, trainer
 from autorad_jax.weights import hf_aimv2
@@ -34,7 +35,7 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
     """Two sharded steps of the scanned model against two one-device steps of the unrolled one."""
     assert jax.device_count() == 8, "tests/conftest.py provides 8 CPU devices"
     rng = np.random.default_rng(0)
-    batches = [{"image": rng.standard_normal((BATCH, 28, 28, 3), np.float32),
+    batches = [{"view": rng.integers(-1000, 400, (BATCH, 32, 32, 3)).astype(np.int16),
                 "radiomics": rng.standard_normal((BATCH, NUM_RADIOMICS), np.float32),
                 "label": rng.integers(0, 3, BATCH).astype(np.int32)} for _ in range(2)]
 
@@ -43,7 +44,8 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
     model_u, optimizer_u = steps.build(unrolled, spec)
     before = hf_aimv2.nnx_to_hf_state(model_u.aimv2)
     graphdef_u, state_u = nnx.split((model_u, optimizer_u))
-    step_u = jax.jit(steps.make_train_step(graphdef_u, trainable_filter(unrolled.model, spec)))
+    prep = Preprocessing.from_config(unrolled.data, train=True, seed=unrolled.seed)
+    step_u = jax.jit(steps.make_train_step(graphdef_u, trainable_filter(unrolled.model, spec), prep))
 
     # The scanned model, on a data x fsdp x tensor mesh, starting from the same weights.
     scanned = _config(True, dict(data=2, fsdp=2, tensor=2))

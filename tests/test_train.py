@@ -61,18 +61,19 @@ def trained(lidc_data, tmp_path_factory):
 
 
 def test_tiny_training_lowers_the_loss_and_writes_reports(lidc_data, tmp_path):
-    config = train_config(lidc_data, num_steps=30)
-    config.train.update(eval_every=30, checkpoint_every=30)
+    config = train_config(lidc_data, num_steps=20)
+    config.train.update(eval_every=20, checkpoint_every=20)
     result = trainer.train_and_evaluate(config, str(tmp_path))
     curve = losses(str(tmp_path))
-    assert len(curve) == 30 and np.mean(curve[-5:]) < np.mean(curve[:5])
-    assert result["step"] == 30 and 0.0 <= result["test"]["accuracy"] <= 1.0
+    assert len(curve) == 20 and np.mean(curve[-5:]) < np.mean(curve[:5])
+    assert result["step"] == 20 and 0.0 <= result["test"]["accuracy"] <= 1.0
     for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
         assert os.path.exists(tmp_path / name), name
     assert os.listdir(tmp_path / "tensorboard")
 
 
-@pytest.mark.parametrize("mesh", [(4, 2, 1), (2, 1, 4)], ids=["data4_fsdp2", "data2_tensor4"])
+# data x fsdp x tensor (2, 2, 2) training is compared with one device in tests/test_scan_layers.py.
+@pytest.mark.parametrize("mesh", [(2, 1, 4)], ids=["data2_tensor4"])
 def test_mesh_gives_the_same_loss_curve_as_one_device(lidc_data, mesh):
     config = train_config(lidc_data)
     recs = pipeline.records(config.data, "train")
