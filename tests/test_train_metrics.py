@@ -50,11 +50,14 @@ def test_metrics_match_numpy(num_classes):
     assert m["specificity_macro"] == pytest.approx(np.mean(specificity))
 
 
-def test_auc_of_an_absent_class_is_nan_not_an_error():
+def test_auc_of_an_absent_class_is_nan_not_an_error_and_macro_auc_says_so():
     labels = np.array([0, 0, 2, 2])
     probs = np.array([[.8, .1, .1], [.6, .2, .2], [.2, .2, .6], [.1, .1, .8]])
     m = classification_metrics(labels, probs, ["benign", "unsure", "malignant"])
-    assert np.isnan(m["auc_unsure"]) and m["auc_macro"] == pytest.approx(1.0)
+    assert np.isnan(m["auc_unsure"]) and m["auc_benign"] == m["auc_malignant"] == 1.0
+    assert np.isnan(m["auc_macro"])  # never the mean of the classes that happen to occur
+    assert any(n.startswith("auc_macro is undefined") and "benign, malignant" in n for n in m["notes"])
+    assert any(n.startswith("auc_unsure is undefined") and "no unsure" in n for n in m["notes"])
 
 
 def test_report_files(tmp_path):
