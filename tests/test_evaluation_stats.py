@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from autorad_jax.train import bootstrap
 from autorad_jax.train.metrics import classification_metrics, weighted_metrics
 
 NAMES3 = ["benign", "unsure", "malignant"]
@@ -90,3 +91,60 @@ def test_diameter_bands():
         assert m[f"num_examples_{band}"] == sl.stop - sl.start
         assert m[f"accuracy_{band}"] == pytest.approx(np.mean(probs[sl].argmax(1) == labels[sl]))
         assert m[f"auc_macro_{band}"] == pytest.approx(skm.roc_auc_score(labels[sl], probs[sl, 1]))
+
+
+def test_a_perfectly_separable_case_has_a_degenerate_interval_at_one():
+    labels = np.array([0, 1, 1, 0, 0, 1, 1, 0])
+    probs = np.stack([1 - (labels * 0.6 + 0.2), labels * 0.6 + 0.2], 1)
+    m = bootstrap.evaluation_metrics(labels, probs, ["benign", "malignant"], np.arange(8) // 2, replicates=200)
+    assert m["auc_macro"] == 1.0 and m["ci95"]["auc_macro"] == [1.0, 1.0]
+    assert m["ci95"]["accuracy"] == [1.0, 1.0]
+    # 4 patients of one benign and one malignant nodule each: every resample holds both classes
+    assert m["bootstrap"]["undefined_replicates"] == {}
+
+
+def test_clustered_patients_widen_the_interval():
+    labels, probs = random_case(20, 2, seed=11)
+    copies = 5  # every nodule five times within its patient: 20 patients, 100 nodules
+    labels, probs = np.repeat(labels, copies), np.repeat(probs, copies, axis=0)
+    by_patient = np.repeat(np.arange(20), copies)
+    names = ["benign", "malignant"]
+    patient = bootstrap.evaluation_metrics(labels, probs, names, by_patient)["ci95"]
+    nodule = bootstrap.evaluation_metrics(labels, probs, names, np.arange(100))["ci95"]
+    for key in ("auc_macro", "accuracy", "brier"):
+        assert np.diff(patient[key])[0] > 1.5 * np.diff(nodule[key])[0], key  # about sqrt(5) wider
+
+
+def test_percentile_interval_equals_a_brute_force_loop_over_explicit_resamples():
+    patients = np.array(["p3", "p1", "p1", "p2", "p4", "p4", "p4", "p5", "p6", "p2"])
+    labels = np.array([0, 1, 1, 1, 1, 0, 0, 1, 0, 1])  # p1, p2, p5 malignant only; p3, p6 benign only
+    scores = np.array([.2, .7, .4, .6, .9, .1, .55, .3, .35, .6])
+    probs = np.stack([1 - scores, scores], 1)
+    replicates, seed = 300, 7
+    m = bootstrap.evaluation_metrics(labels, probs, ["benign", "malignant"], patients, replicates=replicates,
+                                     seed=seed)
+    ids = sorted(set(patients))
+    draws = np.random.default_rng(seed).integers(len(ids), size=(replicates, len(ids)))
+    auc, acc, brier = [], [], []
+    for row in draws:
+        idx = np.concatenate([np.flatnonzero(patients == ids[d]) for d in row])
+        y, s = labels[idx], scores[idx]
+        acc.append(np.mean((s > 0.5) == y))
+        brier.append(skm.brier_score_loss(y, s))
+        if 0 < y.sum() < len(y):
+            auc.append(skm.roc_auc_score(y, s))
+    assert m["ci95"]["auc_macro"] == pytest.approx(list(np.percentile(auc, [2.5, 97.5])))
+    assert m["ci95"]["accuracy"] == pytest.approx(list(np.percentile(acc, [2.5, 97.5])))
+    assert m["ci95"]["brier"] == pytest.approx(list(np.percentile(brier, [2.5, 97.5])))
+    missing = replicates - len(auc)
+    assert missing > 0 and m["bootstrap"]["undefined_replicates"]["auc_macro"] == missing
+    assert any(n.startswith(f"auc_macro: undefined in {missing} of {replicates}") for n in m["notes"])
+
+
+def test_an_undefined_metric_has_no_interval():
+    labels = np.array([0, 0, 2, 2, 0, 2])
+    probs = np.random.default_rng(0).dirichlet(np.ones(3), size=6)
+    m = bootstrap.evaluation_metrics(labels, probs, NAMES3, np.arange(6), replicates=50)
+    assert np.isnan(m["auc_macro"]) and m["ci95"]["auc_macro"] is None
+    assert m["bootstrap"]["undefined_replicates"]["auc_macro"] == 50
+    assert m["ci95"]["auc_benign"] is not None
