@@ -32,6 +32,8 @@ def _sorted_groups(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def weighted_auc(positive: np.ndarray, scores: np.ndarray, w: np.ndarray) -> np.ndarray:
     """ROC AUC (Mann-Whitney, ties counting one half) of each row of weights w [B, N]; NaN without both sides."""
+    if not len(scores):
+        return np.full(len(w), np.nan)
     order, starts = _sorted_groups(scores)
     pos = np.add.reduceat((w * positive)[:, order], starts, axis=1)  # [B, G] positive weight per tied score
     neg = np.add.reduceat((w * ~positive)[:, order], starts, axis=1)
@@ -43,6 +45,8 @@ def sensitivity_at_specificity(positive: np.ndarray, scores: np.ndarray, w: np.n
                                specificity: float) -> np.ndarray:
     """The highest sensitivity of any threshold `score >= t` whose specificity is at least `specificity`, per row of
     w [B, N]; NaN without both sides."""
+    if not len(scores):
+        return np.full(len(w), np.nan)
     order, starts = _sorted_groups(-scores)  # descending scores: thresholds from the strictest
     tp = np.cumsum(np.add.reduceat((w * positive)[:, order], starts, axis=1), axis=1)
     fp = np.cumsum(np.add.reduceat((w * ~positive)[:, order], starts, axis=1), axis=1)
