@@ -1,12 +1,15 @@
 """Calibration, clinical metrics, patient bootstrap intervals and paired comparisons against independent references
 (scikit-learn, hand-worked cases, brute-force resampling loops)."""
 
+import os
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from autorad_jax.train import bootstrap
+from autorad_jax.train import bootstrap, compare
 from autorad_jax.train.metrics import classification_metrics, weighted_metrics
+from autorad_jax.train.reports import write_predictions
 
 NAMES3 = ["benign", "unsure", "malignant"]
 
@@ -91,6 +94,9 @@ def test_diameter_bands():
         assert m[f"num_examples_{band}"] == sl.stop - sl.start
         assert m[f"accuracy_{band}"] == pytest.approx(np.mean(probs[sl].argmax(1) == labels[sl]))
         assert m[f"auc_macro_{band}"] == pytest.approx(skm.roc_auc_score(labels[sl], probs[sl, 1]))
+    small = classification_metrics(labels[:30], probs[:30], ["benign", "malignant"], diameters[:30])
+    assert small["num_examples_gt10mm"] == 0 and np.isnan(small["accuracy_gt10mm"])
+    assert any(n.startswith("auc_macro_gt10mm is undefined: no nodules") for n in small["notes"])
 
 
 def test_a_perfectly_separable_case_has_a_degenerate_interval_at_one():
@@ -148,3 +154,53 @@ def test_an_undefined_metric_has_no_interval():
     assert np.isnan(m["auc_macro"]) and m["ci95"]["auc_macro"] is None
     assert m["bootstrap"]["undefined_replicates"]["auc_macro"] == 50
     assert m["ci95"]["auc_benign"] is not None
+
+
+def write_run(root, name, labels, probs, patients, names=("benign", "malignant")):
+    workdir = root / name
+    workdir.mkdir()
+    write_predictions(str(workdir / "predictions.csv"), labels, probs, names, patients)
+    return str(workdir)
+
+
+def test_a_model_compared_with_itself_differs_by_exactly_zero(tmp_path):
+    labels, probs = random_case(40, 2, seed=2)
+    patients = np.arange(40) // 3
+    a = write_run(tmp_path, "a", labels, probs, patients)
+    b = write_run(tmp_path, "b", labels, probs, patients)
+    result = compare.compare([a, b], str(tmp_path / "out"), replicates=200)
+    for key, d in result["pairs"][0]["metrics"].items():
+        assert d["difference"] == 0.0 and d["ci95"] == [0.0, 0.0] and d["p_value"] == 1.0, key
+    assert sorted(os.listdir(tmp_path / "out")) == ["comparison.csv", "comparison.json", "comparison.md",
+                                                    "roc_overlay.png"]
+
+
+def test_paired_difference_equals_a_brute_force_loop(tmp_path):
+    labels, probs_a = random_case(30, 2, seed=4)
+    probs_b = np.clip(probs_a + np.random.default_rng(0).normal(0, 0.2, probs_a.shape), 0.01, None)
+    probs_b /= probs_b.sum(1, keepdims=True)
+    patients = np.array([f"LIDC-IDRI-{i // 2:04d}" for i in range(30)])  # sorted ids: patient p is ids[p]
+    a = write_run(tmp_path, "a", labels, probs_a, patients)
+    b = write_run(tmp_path, "b", labels, probs_b, patients)
+    d = compare.compare([a, b], str(tmp_path / "out"), replicates=150, seed=3)["pairs"][0]["metrics"]["brier"]
+    draws = np.random.default_rng(3).integers(15, size=(150, 15))
+    diffs = []
+    for row in draws:
+        idx = np.concatenate([np.flatnonzero(patients == f"LIDC-IDRI-{p:04d}") for p in row])
+        diffs.append(skm.brier_score_loss(labels[idx], probs_b[idx, 1]) -
+                     skm.brier_score_loss(labels[idx], probs_a[idx, 1]))
+    diffs = np.array(diffs)
+    assert d["difference"] == pytest.approx(skm.brier_score_loss(labels, probs_b[:, 1]) -
+                                            skm.brier_score_loss(labels, probs_a[:, 1]))
+    assert d["ci95"] == pytest.approx(list(np.percentile(diffs, [2.5, 97.5])))
+    assert d["p_value"] == pytest.approx(min(1.0, 2 * min(np.mean(diffs <= 0), np.mean(diffs >= 0))))
+
+
+def test_compare_names_the_file_that_covers_other_nodules(tmp_path):
+    labels, probs = random_case(10, 2, seed=1)
+    a = write_run(tmp_path, "a", labels, probs, np.arange(10))
+    b = write_run(tmp_path, "b", labels, probs, np.arange(10) + 100)
+    with pytest.raises(compare.ComparisonError, match=r"b/predictions.csv: row 1 is patient 100 record 0 label .*in .*a/predictions.csv patient 0"):
+        compare.compare([a, b], str(tmp_path / "out"), replicates=10)
+    with pytest.raises(compare.ComparisonError, match=r"missing/predictions.csv: not found"):
+        compare.compare([a, str(tmp_path / "missing")], str(tmp_path / "out"), replicates=10)
