@@ -2,6 +2,8 @@
 (scikit-learn, hand-worked cases, brute-force resampling loops)."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,3 +206,15 @@ def test_compare_names_the_file_that_covers_other_nodules(tmp_path):
         compare.compare([a, b], str(tmp_path / "out"), replicates=10)
     with pytest.raises(compare.ComparisonError, match=r"missing/predictions.csv: not found"):
         compare.compare([a, str(tmp_path / "missing")], str(tmp_path / "out"), replicates=10)
+
+
+def test_compare_command(tmp_path):
+    labels, probs = random_case(20, 2, seed=6)
+    a = write_run(tmp_path, "a", labels, probs, np.arange(20) // 2)
+    b = write_run(tmp_path, "b", labels, probs[:, ::-1], np.arange(20) // 2)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ok = subprocess.run([sys.executable, "run.py", "compare", a, "--workdirs", b, "--out", str(tmp_path / "out")],
+                        capture_output=True, text=True, cwd=root, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    auc = skm.roc_auc_score(labels, probs[:, 1])
+    assert f"| a | b | auc_macro | {auc:.3f} | {1 - auc:.3f} | {1 - 2 * auc:+.3f} |" in ok.stdout

@@ -1,5 +1,6 @@
 """Trainer on generator data: learning, mesh equivalence, bitwise resume, cross-mesh restore, faults."""
 
+import csv
 import json
 import os
 import shutil
@@ -62,8 +63,16 @@ def test_tiny_training_lowers_the_loss_and_writes_reports(lidc_data, tmp_path):
     curve = losses(str(tmp_path))
     assert len(curve) == 30 and np.mean(curve[-5:]) < np.mean(curve[:5])
     assert result["step"] == 30 and 0.0 <= result["test"]["accuracy"] <= 1.0
-    for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
+    for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png", "confusion.png", "reliability.png"):
         assert os.path.exists(tmp_path / name), name
+    recs = pipeline.records(config.data, "test")
+    with open(tmp_path / "predictions.csv") as f:
+        predictions = list(csv.DictReader(f))
+    assert [r["patient_id"] for r in predictions] == list(recs.patients)
+    assert all(p.startswith("LIDC-IDRI-") for p in recs.patients)
+    assert [int(r["label"]) for r in predictions] == recs.labels.tolist()
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["bootstrap"]["patients"] == len(set(recs.patients)) and "accuracy" in saved["ci95"]
     assert os.listdir(tmp_path / "tensorboard")
 
 

@@ -104,7 +104,7 @@ def paired_differences(a: Predictions, b: Predictions, replicates: int = REPLICA
 
 def format_table(comparison: dict) -> str:
     """Markdown table: one row per (A, B, metric)."""
-    lines = ["| A | B | metric | A | B | B - A | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| A | B | metric | value A | value B | B - A | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
     for pair in comparison["pairs"]:
         for key, d in pair["metrics"].items():
             ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "undefined"
