@@ -85,7 +85,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
               f"evaluations: {d}/reports/)" for name, d in reports.items()]
     if jax.process_index() == 0:  # the baseline is A, AutoRad-Lung is B
         comparison = compare.compare([reports[n] for n in DEMO_MODELS[::-1]], os.path.join(workdir, "comparison"))
-        lines += ["Paired patient-bootstrap difference, test split (Brier: lower is better):", compare.format_table(comparison),
+        lines += ["Paired patient-bootstrap difference, test split (Brier: lower is better):",
+                  compare.format_table(comparison),
                   f"({os.path.join(workdir, 'comparison')}/comparison.md, .csv, .json, roc_overlay.png)"]
     lines += [notice, f"Demo finished in {time.time() - start:.0f} s."]
     _say("\n".join(lines))

@@ -202,7 +202,8 @@ def test_compare_names_the_file_that_covers_other_nodules(tmp_path):
     labels, probs = random_case(10, 2, seed=1)
     a = write_run(tmp_path, "a", labels, probs, np.arange(10))
     b = write_run(tmp_path, "b", labels, probs, np.arange(10) + 100)
-    with pytest.raises(compare.ComparisonError, match=r"b/predictions.csv: row 1 is patient 100 record 0 label .*in .*a/predictions.csv patient 0"):
+    with pytest.raises(compare.ComparisonError,
+                       match=r"b/predictions.csv: row 1 is patient 100 record 0 label .*in .*a/predictions.csv patient 0"):
         compare.compare([a, b], str(tmp_path / "out"), replicates=10)
     with pytest.raises(compare.ComparisonError, match=r"missing/predictions.csv: not found"):
         compare.compare([a, str(tmp_path / "missing")], str(tmp_path / "out"), replicates=10)
@@ -218,3 +219,20 @@ def test_compare_command(tmp_path):
     assert ok.returncode == 0, ok.stderr
     auc = skm.roc_auc_score(labels, probs[:, 1])
     assert f"| a | b | auc_macro | {auc:.3f} | {1 - auc:.3f} | {1 - 2 * auc:+.3f} |" in ok.stdout
+
+
+def test_cv_summary_uses_the_sample_std_and_names_undefined_folds(tmp_path):
+    from autorad_jax.train import cv
+    aucs = [0.7, float("nan"), 0.8, 0.9, 0.6]
+    folds = [{**{k: 0.5 + 0.01 * i for k in cv.SUMMARY_METRICS}, "auc_macro": a} for i, a in enumerate(aucs)]
+    summary = cv.summarize(folds)
+    assert summary["auc_macro"]["mean"] == pytest.approx(0.75)
+    assert summary["auc_macro"]["std"] == pytest.approx(np.sqrt((0.05 ** 2 * 2 + 0.15 ** 2 * 2) / 3))  # ddof=1
+    assert summary["auc_macro"]["undefined_folds"] == [1] and summary["auc_macro"]["folds"] == 4
+    assert summary["accuracy"]["std"] == pytest.approx(np.sqrt(sum((0.01 * i - 0.02) ** 2 for i in range(5)) / 4))
+    table = cv.format_table({"coop": summary})
+    assert "coop auc_macro: undefined in fold 1; mean ± std over the other 4 folds." in table
+    cv._write(str(tmp_path), {"coop": summary}, {"coop": folds})
+    rows = open(tmp_path / "cv_folds.csv").read().splitlines()
+    assert len(rows) == 1 + 5 and rows[2].startswith("coop,1,0.51,,,") and rows[2].split(",")[8] == "nan"
+    assert len(open(tmp_path / "cv_folds.md").read().splitlines()) == 2 + 5

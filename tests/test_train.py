@@ -162,10 +162,12 @@ def test_cross_validation_writes_a_summary(lidc_data, tmp_path, monkeypatch):
     folds = json.load(open(tmp_path / "cv_summary.json"))["folds"]["radiomics_logreg"]
     assert len(folds) == cv.NUM_FOLDS
     for metric in cv.SUMMARY_METRICS:
-        values = [f[metric] for f in folds]
-        assert summary["radiomics_logreg"][metric] == pytest.approx((np.nanmean(values), np.nanstd(values)),
-                                                                    nan_ok=True)
+        values = np.array([np.nan if f[metric] is None else f[metric] for f in folds])
+        s = summary["radiomics_logreg"][metric]
+        assert (s["mean"], s["std"]) == pytest.approx((np.nanmean(values), np.nanstd(values, ddof=1)), nan_ok=True)
+        assert s["undefined_folds"] == np.flatnonzero(np.isnan(values)).tolist()
     assert "radiomics_logreg" in open(tmp_path / "cv_summary.md").read()
+    assert len(open(tmp_path / "cv_folds.csv").read().splitlines()) == 1 + cv.NUM_FOLDS
     assert all(f["cv_fold"] == k for k, f in enumerate(
         json.load(open(tmp_path / "radiomics_logreg" / f"fold{k}" / "metrics.json")) for k in range(cv.NUM_FOLDS)))
 
