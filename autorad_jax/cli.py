@@ -12,6 +12,8 @@ Subcommands (default: demo):
   predict  malignancy of nodules in a new CT (--ct with --mask, --center/--diameter or --xml; --report DIR for
            pictures with saliency), or of every row of a CSV (--nodules FILE.csv, LUNA16 columns with --ct_root)
   export   write the trained model of --workdir as transformers and PyTorch folders to --out
+  compare  paired patient-bootstrap differences of test runs: compare WORKDIR_A WORKDIR_B ... (or --workdirs=A,B)
+           into --out (default workdir/comparison)
 
 Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error); the
 default is the packaged configs/autorad_lung.py:tiny.
@@ -38,7 +40,8 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded f
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; overrides config.data.data_dir.")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes for dataset generation (prepare).")
-_OUT = flags.DEFINE_string("out", None, "Output folder (synth, export).")
+_OUT = flags.DEFINE_string("out", None, "Output folder (synth, export, compare).")
+_WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, the first is A (compare).")
 _NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval).")
@@ -72,7 +75,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: let JAX find the other processes (TPU pod slice, SLURM, Open MPI, Kubernetes).")
 
 _PROG = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "autorad"
-SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export")
+SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export", "compare")
 
 
 def _config():
@@ -109,7 +112,7 @@ def _hu_range(values: list[str]) -> tuple[float, float]:
     return lo, hi
 
 
-def _run(command: str):
+def _run(command: str, args: list[str]):
     """Calls the one library function behind `command` (imported here: each pulls in a different stack)."""
     if command in ("demo", "train", "eval", "cv"):
         from autorad_jax.train import distributed
@@ -135,6 +138,11 @@ def _run(command: str):
         if command == "eval":
             return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
         return train.cross_validate(_config(), _WORKDIR.value)
+    if command == "compare":
+        from autorad_jax.train import compare
+        result = compare.compare(args + (_WORKDIRS.value or []), _OUT.value or "workdir/comparison")
+        print(compare.format_table(result))
+        return result
     if command == "export":
         if not _OUT.value:
             raise app.UsageError("export needs --out.")
@@ -181,9 +189,9 @@ def rerun_command(argv: list[str], overrides: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 2:
+    command = argv[1] if len(argv) >= 2 else "demo"
+    if len(argv) > 2 and command != "compare":
         raise app.UsageError(f"Expected one subcommand, got {argv[1:]}")
-    command = argv[1] if len(argv) == 2 else "demo"
     if command not in SUBCOMMANDS:
         raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
     logging.info("%s %s", _PROG, command)
@@ -193,7 +201,7 @@ def main(argv):
     console.quiet_third_party()
     try:
         with contextlib.redirect_stdout(sys.stderr) if _JSON.value else contextlib.nullcontext():
-            result = _run(command)
+            result = _run(command, argv[2:])
     except (AutoradError, LidcDataError) as e:
         # Bad input and the library's own errors (missing dataset, incompatible checkpoint, NaN loss, ...) say
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.

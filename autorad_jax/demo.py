@@ -1,8 +1,9 @@
 """The demo (`python run.py`): demo data -> dataset -> AutoRad-Lung and a radiomics baseline -> test metrics.
 
 Everything goes under the workdir (default workdir/demo): lidc_demo/ (generated scans, TCIA layout),
-tensorflow_datasets/ (the built lidc_idri dataset), and one training workdir per model with its checkpoints,
-metrics.json, roc.png and confusion.png. Data and dataset are made once and reused by later runs.
+tensorflow_datasets/ (the built lidc_idri dataset), one training workdir per model with its checkpoints,
+metrics.json (with patient-bootstrap 95% intervals), predictions.csv and PNGs, and comparison/ (AutoRad-Lung minus
+the baseline, paired over the same patients). Data and dataset are made once and reused by later runs.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ import ml_collections
 from absl import logging
 
 from autorad_jax.data import pipeline
-from autorad_jax.train import train_and_evaluate
+from autorad_jax.train import compare, train_and_evaluate
+from autorad_jax.train.bootstrap import format_value
 
 DEMO_SCANS = 150  # about 200 nodules
 DEMO_MODELS = ("autorad_lung", "radiomics_logreg")
-TABLE_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro", "recall_macro", "specificity_macro")
+TABLE_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "brier", "ece", "kappa_quadratic")
 
 
 def _say(text: str) -> None:
@@ -75,12 +77,17 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
             return results
         results[name], reports[name] = result["test"], model_dir
 
-    width = max(len(n) for n in results)
-    lines = [f"{name}: {d}/metrics.json, roc.png, confusion.png (all evaluations: {d}/reports/)"
-             for name, d in reports.items()]
+    width = max(len(n) for n in [*results, "test (95% CI)"])
+    lines = [f"{name}: {d}/metrics.json, predictions.csv, roc.png, confusion.png, reliability.png (all "
+             f"evaluations: {d}/reports/)" for name, d in reports.items()]
+    if jax.process_index() == 0:  # the baseline is A, AutoRad-Lung is B
+        comparison = compare.compare([reports[n] for n in DEMO_MODELS[::-1]], os.path.join(workdir, "comparison"))
+        lines += ["Paired patient-bootstrap difference, test split (Brier: lower is better):",
+                  compare.format_table(comparison),
+                  f"({os.path.join(workdir, 'comparison')}/comparison.md, .csv, .json, roc_overlay.png)"]
     lines += [notice, f"Demo finished in {time.time() - start:.0f} s.", ""]
-    lines += [f"{'test split':<{width}}  " + "  ".join(f"{m:>17}" for m in TABLE_METRICS)]
-    lines += [f"{name:<{width}}  " + "  ".join(f"{metrics[m]:>17.3f}" for m in TABLE_METRICS)
+    lines += [f"{'test (95% CI)':<{width}}  " + "  ".join(f"{m:>21}" for m in TABLE_METRICS)]
+    lines += [f"{name:<{width}}  " + "  ".join(f"{format_value(metrics, m):>21}" for m in TABLE_METRICS)
               for name, metrics in results.items()]
     _say("\n".join(lines))  # the metrics table is the last thing on screen
     return results

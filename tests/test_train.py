@@ -1,5 +1,6 @@
 """Trainer on generator data: learning, mesh equivalence, bitwise resume, cross-mesh restore, faults."""
 
+import csv
 import json
 import os
 import re
@@ -67,8 +68,16 @@ def test_tiny_training_lowers_the_loss_and_writes_reports(lidc_data, tmp_path):
     curve = losses(str(tmp_path))
     assert len(curve) == 20 and np.mean(curve[-5:]) < np.mean(curve[:5])
     assert result["step"] == 20 and 0.0 <= result["test"]["accuracy"] <= 1.0
-    for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
+    for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png", "confusion.png", "reliability.png"):
         assert os.path.exists(tmp_path / name), name
+    recs = pipeline.records(config.data, "test")
+    with open(tmp_path / "predictions.csv") as f:
+        predictions = list(csv.DictReader(f))
+    assert [r["patient_id"] for r in predictions] == list(recs.patients)
+    assert all(p.startswith("LIDC-IDRI-") for p in recs.patients)
+    assert [int(r["label"]) for r in predictions] == recs.labels.tolist()
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["bootstrap"]["patients"] == len(set(recs.patients)) and "accuracy" in saved["ci95"]
     assert os.listdir(tmp_path / "tensorboard")
 
 
@@ -148,10 +157,12 @@ def test_cross_validation_writes_a_summary(lidc_data, tmp_path, monkeypatch):
     folds = json.load(open(tmp_path / "cv_summary.json"))["folds"]["radiomics_logreg"]
     assert len(folds) == cv.NUM_FOLDS
     for metric in cv.SUMMARY_METRICS:
-        values = [f[metric] for f in folds]
-        assert summary["radiomics_logreg"][metric] == pytest.approx((np.nanmean(values), np.nanstd(values)),
-                                                                    nan_ok=True)
+        values = np.array([np.nan if f[metric] is None else f[metric] for f in folds])
+        s = summary["radiomics_logreg"][metric]
+        assert (s["mean"], s["std"]) == pytest.approx((np.nanmean(values), np.nanstd(values, ddof=1)), nan_ok=True)
+        assert s["undefined_folds"] == np.flatnonzero(np.isnan(values)).tolist()
     assert "radiomics_logreg" in open(tmp_path / "cv_summary.md").read()
+    assert len(open(tmp_path / "cv_folds.csv").read().splitlines()) == 1 + cv.NUM_FOLDS
     assert all(f["cv_fold"] == k for k, f in enumerate(
         json.load(open(tmp_path / "radiomics_logreg" / f"fold{k}" / "metrics.json")) for k in range(cv.NUM_FOLDS)))
 

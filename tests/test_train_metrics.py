@@ -50,11 +50,14 @@ def test_metrics_match_numpy(num_classes):
     assert m["specificity_macro"] == pytest.approx(np.mean(specificity))
 
 
-def test_auc_of_an_absent_class_is_nan_not_an_error():
+def test_auc_of_an_absent_class_is_nan_not_an_error_and_macro_auc_says_so():
     labels = np.array([0, 0, 2, 2])
     probs = np.array([[.8, .1, .1], [.6, .2, .2], [.2, .2, .6], [.1, .1, .8]])
     m = classification_metrics(labels, probs, ["benign", "unsure", "malignant"])
-    assert np.isnan(m["auc_unsure"]) and m["auc_macro"] == pytest.approx(1.0)
+    assert np.isnan(m["auc_unsure"]) and m["auc_benign"] == m["auc_malignant"] == 1.0
+    assert np.isnan(m["auc_macro"])  # never the mean of the classes that happen to occur
+    assert any(n.startswith("auc_macro is undefined") and "benign, malignant" in n for n in m["notes"])
+    assert any(n.startswith("auc_unsure is undefined") and "no unsure" in n for n in m["notes"])
 
 
 def test_report_files(tmp_path):
@@ -63,12 +66,18 @@ def test_report_files(tmp_path):
     probs = rng.dirichlet(np.ones(3), size=50)
     names = ["benign", "unsure", "malignant"]
     m = classification_metrics(labels, probs, names)
-    write_report(str(tmp_path), m, labels, probs, names, info={"split": "test", "step": 7})
-    assert sorted(os.listdir(tmp_path)) == ["confusion.png", "metrics.csv", "metrics.json", "roc.png"]
+    patients = np.arange(50) // 2
+    write_report(str(tmp_path), m, labels, probs, names, patients, info={"split": "test", "step": 7})
+    assert sorted(os.listdir(tmp_path)) == ["confusion.png", "metrics.csv", "metrics.json", "predictions.csv",
+                                            "reliability.png", "roc.png"]
     saved = json.load(open(tmp_path / "metrics.json"))
     assert saved["step"] == 7 and saved["accuracy"] == m["accuracy"]
     rows = open(tmp_path / "metrics.csv").read().splitlines()
-    assert rows[0] == "metric,value" and any(r.startswith("auc_macro,") for r in rows)
+    assert rows[0] == "metric,value,ci95_low,ci95_high" and any(r.startswith("auc_macro,") for r in rows)
+    predictions = np.genfromtxt(tmp_path / "predictions.csv", delimiter=",", names=True)
+    np.testing.assert_array_equal(predictions["patient_id"], patients)
+    np.testing.assert_array_equal(predictions["label"], labels)
+    np.testing.assert_allclose(predictions["prob_unsure"], probs[:, 1])
 
 
 def test_mfu_uses_the_device_peak_only_when_known():

@@ -185,10 +185,13 @@ def radiomics_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
 @dataclasses.dataclass
 class Records:
     """The examples a role reads, in memory: the HU view of each crop (the first step of `example_to_inputs`), its
-    raw radiomics and its scheme label. A grain random-access source of {'view', 'radiomics', 'label'}."""
+    raw radiomics, its scheme label, patient and diameter. A grain random-access source of {'view', 'radiomics',
+    'label'}."""
     views: np.ndarray  # [N, S, S, 3] int16 HU
     radiomics: np.ndarray  # [N, F] float32, raw
     labels: np.ndarray  # [N] int32, index in the label scheme's classes
+    patients: np.ndarray | None = None  # [N] str, patient id (the unit of the evaluation's bootstrap)
+    diameters: np.ndarray | None = None  # [N] float, nodule diameter in mm
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -202,7 +205,7 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
           stamp: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
     source = _open_split(name, data_dir, split, stamp)
-    out = {"label": [], "fold": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": []}
+    out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": []}
     for i in range(len(source)):
         ex = source[i]
         if np.shape(ex["ct"]) != (ct_size,) * 3:
@@ -211,6 +214,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
                                f"`python run.py prepare`.")
         out["label"].append(int(ex["label"]))
         out["fold"].append(int(ex["fold"]))
+        out["patient_id"].append(ex["patient_id"].decode() if isinstance(ex["patient_id"], bytes)
+                                 else str(ex["patient_id"]))
         out["ratings"].append(np.asarray(ex["ratings"], np.int32))
         out["diameter_mm"].append(float(ex["diameter_mm"]))
         out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
@@ -264,7 +269,8 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
         elif k >= 0 and role == "validation":
             keep &= meta["fold"] == k
         parts.append(Records(views=meta["view"][keep], radiomics=meta["radiomics"][keep],
-                             labels=np.searchsorted(np.asarray(classes), meta["label"][keep]).astype(np.int32)))
+                             labels=np.searchsorted(np.asarray(classes), meta["label"][keep]).astype(np.int32),
+                             patients=meta["patient_id"][keep], diameters=meta["diameter_mm"][keep]))
     recs = Records(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Records)))
     if len(recs) == 0:
         raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "

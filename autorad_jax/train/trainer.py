@@ -1,8 +1,8 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir, split, step)`.
 
 The workdir holds everything a run makes: checkpoints/ (orbax), reports/<split>_step<N>/ (metrics.json, metrics.csv,
-roc.png, confusion.png), tensorboard/, train_metrics.jsonl, and the latest test report at its top level. A run
-resumes from its workdir's latest checkpoint; only process 0 writes reports.
+predictions.csv, roc.png, confusion.png, reliability.png), tensorboard/, train_metrics.jsonl, and the latest test
+report at its top level. A run resumes from its workdir's latest checkpoint; only process 0 writes reports.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, perf, sharding, steps, workdir_lock
-from autorad_jax.train.metrics import classification_metrics, scalar_metrics
+from autorad_jax.train.bootstrap import evaluation_metrics, format_value
+from autorad_jax.train.metrics import scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
 from autorad_jax.train.reports import MetricWriter, write_report
 
@@ -151,13 +152,14 @@ def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
 
 def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, stats: pipeline.RadiomicsStats, *,
                      split: str, step: int, workdir: str, writer: MetricWriter | None = None) -> dict:
-    """Metrics of `state` on `recs`, with a report in workdir/reports/<split>_step<step>/ (process 0)."""
+    """Metrics of `state` on `recs` with their patient-bootstrap 95% intervals, and a report in
+    workdir/reports/<split>_step<step>/ (process 0)."""
     probs = predict_records(exp, state, recs, stats)
     names = pipeline.label_names(exp.config.data.label_scheme)
-    metrics = classification_metrics(recs.labels, probs, names)
+    metrics = evaluation_metrics(recs.labels, probs, names, recs.patients, recs.diameters)
     if jax.process_index() == 0:
         out = os.path.join(workdir, "reports", f"{split}_step{step}")
-        write_report(out, metrics, recs.labels, probs, names,
+        write_report(out, metrics, recs.labels, probs, names, recs.patients,
                      info={"split": split, "step": step, "model": exp.config.model.name,
                            "cv_fold": int(exp.config.data.cv_fold)})
         if writer is not None:
@@ -168,11 +170,11 @@ def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, 
 
 
 def _publish(workdir: str, split: str, step: int) -> None:
-    """Copies a report to the workdir's top level (the run's headline metrics.json, roc.png, confusion.png)."""
+    """Copies a report to the workdir's top level (the run's headline metrics.json, predictions.csv, PNGs)."""
     if jax.process_index() != 0:
         return
     src = os.path.join(workdir, "reports", f"{split}_step{step}")
-    for name in ("metrics.json", "metrics.csv", "roc.png", "confusion.png"):
+    for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png", "confusion.png", "reliability.png"):
         shutil.copyfile(os.path.join(src, name), os.path.join(workdir, name))
 
 
@@ -240,7 +242,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test
         _publish(workdir, split, restored.step)
     if jax.process_index() == 0:
         print(f"{split} split, step {restored.step}: " + ", ".join(
-            f"{k} {metrics[k]:.4f}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro")) +
+            f"{k} {format_value(metrics, k)}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro",
+                                                         "brier", "ece")) + " (patient-bootstrap 95% intervals)" +
               f"\nReport: {os.path.join(workdir, 'reports', f'{split}_step{restored.step}')}")
     return metrics
 

@@ -1,0 +1,167 @@
+"""Paired comparison of runs evaluated on the same nodules: patient-bootstrap differences B - A.
+
+Each workdir's predictions.csv (its published test evaluation) is read; the same patient resamples are applied to
+every run, so the interval of a difference reflects only how the models differ on the same patients.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import roc_curve  # noqa: E402
+
+from autorad_jax.errors import AutoradError  # noqa: E402
+from autorad_jax.train.bootstrap import LEVEL, REPLICATES, SEED, patient_weights, percentile_interval  # noqa: E402
+from autorad_jax.train.metrics import weighted_metrics  # noqa: E402
+
+COMPARE_METRICS = ("auc_macro", "balanced_accuracy", "accuracy", "brier")
+
+
+class ComparisonError(AutoradError, ValueError):
+    """A predictions.csv that is missing, malformed, or covers other nodules than the first run's."""
+
+
+@dataclasses.dataclass
+class Predictions:
+    """One run's per-nodule test predictions (predictions.csv)."""
+    path: str
+    names: tuple[str, ...]
+    patients: np.ndarray  # [N] str
+    records: np.ndarray  # [N] int
+    labels: np.ndarray  # [N] int
+    probs: np.ndarray  # [N, K]
+
+
+def read_predictions(workdir: str) -> Predictions:
+    """The predictions.csv of `workdir` (written by train and eval beside metrics.json)."""
+    path = os.path.join(workdir, "predictions.csv")
+    if not os.path.isfile(path):
+        raise ComparisonError(f"{path}: not found; train the run or evaluate it (`python run.py eval --workdir "
+                              f"{workdir}`) first.")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = rows[0] if rows else []
+    if header[:3] != ["patient_id", "record", "label"] or len(header) < 5 or \
+            not all(h.startswith("prob_") for h in header[3:]):
+        raise ComparisonError(f"{path}: expected the columns patient_id, record, label, prob_<class>...; got "
+                              f"{header}.")
+    try:
+        records = np.array([int(r[1]) for r in rows[1:]], np.int64)
+        labels = np.array([int(r[2]) for r in rows[1:]], np.int64)
+        probs = np.array([[float(v) for v in r[3:]] for r in rows[1:]], np.float64).reshape(-1, len(header) - 3)
+    except (ValueError, IndexError) as e:
+        raise ComparisonError(f"{path}: a row is malformed ({e}).") from e
+    if not len(labels) or labels.min() < 0 or labels.max() >= probs.shape[1] or not np.isfinite(probs).all():
+        raise ComparisonError(f"{path}: no nodules, a label outside 0..{probs.shape[1] - 1} or a non-finite "
+                              f"probability.")
+    return Predictions(path, tuple(h[len("prob_"):] for h in header[3:]), np.array([r[0] for r in rows[1:]]),
+                       records, labels, probs)
+
+
+def _check_same_nodules(a: Predictions, b: Predictions) -> None:
+    if a.names != b.names:
+        raise ComparisonError(f"{b.path}: classes {b.names}, but {a.path} has {a.names}.")
+    if len(a.labels) != len(b.labels):
+        raise ComparisonError(f"{b.path}: {len(b.labels)} nodules, but {a.path} has {len(a.labels)}; compare "
+                              f"evaluations of the same split and label protocol.")
+    same = (a.patients == b.patients) & (a.records == b.records) & (a.labels == b.labels)
+    if not same.all():
+        i = int(np.flatnonzero(~same)[0])
+        raise ComparisonError(f"{b.path}: row {i + 1} is patient {b.patients[i]} record {b.records[i]} label "
+                              f"{b.labels[i]}, but in {a.path} patient {a.patients[i]} record {a.records[i]} label "
+                              f"{a.labels[i]}; compare evaluations of the same nodules.")
+
+
+def paired_differences(a: Predictions, b: Predictions, replicates: int = REPLICATES,
+                       seed: int = SEED) -> dict[str, dict]:
+    """For each COMPARE_METRICS metric: A's and B's value, B - A, its percentile interval over the paired patient
+    resamples, the two-sided bootstrap p-value (twice the smaller share of differences on either side of 0, at most
+    1) and how many resamples left the difference undefined."""
+    _check_same_nodules(a, b)
+    weights = np.vstack([np.ones((1, len(a.labels))), patient_weights(a.patients, replicates, seed)])
+    ma = weighted_metrics(a.labels, a.probs, weights, a.names)
+    mb = weighted_metrics(b.labels, b.probs, weights, b.names)
+    out = {}
+    for key in COMPARE_METRICS:
+        diff = mb[key] - ma[key]
+        reps = diff[1:][~np.isnan(diff[1:])]
+        p = min(1.0, 2 * min(np.mean(reps <= 0), np.mean(reps >= 0))) if len(reps) else float("nan")
+        out[key] = {"a": float(ma[key][0]), "b": float(mb[key][0]), "difference": float(diff[0]),
+                    "ci95": list(percentile_interval(diff[1:])) if not np.isnan(diff[0]) else None,
+                    "p_value": float(p) if not np.isnan(diff[0]) else None,
+                    "undefined_replicates": int(replicates - len(reps))}
+    return out
+
+
+def format_table(comparison: dict) -> str:
+    """Markdown table: one row per (A, B, metric)."""
+    lines = ["| A | B | metric | value A | value B | B - A | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
+    for pair in comparison["pairs"]:
+        for key, d in pair["metrics"].items():
+            ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "undefined"
+            p = f"{d['p_value']:.3f}" if d["p_value"] is not None else "undefined"
+            lines.append(f"| {pair['a']} | {pair['b']} | {key} | {d['a']:.3f} | {d['b']:.3f} | "
+                         f"{d['difference']:+.3f} | {ci} | {p} |")
+    return "\n".join(lines)
+
+
+def _plot_roc_overlay(runs: dict[str, Predictions], path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, run in runs.items():
+        positive = run.labels == len(run.names) - 1
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, _ = roc_curve(positive, run.probs[:, -1])
+        ax.plot(fpr, tpr, label=name)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    last = next(iter(runs.values())).names[-1]
+    ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1),
+           title=f"ROC, {last} vs rest")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare(workdirs: Sequence[str], out: str, replicates: int = REPLICATES, seed: int = SEED) -> dict:
+    """Compares every workdir after the first (B) with the first (A) on the same test nodules; writes
+    comparison.md, comparison.csv, comparison.json and roc_overlay.png in `out` and returns the comparison."""
+    if len(workdirs) < 2:
+        raise ComparisonError(f"compare needs at least two workdirs, got {list(workdirs)}.")
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(names)) < len(names):  # two workdirs of the same name: use their paths
+        names = list(workdirs)
+    runs = dict(zip(names, map(read_predictions, workdirs)))
+    (name_a, a), *others = runs.items()
+    pairs = [{"a": name_a, "b": name_b, "metrics": paired_differences(a, b, replicates, seed)}
+             for name_b, b in others]
+    comparison = {"workdirs": list(workdirs), "nodules": int(len(a.labels)),
+                  "patients": int(len(np.unique(a.patients))),
+                  "bootstrap": {"unit": "patient", "replicates": replicates, "seed": seed, "level": LEVEL,
+                                "paired": True, "method": "percentile"},
+                  "pairs": pairs}
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "comparison.json"), "w") as f:
+        json.dump(comparison, f, indent=1)
+    with open(os.path.join(out, "comparison.md"), "w") as f:
+        f.write(format_table(comparison) + "\n")
+    with open(os.path.join(out, "comparison.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["a", "b", "metric", "value_a", "value_b", "difference", "ci95_low", "ci95_high", "p_value",
+                         "undefined_replicates"])
+        for pair in pairs:
+            for key, d in pair["metrics"].items():
+                writer.writerow([pair["a"], pair["b"], key, d["a"], d["b"], d["difference"],
+                                 *(d["ci95"] or ["", ""]), "" if d["p_value"] is None else d["p_value"],
+                                 d["undefined_replicates"]])
+    _plot_roc_overlay(runs, os.path.join(out, "roc_overlay.png"))
+    return comparison
