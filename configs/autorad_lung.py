@@ -54,6 +54,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_batch_size=64 if tiny else 128,
         worker_count=0,  # grain worker processes per host; 0 reads in the main process.
         cv_fold=-1,  # >=0: train on the other folds of train+validation, evaluate on this one.
+        cv_repeat=0,  # 0: the dataset's folds; r > 0: patients dealt anew into folds with seed r (`run.py cv` sets it).
     ))
 
     config.model = ml_collections.ConfigDict(dict(
@@ -99,6 +100,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         checkpoint_every=100 if tiny else 500,
         keep_checkpoints=3,
     ))
+
+    # `run.py cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt
+    # anew and its own training seed.
+    config.cv = ml_collections.ConfigDict(dict(models="", repeats=1))
 
     # Mesh axis sizes; -1 takes the remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -224,7 +224,8 @@ def test_compare_command(tmp_path):
 def test_cv_summary_uses_the_sample_std_and_names_undefined_folds(tmp_path):
     from autorad_jax.train import cv
     aucs = [0.7, float("nan"), 0.8, 0.9, 0.6]
-    folds = [{**{k: 0.5 + 0.01 * i for k in cv.SUMMARY_METRICS}, "auc_macro": a} for i, a in enumerate(aucs)]
+    folds = [{**{k: 0.5 + 0.01 * i for k in cv.SUMMARY_METRICS}, "auc_macro": a, "cv_fold": i}
+             for i, a in enumerate(aucs)]
     summary = cv.summarize(folds)
     assert summary["auc_macro"]["mean"] == pytest.approx(0.75)
     assert summary["auc_macro"]["std"] == pytest.approx(np.sqrt((0.05 ** 2 * 2 + 0.15 ** 2 * 2) / 3))  # ddof=1
@@ -232,7 +233,7 @@ def test_cv_summary_uses_the_sample_std_and_names_undefined_folds(tmp_path):
     assert summary["accuracy"]["std"] == pytest.approx(np.sqrt(sum((0.01 * i - 0.02) ** 2 for i in range(5)) / 4))
     table = cv.format_table({"coop": summary})
     assert "coop auc_macro: undefined in fold 1; mean ± std over the other 4 folds." in table
-    cv._write(str(tmp_path), {"coop": summary}, {"coop": folds})
+    cv._write(str(tmp_path), {"coop": summary}, {"coop": folds}, {})
     rows = open(tmp_path / "cv_folds.csv").read().splitlines()
-    assert len(rows) == 1 + 5 and rows[2].startswith("coop,1,0.51,,,") and rows[2].split(",")[8] == "nan"
+    assert len(rows) == 1 + 5 and rows[2].startswith("coop,0,1,0.51,,,") and rows[2].split(",")[9] == "nan"
     assert len(open(tmp_path / "cv_folds.md").read().splitlines()) == 2 + 5

@@ -149,22 +149,74 @@ def test_incompatible_workdir_names_the_mismatch(trained):
         trainer.train_and_evaluate(other, workdir)
 
 
-def test_cross_validation_writes_a_summary(lidc_data, tmp_path, monkeypatch):
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cross_validation_pools_the_folds_and_compares_the_models(lidc_data, tmp_path):
+    from sklearn.metrics import roc_auc_score
     from autorad_jax.train import cv
-    monkeypatch.setattr(cv, "MODELS", ("radiomics_logreg",))
     config = train_config(lidc_data, num_steps=2)
+    config.cv.models = "radiomics_logreg, radiomics_mlp"
     summary = cv.cross_validate(config, str(tmp_path))
-    folds = json.load(open(tmp_path / "cv_summary.json"))["folds"]["radiomics_logreg"]
-    assert len(folds) == cv.NUM_FOLDS
-    for metric in cv.SUMMARY_METRICS:
-        values = np.array([np.nan if f[metric] is None else f[metric] for f in folds])
-        s = summary["radiomics_logreg"][metric]
-        assert (s["mean"], s["std"]) == pytest.approx((np.nanmean(values), np.nanstd(values, ddof=1)), nan_ok=True)
-        assert s["undefined_folds"] == np.flatnonzero(np.isnan(values)).tolist()
-    assert "radiomics_logreg" in open(tmp_path / "cv_summary.md").read()
-    assert len(open(tmp_path / "cv_folds.csv").read().splitlines()) == 1 + cv.NUM_FOLDS
-    assert all(f["cv_fold"] == k for k, f in enumerate(
-        json.load(open(tmp_path / "radiomics_logreg" / f"fold{k}" / "metrics.json")) for k in range(cv.NUM_FOLDS)))
+    per_fold = json.load(open(tmp_path / "cv_summary.json"))["folds"]
+    for model in ("radiomics_logreg", "radiomics_mlp"):
+        folds = per_fold[model]
+        assert [f["cv_fold"] for f in folds] == list(range(cv.NUM_FOLDS))
+        for metric in cv.SUMMARY_METRICS:
+            values = np.array([np.nan if f[metric] is None else f[metric] for f in folds])
+            s = summary[model][metric]
+            assert (s["mean"], s["std"]) == pytest.approx((np.nanmean(values), np.nanstd(values, ddof=1)),
+                                                          nan_ok=True)
+            assert s["undefined_folds"] == np.flatnonzero(np.isnan(values)).tolist()
+        # Out of fold: the five held-out folds' predictions, concatenated, and metrics computed on them.
+        fold_rows = [row for k in range(cv.NUM_FOLDS)
+                     for row in read_csv(tmp_path / model / f"fold{k}" / "predictions.csv")]
+        pooled_rows = read_csv(tmp_path / model / "predictions.csv")
+        assert [(r["patient_id"], r["label"], r["prob_malignant"]) for r in pooled_rows] == \
+            [(r["patient_id"], r["label"], r["prob_malignant"]) for r in fold_rows]
+        labels = np.array([int(r["label"]) for r in pooled_rows])
+        probs = np.array([[float(r[f"prob_{n}"]) for n in ("benign", "unsure", "malignant")] for r in pooled_rows])
+        pooled = json.load(open(tmp_path / model / "metrics.json"))
+        present = [k for k, name in enumerate(("benign", "unsure", "malignant")) if 0 < (labels == k).sum() < len(labels)]
+        assert len(present) >= 2
+        for k in present:
+            name = ("benign", "unsure", "malignant")[k]
+            assert pooled[f"auc_{name}"] == pytest.approx(roc_auc_score(labels == k, probs[:, k]), abs=1e-6)
+            assert pooled["ci95"][f"auc_{name}"][0] <= pooled[f"auc_{name}"] <= pooled["ci95"][f"auc_{name}"][1]
+    assert len(read_csv(tmp_path / "cv_folds.csv")) == 2 * cv.NUM_FOLDS
+    comparison = json.load(open(tmp_path / "comparison" / "comparison.json"))
+    assert [(p["a"], p["b"]) for p in comparison["pairs"]] == [("radiomics_logreg", "radiomics_mlp")]
+    assert comparison["nodules"] == len(pooled_rows)
+    assert os.path.exists(tmp_path / "comparison" / "roc_overlay.png")
+    assert "Out-of-fold" in open(tmp_path / "cv_summary.md").read()
+
+
+def test_repeated_cross_validation_deals_patients_into_new_folds(lidc_data):
+    import tfds_lidc.splits
+    assert pipeline.CV_FOLDS == tfds_lidc.splits.NUM_FOLDS
+    config = train_config(lidc_data)
+
+    def validation_patients(repeat: int) -> list[set]:
+        config.data.cv_repeat = repeat
+        out = []
+        for k in range(pipeline.CV_FOLDS):
+            config.data.cv_fold = k
+            train = set(pipeline.records(config.data, "train").patients)
+            held_out = set(pipeline.records(config.data, "validation").patients)
+            assert not train & held_out
+            out.append(held_out)
+        return out
+
+    stored, dealt, again = validation_patients(0), validation_patients(1), validation_patients(1)
+    everyone = set().union(*stored)
+    assert set().union(*dealt) == everyone and sum(map(len, dealt)) == len(everyone)  # a partition of the patients
+    assert dealt == again and dealt != stored
+    patients = np.array(sorted(everyone) * 2)  # two nodules each: a patient's nodules share their fold
+    folds = pipeline.cv_folds(patients, np.zeros(len(patients), int), repeat=3)
+    assert (folds[:len(everyone)] == folds[len(everyone):]).all()
+    assert np.ptp(np.bincount(folds[:len(everyone)], minlength=pipeline.CV_FOLDS)) <= 1
 
 
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):

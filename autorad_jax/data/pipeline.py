@@ -120,6 +120,8 @@ def example_to_inputs(example: dict, data_config: ml_collections.ConfigDict,
 # Records: the split (or cross-validation fold) a role reads, with its labels and radiomics.
 # ------------------------------------------------------------------------------------------------------------------
 
+CV_FOLDS = 5  # folds of the stored train + validation patients (tfds_lidc.splits.NUM_FOLDS)
+
 def dataset_name(data_config: ml_collections.ConfigDict) -> str:
     """The tfds name of the configured dataset, '<name>/<builder_config>'."""
     return f"{data_config.name}/{data_config.builder_config}"
@@ -246,7 +248,8 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
 
     Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
     min_readers and min_diameter_mm (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
-    validation without fold k and 'validation' is fold k; a split the dataset left empty is then skipped.
+    validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
+    patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped.
     """
     if role not in SPLITS:
         raise ConfigError(f"split {role!r}; use one of {SPLITS}.")
@@ -257,26 +260,38 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
         splits = tuple(s for s in splits if s not in _empty_splits(name, data_dir)) or splits
     classes = scheme_classes(data_config.label_scheme)
     rule, min_readers, min_diameter_mm = label_protocol(data_config)
-    parts = []
+    metas = []
     for split in splits:
         open_split(data_config, split)
-        meta = _scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir))
-        meta = dict(meta, label=labels_lib.labels(meta["ratings"], rule))
-        keep = np.isin(meta["label"], classes)
-        keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
-        if k >= 0 and role == "train":
-            keep &= meta["fold"] != k
-        elif k >= 0 and role == "validation":
-            keep &= meta["fold"] == k
-        parts.append(Records(views=meta["view"][keep], radiomics=meta["radiomics"][keep],
-                             labels=np.searchsorted(np.asarray(classes), meta["label"][keep]).astype(np.int32),
-                             patients=meta["patient_id"][keep], diameters=meta["diameter_mm"][keep]))
-    recs = Records(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Records)))
+        metas.append(_scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir)))
+    meta = {key: np.concatenate([m[key] for m in metas]) for key in metas[0]}
+    meta["label"] = labels_lib.labels(meta["ratings"], rule)
+    keep = np.isin(meta["label"], classes)
+    keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
+    if k >= 0 and role != "test":
+        folds = cv_folds(meta["patient_id"], meta["fold"], int(data_config.get("cv_repeat", 0)))
+        keep &= (folds != k) if role == "train" else (folds == k)
+    recs = Records(views=meta["view"][keep], radiomics=meta["radiomics"][keep],
+                   labels=np.searchsorted(np.asarray(classes), meta["label"][keep]).astype(np.int32),
+                   patients=meta["patient_id"][keep], diameters=meta["diameter_mm"][keep])
     if len(recs) == 0:
         raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "
                            f"label_rule={rule} min_readers={min_readers} min_diameter_mm={min_diameter_mm} "
                            f"cv_fold={k}.")
     return recs
+
+
+def cv_folds(patients: np.ndarray, stored: np.ndarray, repeat: int) -> np.ndarray:
+    """Cross-validation fold of each example: the stored one for repeat 0; for repeat r > 0 the patients dealt anew
+    into CV_FOLDS folds of (almost) equal patient counts, in an order drawn with seed r (repeated cross-validation)."""
+    if repeat < 0:
+        raise ConfigError(f"config.data.cv_repeat={repeat}; use 0 (the stored folds) or a positive seed.")
+    if repeat == 0:
+        return stored
+    ids, patient_of = np.unique(np.asarray(patients), return_inverse=True)
+    fold_of_id = np.empty(len(ids), np.int64)
+    fold_of_id[np.random.default_rng(repeat).permutation(len(ids))] = np.arange(len(ids)) % CV_FOLDS
+    return fold_of_id[patient_of]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -126,7 +126,8 @@ def _plot_roc_overlay(runs: dict[str, Predictions], path: str) -> None:
     last = next(iter(runs.values())).names[-1]
     ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1),
            title=f"ROC, {last} vs rest")
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:  # no curve when the nodules hold only one side
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
