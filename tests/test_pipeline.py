@@ -60,6 +60,24 @@ def test_augmentation_is_keyed_and_keeps_shape_and_range():
     assert not np.allclose(other_step, out)
 
 
+def test_augmentation_is_the_documented_steps_in_order():
+    """The one-gather augmentation equals flip left-right, flip up-down, np.rot90 k times, shift with air, jitter,
+    applied one after another in numpy with the same random draws."""
+    image = np.random.default_rng(4).random((20, 20, 3)).astype(np.float32)
+    m = int(round(preprocess.SHIFT_FRACTION * 20))
+    for key in preprocess.augmentation_keys(2, 7, 24):
+        flip_x, flip_y, turn, shift, jitter = jax.random.split(key, 5)
+        x = image[:, ::-1] if jax.random.bernoulli(flip_x) else image
+        x = x[::-1] if jax.random.bernoulli(flip_y) else x
+        x = np.rot90(x, int(jax.random.randint(turn, (), 0, 4)), axes=(0, 1))
+        dy, dx = np.asarray(jax.random.randint(shift, (2,), -m, m + 1))
+        x = np.pad(x, ((m, m), (m, m), (0, 0)))[m - dy:m - dy + 20, m - dx:m - dx + 20]
+        contrast, brightness = np.asarray(jax.random.uniform(jitter, (2,), minval=-1.0, maxval=1.0))
+        expected = np.clip(x * (1 + preprocess.CONTRAST_JITTER * contrast) + preprocess.BRIGHTNESS_JITTER * brightness,
+                           0, 1)
+        np.testing.assert_allclose(np.asarray(preprocess.augment(image, key)), expected, atol=1e-6)
+
+
 def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
     """With the intensity jitter undone, each augmented image is a dihedral transform of the input shifted by at most
     the documented fraction (zeros filling in): found by brute force over the 8 transforms and all shifts."""
