@@ -137,7 +137,8 @@ def _run(command: str, args: list[str]):
             return train.train_and_evaluate(_config(), _WORKDIR.value)
         if command == "eval":
             return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
-        return train.cross_validate(_config(), _WORKDIR.value)
+        from autorad_jax.train import cv
+        return cv.cross_validate(_config(), _WORKDIR.value)
     if command == "compare":
         from autorad_jax.train import compare
         result = compare.compare(args + (_WORKDIRS.value or []), _OUT.value or "workdir/comparison")

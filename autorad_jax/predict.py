@@ -56,13 +56,21 @@ class Predictor:
 
 
 def _jax_probabilities(model, stats: pipeline.RadiomicsStats, data_config) -> Callable:
+    """Probabilities by `model`, preprocessing included, compiled once (an eager first call compiles every operation
+    on its own: several times slower)."""
     import jax
+    from flax import nnx
     from autorad_jax.data import preprocess
     prep = preprocess.Preprocessing.from_config(data_config)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # the weights are an argument, not constants of the program
+    def probabilities(state: nnx.State, views: jax.Array, radiomics: jax.Array) -> jax.Array:
+        logits, _ = nnx.merge(graphdef, state)(preprocess.images(views, prep), radiomics)
+        return jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
 
     def run(view: np.ndarray, radiomics: np.ndarray) -> np.ndarray:
-        logits, _ = model(preprocess.images(view[None], prep), stats.apply(radiomics)[None])
-        return np.asarray(jax.nn.softmax(np.asarray(logits, np.float32), axis=-1))[0]
+        return np.asarray(probabilities(state, view[None], stats.apply(radiomics)[None]))[0]
     return run
 
 

@@ -14,10 +14,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
-from transformers import CLIPTokenizer
+
+if TYPE_CHECKING:  # transformers takes seconds to import; only building prompts needs it, not loading a model
+    from transformers import CLIPTokenizer
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
@@ -91,6 +93,7 @@ def load_tokenizer(checkpoint_dir: Optional[str] = None, cache_dir: Optional[str
 
     The derived `vocab.json`/`merges.txt` are cached in `cache_dir` (default: `default_cache_dir()`).
     """
+    from transformers import CLIPTokenizer
     if checkpoint_dir and any((Path(checkpoint_dir) / name).is_file() for name in _TOKENIZER_FILES):
         return CLIPTokenizer.from_pretrained(checkpoint_dir)
     folder = Path(cache_dir) if cache_dir else default_cache_dir()
