@@ -1,6 +1,8 @@
 """Test-wide setup: JAX on the CPU with 8 fake devices, so that sharding tests run on any machine."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before the first `import jax` anywhere in the test session.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -10,6 +12,24 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 import pytest  # noqa: E402  (after the environment above is set)
+
+_CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the session: the main process makes it before the xdist workers start,
+    and they and every subprocess a test runs inherit it, so a program compiled once (the tiny train step, say) is read
+    back by the other tests. A size limit turns on JAX's file lock, which makes sharing it between processes safe."""
+    if _CACHE_ENV not in os.environ:
+        config._autorad_cache_dir = os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="autorad_jax_xla_cache_")
+        os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+
+
+def pytest_unconfigure(config):
+    """Removes the cache this process made (not one the caller set)."""
+    if getattr(config, "_autorad_cache_dir", None):
+        shutil.rmtree(config._autorad_cache_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

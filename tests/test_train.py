@@ -23,16 +23,6 @@ from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_split, tiny_config
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Identical programs compiled by several runs of this module are compiled once."""
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous)
-
-
 def train_config(data_dir: str, num_steps: int = 6, **model):
     config = tiny_config(data_dir, batch_size=8, eval_batch_size=8)
     config.model.update(model)
