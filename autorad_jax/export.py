@@ -27,7 +27,7 @@ from safetensors.numpy import save_file
 from autorad_jax import model_card, models
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.data.tokenizer import load_tokenizer
-from autorad_jax.errors import AutoradError, ConfigError
+from autorad_jax.errors import AutoradError
 from autorad_jax.modeling import TOKENIZER_DIR
 from autorad_jax.models.aimv2 import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
@@ -43,31 +43,6 @@ _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 
 class ExportTargetError(AutoradError, FileExistsError):
     """The export's output folder cannot be written as asked (not a folder, or not empty without --overwrite)."""
-
-
-def builder_config(name: str):
-    """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
-    import tfds_lidc
-    configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
-    if name not in configs:
-        raise ConfigError(f"config.data.builder_config={name!r} is not one of {sorted(configs)}")
-    return configs[name]
-
-
-def preprocessing(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """What turns a CT and a nodule mask into the model's inputs: the crop (builder config), the view, and the steps
-    of `autorad_jax.data.preprocess` with their constants (what `AutoRadLungTorch.preprocess` does)."""
-    builder = builder_config(config.data.builder_config)
-    return {"builder_config": builder.name, "crop_size": builder.crop_size, "spacing_mm": builder.spacing_mm,
-            "consensus_level": builder.consensus_level, "view": config.data.view,
-            "window_hu": [float(v) for v in config.data.window_hu], "image_size": int(config.data.image_size),
-            "image_mean": preprocess.AIMV2_MEAN.tolist(), "image_std": preprocess.AIMV2_STD.tolist(),
-            "steps": ["view: int16 HU [S, S, 3] (pipeline.extract_view of the crop)",
-                      "window: clip((hu - window_hu[0]) / (window_hu[1] - window_hu[0]), 0, 1)",
-                      "resize to image_size: bilinear, half-pixel centres, edges clamped, no antialiasing "
-                      "(torch.nn.functional.interpolate(mode='bilinear', align_corners=False, antialias=False))",
-                      "normalise: (x - image_mean) / image_std per channel"],
-            "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)"}
 
 
 def _resize_position_embedding(towers: str, image_size: int) -> None:
@@ -125,7 +100,7 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
         "labels": list(pipeline.label_names(config.data.label_scheme)),
         "tokenized_prompts": np.asarray(prompt_learner.tokenized_prompts[...]).tolist(),
         "radiomics": {"feature_names": list(spec.radiomics_names), **stats.to_json()},
-        "preprocessing": preprocessing(config),
+        "preprocessing": preprocess.description(config.data),
         "checkpoint": checkpoint or {},
         "config": config.to_dict(),
     }

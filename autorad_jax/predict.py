@@ -94,9 +94,8 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     Only the workdir or the export folder is read (not the dataset, nor the pretrained folder the run started from).
     A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
     """
-    from autorad_jax import export
+    from autorad_jax.data import preprocess
     from autorad_jax.train import checkpointing, trainer
-    from autorad_jax.weights.torch_model import read_export_config
     if backend not in BACKENDS:
         raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
     if (workdir is None) == (export_dir is None):
@@ -105,6 +104,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
         restored = trainer.load_model(workdir)
         config = restored.config
         if backend == "torch":  # export_model refuses the baselines before writing anything
+            from autorad_jax import export
             with tempfile.TemporaryDirectory(prefix="autorad_export_") as tmp:  # the torch model is read into memory
                 run = _torch_probabilities(export.export_model(
                     restored.model, config, restored.spec, restored.stats, tmp,
@@ -114,9 +114,11 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
         return Predictor(jax_model=restored.model,
             data_config=config.data, stats=restored.stats, feature_names=list(restored.spec.radiomics_names),
             labels=list(pipeline.label_names(config.data.label_scheme)), class_names=list(restored.spec.class_names),
-            preprocessing=export.preprocessing(config), probabilities=run,
+            preprocessing=preprocess.description(config.data), probabilities=run,
             source={"workdir": os.path.abspath(workdir), "step": restored.step, "model": config.model.name,
                     "backend": backend})
+    from autorad_jax import export
+    from autorad_jax.weights.torch_model import read_export_config
     export_config = read_export_config(export_dir)
     stats = pipeline.RadiomicsStats.from_json(export_config["radiomics"])
     data_config = checkpointing.saved_config(export_config["config"]).data
@@ -308,8 +310,7 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
 # ------------------------------------------------------------------------------------------------------------------
 
 def _builder_params(preprocessing: dict[str, Any]) -> str:
-    from autorad_jax.export import builder_config
-    return builder_config(preprocessing["builder_config"]).radiomics_params
+    return pipeline.builder_config(preprocessing["builder_config"]).radiomics_params
 
 
 @dataclasses.dataclass

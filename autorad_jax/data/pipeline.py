@@ -178,6 +178,15 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
     return source
 
 
+def builder_config(name: str):
+    """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
+    import tfds_lidc
+    configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
+    if name not in configs:
+        raise ConfigError(f"config.data.builder_config={name!r} is not one of {sorted(configs)}")
+    return configs[name]
+
+
 def radiomics_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
     """The ordered pyradiomics feature names of the configured dataset (its metadata)."""
     info = open_split(data_config, "train").dataset_info

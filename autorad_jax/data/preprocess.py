@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from autorad_jax.data import pipeline
+
 AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
 SHIFT_FRACTION = 0.0625  # largest augmentation shift, as a fraction of the view's size
@@ -46,6 +48,22 @@ class Preprocessing:
         """Eval (and predict) preprocessing of config.data; with `train`, its augmentation setting and `seed`."""
         lo, hi = (float(v) for v in data_config.window_hu)
         return cls((lo, hi), int(data_config.image_size), bool(train and data_config.augment), int(seed))
+
+
+def description(data_config: ml_collections.ConfigDict) -> dict:
+    """What turns a CT and a nodule mask into the model's inputs: the crop (builder config), the view, and the steps
+    of this module with their constants (what `AutoRadLungTorch.preprocess` does); saved in exports."""
+    builder = pipeline.builder_config(data_config.builder_config)
+    return {"builder_config": builder.name, "crop_size": builder.crop_size, "spacing_mm": builder.spacing_mm,
+            "consensus_level": builder.consensus_level, "view": data_config.view,
+            "window_hu": [float(v) for v in data_config.window_hu], "image_size": int(data_config.image_size),
+            "image_mean": AIMV2_MEAN.tolist(), "image_std": AIMV2_STD.tolist(),
+            "steps": ["view: int16 HU [S, S, 3] (pipeline.extract_view of the crop)",
+                      "window: clip((hu - window_hu[0]) / (window_hu[1] - window_hu[0]), 0, 1)",
+                      "resize to image_size: bilinear, half-pixel centres, edges clamped, no antialiasing "
+                      "(torch.nn.functional.interpolate(mode='bilinear', align_corners=False, antialias=False))",
+                      "normalise: (x - image_mean) / image_std per channel"],
+            "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)"}
 
 
 @functools.lru_cache(maxsize=16)
