@@ -100,7 +100,7 @@ def test_bad_radiomics_config_names_the_key(key, value):
 
 def test_shuffled_radiomics_permute_rows_only(lidc_data):
     """Each split keeps its multiset of radiomics rows, but assigned to other nodules, fixed by the seed; labels,
-    views and patients are untouched."""
+    views and patients are untouched. (The demo's training split has 8 distinct rows.)"""
     from lidc_testdata import tiny_config
     plain = tiny_config(lidc_data)
     for split in pipeline.SPLITS:
@@ -116,9 +116,10 @@ def test_shuffled_radiomics_permute_rows_only(lidc_data):
         np.testing.assert_array_equal(shuffled.patients, base.patients)
         rows = lambda r: sorted(map(tuple, r.radiomics.tolist()))  # noqa: E731
         assert rows(shuffled) == rows(base)
-        assert not np.array_equal(shuffled.radiomics, base.radiomics)
         np.testing.assert_array_equal(runs[0][1].radiomics, shuffled.radiomics)
-        assert not np.array_equal(runs[1][0].radiomics, shuffled.radiomics)
+        if len(base) > 2:  # (the demo's validation and test splits hold one nodule each)
+            assert not np.array_equal(shuffled.radiomics, base.radiomics)
+            assert not np.array_equal(runs[1][0].radiomics, shuffled.radiomics)
 
 
 # ------------------------------------------------------------------------------------------------------------------

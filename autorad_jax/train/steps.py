@@ -35,19 +35,18 @@ class LossOptions(NamedTuple):
 
 def loss_options(train_config: ml_collections.ConfigDict, class_counts: np.ndarray) -> LossOptions:
     """config.train.class_weights ('none' | 'balanced': n / (C n_c)) and logit_adjustment_tau (tau > 0: the loss
-    sees logits + tau log(prior), Menon et al. 2021) for the training split's `class_counts` [C]."""
-    counts = np.asarray(class_counts, np.float64)
+    sees logits + tau log(prior), Menon et al. 2021) for the training split's `class_counts` [C]. A class absent
+    from the training split counts as one example (no example carries its weight; its prior stays finite)."""
     weighting = str(train_config.get("class_weights", "none"))
     if weighting not in ("none", "balanced"):
         raise ConfigError(f"config.train.class_weights={weighting!r}; use 'none' or 'balanced'.")
     tau = float(train_config.get("logit_adjustment_tau", 0.0))
     if not tau >= 0:
         raise ConfigError(f"config.train.logit_adjustment_tau={tau!r}; use 0 (off) or a positive value.")
-    if (weighting != "none" or tau > 0) and not (counts > 0).all():
-        raise ConfigError(f"config.train.class_weights / logit_adjustment_tau need every class in the training split "
-                          f"(class counts {counts.astype(int).tolist()}).")
-    weights = (counts.sum() / (len(counts) * counts)).astype(np.float32) if weighting == "balanced" else None
-    offset = (tau * np.log(counts / counts.sum())).astype(np.float32) if tau > 0 else None
+    counts = np.asarray(class_counts, np.float64)
+    present = np.maximum(counts, 1.0)  # a class absent from the training split counts as one example
+    weights = (counts.sum() / (len(counts) * present)).astype(np.float32) if weighting == "balanced" else None
+    offset = (tau * np.log(present / present.sum())).astype(np.float32) if tau > 0 else None
     return LossOptions(weights, offset)
 
 
