@@ -1,16 +1,25 @@
 """Radiomics transforms (against sklearn and numpy, numpy against torch), the shuffled-radiomics ablation, and the
 class-imbalance options (weighted and logit-adjusted losses against hand computation, the balanced sampler)."""
 
+import glob
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
 import torch
 from sklearn.preprocessing import QuantileTransformer
 
+from autorad_jax import export
 from autorad_jax.data import pipeline
 from autorad_jax.errors import ConfigError
+from autorad_jax.predict import predict
+from autorad_jax.train import steps, trainer
 from autorad_jax.weights.torch_model import RadiomicsStandardizer
+from configs import autorad_lung
+from lidc_testdata import tiny_config
+from test_train import losses, saved_state, train_config
 
 
 def heavy_tailed(n: int, seed: int) -> np.ndarray:
@@ -87,7 +96,6 @@ def test_old_stats_json_loads_as_none():
 
 @pytest.mark.parametrize("key,value", [("radiomics_transform", "log"), ("radiomics_clip", -1.0)])
 def test_bad_radiomics_config_names_the_key(key, value):
-    from configs import autorad_lung
     data = autorad_lung.get_config("tiny").data
     data[key] = value
     with pytest.raises(ConfigError, match=f"config.data.{key}"):
@@ -101,7 +109,6 @@ def test_bad_radiomics_config_names_the_key(key, value):
 def test_shuffled_radiomics_permute_rows_only(lidc_data):
     """Each split keeps its multiset of radiomics rows, but assigned to other nodules, fixed by the seed; labels,
     views and patients are untouched. (The demo's training split has 8 distinct rows.)"""
-    from lidc_testdata import tiny_config
     plain = tiny_config(lidc_data)
     for split in pipeline.SPLITS:
         base = pipeline.records(plain.data, split)
@@ -138,8 +145,6 @@ def loss_inputs():
 
 
 def test_balanced_class_weights_loss_is_the_weighted_mean():
-    from configs import autorad_lung
-    from autorad_jax.train import steps
     logits, labels, counts = loss_inputs()
     train = autorad_lung.get_config("tiny").train
     train.class_weights = "balanced"
@@ -148,15 +153,13 @@ def test_balanced_class_weights_loss_is_the_weighted_mean():
     assert options.logit_offset is None
     w = (100 / (3 * counts))[labels]
     expected = (w * softmax_ce(logits.astype(np.float64), labels)).sum() / w.sum()
-    loss, metrics = steps.loss_and_metrics(logits, labels, options)
+    loss, _ = steps.loss_and_metrics(logits, labels, options)
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
     np.testing.assert_allclose(float(steps.loss_and_metrics(logits, labels)[0]),
                                softmax_ce(logits.astype(np.float64), labels).mean(), rtol=1e-5)
 
 
 def test_logit_adjusted_loss_adds_tau_log_prior_and_accuracy_reads_plain_logits():
-    from configs import autorad_lung
-    from autorad_jax.train import steps
     logits, labels, counts = loss_inputs()
     train = autorad_lung.get_config("tiny").train
     train.logit_adjustment_tau = 1.5
@@ -171,8 +174,6 @@ def test_logit_adjusted_loss_adds_tau_log_prior_and_accuracy_reads_plain_logits(
 
 @pytest.mark.parametrize("key,value", [("class_weights", "inverse"), ("logit_adjustment_tau", -1.0)])
 def test_bad_imbalance_config_names_the_key(key, value):
-    from configs import autorad_lung
-    from autorad_jax.train import steps
     train = autorad_lung.get_config("tiny").train
     train[key] = value
     with pytest.raises(ConfigError, match=f"config.train.{key}"):
@@ -197,7 +198,7 @@ def test_balanced_sampler_draws_classes_uniformly_and_is_fixed_by_its_seed():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Short training runs with the options: both predict backends agree; resuming stays bitwise with balanced sampling.
+# Short training runs with the options: both predict backends agree; resuming stays bitwise.
 # ------------------------------------------------------------------------------------------------------------------
 
 OPTIONS = {
@@ -210,7 +211,6 @@ OPTIONS = {
 
 
 def options_config(lidc_data: str, name: str):
-    from test_train import train_config
     config = train_config(lidc_data)
     config.data.update(OPTIONS[name]["data"])
     config.train.update(OPTIONS[name]["train"])
@@ -220,7 +220,6 @@ def options_config(lidc_data: str, name: str):
 @pytest.fixture(scope="module", params=sorted(OPTIONS))
 def trained_with(request, lidc_data, tmp_path_factory):
     """(option set name, config, workdir, result) of a 6-step run of the tiny config with the option set."""
-    from autorad_jax.train import trainer
     workdir = str(tmp_path_factory.mktemp(request.param))
     config = options_config(lidc_data, request.param)
     return request.param, config, workdir, trainer.train_and_evaluate(config, workdir)
@@ -229,11 +228,6 @@ def trained_with(request, lidc_data, tmp_path_factory):
 def test_training_with_options_and_predict_backends_agree(trained_with, lidc_data, tmp_path):
     """The run finishes with finite losses and saves its transform; `predict` on one scan through the workdir (JAX)
     and through the export (PyTorch) gives the same probabilities."""
-    import glob
-    import os
-    from autorad_jax import export
-    from autorad_jax.predict import predict
-    from test_train import losses
     name, config, workdir, result = trained_with
     assert result["step"] == 6 and np.isfinite(losses(workdir)).all()
     out = export.export(workdir, str(tmp_path / "export"))
@@ -248,15 +242,10 @@ def test_training_with_options_and_predict_backends_agree(trained_with, lidc_dat
         np.testing.assert_allclose(list(b["probabilities"].values()), list(a["probabilities"].values()), atol=1e-5)
 
 
-def test_resume_is_bitwise_with_balanced_sampling(trained_with, tmp_path, monkeypatch):
-    """A run preempted at step 3 and resumed logs the losses and saves the state of the uninterrupted run."""
-    import os
-    import signal
-    from autorad_jax.train import trainer
-    from test_train import losses, saved_state
+def test_resume_is_bitwise_with_the_options(trained_with, tmp_path, monkeypatch):
+    """A run preempted at step 3 and resumed logs the losses and saves the state of the uninterrupted run (the
+    balanced sampler's position, the loss constants and the transform's statistics come back)."""
     name, config, workdir, _ = trained_with
-    if not config.data.balanced_sampling:
-        pytest.skip("the plain sampler's resume is tested in test_train.py")
     reached = trainer._Preemption.reached
 
     def sigterm_at_step_3(self, step, manager):
