@@ -78,8 +78,8 @@ def torch_model_like(exp: trainer.Experiment, state: nnx.State, device: str) -> 
         meta_hidden_dim=None if meta_net is None else meta_net.linear1.out_features, conditioning=learner.conditioning)
     torch_learner.load_state_dict({k: torch.from_numpy(v) for k, v in prompt_learner_state(learner).items()})
     return torch_model.AutoRadLungTorch(
-        aimv2, torch_learner, pooling=model.pooling, radiomics_mean=torch.zeros(NUM_RADIOMICS),
-        radiomics_std=torch.ones(NUM_RADIOMICS)).to(device)
+        aimv2, torch_learner, pooling=model.pooling,
+        radiomics=torch_model.RadiomicsStandardizer(torch.zeros(NUM_RADIOMICS), torch.ones(NUM_RADIOMICS))).to(device)
 
 
 def trainable_torch_parameters(model: torch_model.AutoRadLungTorch, mode: str) -> list[torch.nn.Parameter]:

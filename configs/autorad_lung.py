@@ -31,7 +31,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/autorad_lung.py: unknown variant {arg!r}; use 'tiny' or 'large'.")
     tiny = arg == "tiny"
     config = ml_collections.ConfigDict()
-    config.seed = 0
+    seed = ml_collections.FieldReference(0)
+    config.seed = seed
     # One value for the pipeline's output size and the vision tower's input size; a checkpoint trained at
     # another size gets its position-embedding grid interpolated to this one.
     image_size = ml_collections.FieldReference(56 if tiny else 224)
@@ -55,6 +56,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         worker_count=0,  # grain worker processes per host; 0 reads in the main process.
         cv_fold=-1,  # >=0: train on the other folds of train+validation, evaluate on this one.
         cv_repeat=0,  # 0: the dataset's folds; r > 0: patients dealt anew into folds with seed r (`run.py cv` sets it).
+        # Radiomics into the meta-network, fitted on the training split and saved with the checkpoint: a transform of
+        # the heavy-tailed features before standardisation, 'none' | 'signed_log' (sign(x) log(1+|x|)) | 'quantile'
+        # (normal scores of the training quantiles); radiomics_clip > 0 clips standardised values to [-c, c].
+        radiomics_transform="none",
+        radiomics_clip=0.0,
+        # Ablation: each split's radiomics rows permuted across its nodules (fixed by shuffle_seed, which follows
+        # config.seed), so that the model trains and is evaluated on radiomics of other nodules.
+        shuffle_radiomics=False,
+        shuffle_seed=seed,
+        # True: training examples drawn with probability proportional to 1 / (their class's count), so that classes
+        # are seen equally often (shifts calibration; see README, "Class imbalance").
+        balanced_sampling=False,
     ))
 
     config.model = ml_collections.ConfigDict(dict(
@@ -99,6 +112,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_every=100 if tiny else 500,
         checkpoint_every=100 if tiny else 500,
         keep_checkpoints=3,
+        # Class imbalance (shift calibration; see README, "Class imbalance"): 'none' | 'balanced' (loss weights
+        # n / (C n_c) of the training split's class counts); logit_adjustment_tau > 0 trains on
+        # logits + tau log(prior) (Menon et al. 2021), inference reads the plain logits.
+        class_weights="none",
+        logit_adjustment_tau=0.0,
     ))
 
     # `run.py cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt

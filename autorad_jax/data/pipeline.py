@@ -23,6 +23,7 @@ import grain.python as grain
 import jax
 import ml_collections
 import numpy as np
+import scipy.special
 
 from autorad_jax.data import labels as labels_lib
 from autorad_jax.errors import AutoradError, ConfigError
@@ -68,32 +69,91 @@ def extract_view(ct: np.ndarray, view: str) -> np.ndarray:
     raise ConfigError(f"config.data.view={view!r}; use '2.5d' or 'planes'.")
 
 
+RADIOMICS_TRANSFORMS = ("none", "signed_log", "quantile")
+NUM_QUANTILES = 101  # points of the quantile table of each feature (fewer with fewer training examples)
+QUANTILE_BOUND = 1e-7  # quantile transform: uniform scores are clipped to [b, 1 - b] before the normal quantile
+
+
+def interp_ties_averaged(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """np.interp that maps a value repeated in `xp` to the mean of its `fp` range (forward and backward
+    interpolation averaged, as sklearn's QuantileTransformer)."""
+    return 0.5 * (np.interp(x, xp, fp) - np.interp(-x, -xp[::-1], -fp[::-1]))
+
+
+def quantile_normal_scores(x: np.ndarray, quantiles: np.ndarray) -> np.ndarray:
+    """[N, F] values -> normal scores through each feature's empirical quantile table [Q, F] (float64); values at or
+    beyond the table's ends get the extreme scores."""
+    x = np.asarray(x, np.float64)
+    refs = np.linspace(0.0, 1.0, len(quantiles))
+    u = np.stack([interp_ties_averaged(x[:, f], quantiles[:, f], refs) for f in range(x.shape[1])], axis=1)
+    u = np.where(x <= quantiles[0], 0.0, np.where(x >= quantiles[-1], 1.0, u))
+    return scipy.special.ndtri(np.clip(u, QUANTILE_BOUND, 1.0 - QUANTILE_BOUND))
+
+
 @dataclasses.dataclass(frozen=True)
 class RadiomicsStats:
-    """Per-feature mean and standard deviation of the training split's radiomics."""
+    """How raw radiomics become model inputs, fitted on the training split: an optional transform of the heavy-tailed
+    features ('none' | 'signed_log': sign(x) log(1 + |x|) | 'quantile': normal scores of the training split's
+    empirical quantiles, table `quantiles` [Q, F]), then standardisation by the transformed features' mean and std,
+    then (clip > 0) clipping to [-clip, clip]."""
     mean: np.ndarray
     std: np.ndarray
+    transform: str = "none"
+    quantiles: np.ndarray | None = None
+    clip: float = 0.0
 
     @classmethod
-    def fit(cls, radiomics: np.ndarray) -> RadiomicsStats:
+    def fit(cls, radiomics: np.ndarray, transform: str = "none", clip: float = 0.0) -> RadiomicsStats:
         """Statistics of an [N, F] feature matrix (a constant feature gets std 1, so it standardises to 0)."""
-        x = np.asarray(radiomics, np.float64)
+        if transform not in RADIOMICS_TRANSFORMS:
+            raise ConfigError(f"config.data.radiomics_transform={transform!r}; use one of {RADIOMICS_TRANSFORMS}.")
+        if not clip >= 0:
+            raise ConfigError(f"config.data.radiomics_clip={clip!r}; use 0 (off) or a positive bound.")
+        quantiles = None
+        if transform == "quantile":
+            x = np.asarray(radiomics, np.float64)
+            q = np.nanquantile(x, np.linspace(0.0, 1.0, min(NUM_QUANTILES, len(x))), axis=0)
+            quantiles = np.maximum.accumulate(q, axis=0)
+        unfitted = cls(mean=np.zeros(0), std=np.zeros(0), transform=transform, quantiles=quantiles)
+        x = np.asarray(unfitted.transformed(radiomics), np.float64)
         std = x.std(axis=0)
-        return cls(mean=x.mean(axis=0).astype(np.float32), std=np.where(std > 1e-12, std, 1.0).astype(np.float32))
+        return dataclasses.replace(unfitted, mean=x.mean(axis=0).astype(np.float32),
+                                   std=np.where(std > 1e-12, std, 1.0).astype(np.float32), clip=float(clip))
+
+    def transformed(self, radiomics: np.ndarray) -> np.ndarray:
+        """The features after the transform, before standardisation (float64; 'none': as given)."""
+        if self.transform == "none":
+            return np.asarray(radiomics)
+        x = np.asarray(radiomics, np.float64)
+        if self.transform == "signed_log":
+            return np.sign(x) * np.log1p(np.abs(x))
+        return quantile_normal_scores(np.atleast_2d(x), self.quantiles).reshape(x.shape)
 
     def apply(self, radiomics: np.ndarray) -> np.ndarray:
-        """Standardised features; non-finite inputs become 0 (the training mean)."""
-        z = (np.asarray(radiomics, np.float32) - self.mean) / self.std
-        return np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+        """Model inputs: transformed, standardised (and clipped) features; non-finite inputs become 0 (the mean)."""
+        z = (np.asarray(self.transformed(radiomics), np.float32) - self.mean) / self.std
+        z = np.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
+        return (np.clip(z, -self.clip, self.clip) if self.clip > 0 else z).astype(np.float32)
 
     def to_json(self) -> dict:
-        """{'mean': [...], 'std': [...]}, as saved with every checkpoint."""
-        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+        """{'mean', 'std', 'transform', 'clip'[, 'quantiles' [Q][F]]}, as saved with every checkpoint and export."""
+        out = {"mean": self.mean.tolist(), "std": self.std.tolist(), "transform": self.transform, "clip": self.clip}
+        if self.quantiles is not None:
+            out["quantiles"] = self.quantiles.tolist()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> RadiomicsStats:
-        """The inverse of `to_json`."""
-        return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32))
+        """The inverse of `to_json`; statistics saved before transforms existed load as transform 'none', no clip."""
+        quantiles = np.asarray(d["quantiles"], np.float64) if "quantiles" in d else None
+        return cls(mean=np.asarray(d["mean"], np.float32), std=np.asarray(d["std"], np.float32),
+                   transform=d.get("transform", "none"), quantiles=quantiles, clip=float(d.get("clip", 0.0)))
+
+    @classmethod
+    def from_config(cls, data_config: ml_collections.ConfigDict, radiomics: np.ndarray) -> RadiomicsStats:
+        """`fit` with config.data.radiomics_transform and radiomics_clip (defaults for configs saved before them)."""
+        return cls.fit(radiomics, transform=str(data_config.get("radiomics_transform", "none")),
+                       clip=float(data_config.get("radiomics_clip", 0.0)))
 
 
 def scheme_label(stored_label: int, label_scheme: str) -> int:
@@ -258,7 +318,8 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
     min_readers and min_diameter_mm (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
     validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
-    patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped.
+    patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped. With
+    data.shuffle_radiomics (an ablation), each role's radiomics rows are permuted across its nodules.
     """
     if role not in SPLITS:
         raise ConfigError(f"split {role!r}; use one of {SPLITS}.")
@@ -287,6 +348,8 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
         raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "
                            f"label_rule={rule} min_readers={min_readers} min_diameter_mm={min_diameter_mm} "
                            f"cv_fold={k}.")
+    if data_config.get("shuffle_radiomics", False):
+        recs = shuffle_radiomics(recs, int(data_config.shuffle_seed), role)
     return recs
 
 
@@ -303,23 +366,62 @@ def cv_folds(patients: np.ndarray, stored: np.ndarray, repeat: int) -> np.ndarra
     return fold_of_id[patient_of]
 
 
+def shuffle_radiomics(recs: Records, seed: int, role: str) -> Records:
+    """`recs` with the radiomics rows permuted across nodules by a permutation fixed by (seed, role); labels, views
+    and all else untouched. The ablation that measures what the radiomics conditioning contributes."""
+    perm = np.random.default_rng([seed, SPLITS.index(role)]).permutation(len(recs))
+    return dataclasses.replace(recs, radiomics=recs.radiomics[perm])
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Batches: grain for training (sharded per host, shuffled, checkpointable); a padded pass for evaluation.
 # ------------------------------------------------------------------------------------------------------------------
+
+class BalancedSampler:
+    """A grain sampler of endless class-balanced draws: record i with probability proportional to 1 / n_(class of i),
+    so every class is drawn equally often. Draw k of the global sequence is entry k % N of the epoch k // N table, N
+    draws with replacement fixed by (seed, epoch); the loader hands shard s the draws s, s + P, ... Being a function
+    of (seed, k) alone, a restored iterator (whose state is the last k) replays what an uninterrupted one draws."""
+
+    def __init__(self, labels: np.ndarray, seed: int):
+        labels = np.asarray(labels)
+        counts = np.bincount(labels)
+        self._p = 1.0 / counts[labels]
+        self._p /= self._p.sum()
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return np.iinfo(np.int64).max
+
+    def __repr__(self) -> str:  # grain compares it with the checkpoint's
+        return f"BalancedSampler(num_records={len(self._p)}, seed={self._seed})"
+
+    @functools.lru_cache(maxsize=2)
+    def _epoch(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self._seed, epoch]).choice(len(self._p), size=len(self._p), p=self._p)
+
+    def __getitem__(self, index: int) -> grain.RecordMetadata:
+        epoch, position = divmod(index, len(self._p))
+        return grain.RecordMetadata(index=index, record_key=int(self._epoch(epoch)[position]))
+
 
 def train_loader(data_config: ml_collections.ConfigDict, recs: Records, stats: RadiomicsStats, seed: int,
                  shard_options: grain.ShardOptions | None = None) -> grain.DataLoader:
     """Endless shuffled training batches of {'view', 'radiomics' (standardised), 'label'} of one shard (default:
     this JAX process's); its iterator is checkpointable.
 
-    Each epoch is a new permutation of the shard's records, so a resumed iterator replays exactly what an
-    uninterrupted one would have produced (augmentation happens on the devices, keyed by the step).
+    Each epoch is a new permutation of the shard's records, or with data.balanced_sampling class-balanced draws
+    (`BalancedSampler`); either way a resumed iterator replays exactly what an uninterrupted one would have produced
+    (augmentation happens on the devices, keyed by the step).
     """
     shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
     source = dataclasses.replace(recs, radiomics=stats.apply(recs.radiomics))
+    sampler = (BalancedSampler(recs.labels, seed) if data_config.get("balanced_sampling", False)
+               else grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed))
     return grain.DataLoader(
         data_source=source,
-        sampler=grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed),
+        sampler=sampler,
+        shard_options=shard_options,
         operations=[grain.Batch(data_config.batch_size // shard_options.shard_count, drop_remainder=True)],
         worker_count=int(data_config.worker_count),
         read_options=grain.ReadOptions(num_threads=0))  # records are in memory: reader threads only add overhead

@@ -32,7 +32,8 @@ _FREE_KEYS = ("model.aimv2_dir", "model.dtype", "model.attention_implementation"
               "model.prompt_chunk_size")
 _STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.image_size", "data.window_hu",
                         "data.label_scheme", "data.label_rule", "data.min_readers", "data.min_diameter_mm",
-                        "data.cv_fold", "data.cv_repeat", "optim.name", "optim.grad_accum_steps")
+                        "data.cv_fold", "data.cv_repeat", "data.radiomics_transform", "data.radiomics_clip",
+                        "data.shuffle_", "data.balanced_sampling", "optim.name", "optim.grad_accum_steps")
 
 
 class IncompatibleCheckpointError(AutoradError, RuntimeError):

@@ -63,6 +63,7 @@ class Experiment:
     abstract_state: nnx.State  # ShapeDtypeStruct with sharding per state leaf (a restore target)
     batch_sharding: NamedSharding
     replicated: NamedSharding
+    loss_options: steps.LossOptions = steps.LossOptions()  # class-imbalance constants of the training loss
 
     def init_state(self) -> nnx.State:
         """Fresh state, random-init directly in its shardings; then, when config.model.aimv2_dir is set, the pretrained
@@ -79,7 +80,7 @@ class Experiment:
         """(state, batch) -> (state, metrics), jitted with explicit shardings; the state is donated."""
         prep = Preprocessing.from_config(self.config.data, train=True, seed=self.config.seed)
         trainable = models.trainable_filter(self.config.model, self.spec)
-        return jax.jit(steps.make_train_step(self.graphdef, trainable, prep),
+        return jax.jit(steps.make_train_step(self.graphdef, trainable, prep, self.loss_options),
                        in_shardings=(self.shardings, self.batch_sharding),
                        out_shardings=(self.shardings, self.replicated), donate_argnums=0)
 
@@ -91,8 +92,10 @@ class Experiment:
                        out_shardings=self.replicated)
 
 
-def make_experiment(config: ml_collections.ConfigDict, spec: ModelSpec) -> Experiment:
-    """Mesh from config.mesh; the (model, optimizer) state abstractly (nnx.eval_shape) with its logical shardings."""
+def make_experiment(config: ml_collections.ConfigDict, spec: ModelSpec,
+                    loss_options: steps.LossOptions = steps.LossOptions()) -> Experiment:
+    """Mesh from config.mesh; the (model, optimizer) state abstractly (nnx.eval_shape) with its logical shardings;
+    `loss_options` go to the train step."""
     mesh = sharding.make_mesh(dict(config.mesh), devices=_mesh_devices(dict(config.mesh)))
     abstract = nnx.eval_shape(lambda: steps.build(config, spec))
     graphdef, abstract_state = nnx.split(abstract)
@@ -105,7 +108,7 @@ def make_experiment(config: ml_collections.ConfigDict, spec: ModelSpec) -> Exper
             raise ConfigError(f"config.data.{key}={config.data[key]} is not divisible by the {batch_devices} devices "
                              f"of the mesh's batch axes {batch_sharding.spec[0]}.")
     return Experiment(config, spec, mesh, graphdef, shardings, target, batch_sharding,
-                      NamedSharding(mesh, PartitionSpec()))
+                      NamedSharding(mesh, PartitionSpec()), loss_options)
 
 
 def _mesh_devices(mesh_shape: dict[str, int]) -> list[jax.Device]:
@@ -342,12 +345,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
         stats = pipeline.RadiomicsStats.from_json(stats_json)
     else:  # the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in init_state)
         spec = modeling.resolve_spec(config, pipeline.radiomics_names(config.data))
-        stats = pipeline.RadiomicsStats.fit(train_recs.radiomics)
+        stats = pipeline.RadiomicsStats.from_config(config.data, train_recs.radiomics)
         if is_main:
             modeling.save_tokenizer(config.model, workdir)
 
     # ---- Mesh, model, optimiser: abstract, then materialised sharded (or restored onto the same shardings) --------
-    exp = make_experiment(config, spec)
+    class_counts = np.bincount(train_recs.labels, minlength=len(spec.class_names))
+    exp = make_experiment(config, spec, steps.loss_options(config.train, class_counts))
     # The next batches are placed on the devices while a step runs; the prefetcher checkpoints the grain position of
     # the batches it has handed out.
     train_iter = prefetch_to_device(iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed)),

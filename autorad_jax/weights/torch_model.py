@@ -40,6 +40,7 @@ EXPORT_TOWERS = "aimv2"
 EXPORT_VISION = "aimv2_vision"
 CONDITIONINGS = ("shared", "per_token")
 POOLINGS = ("head", "mean")
+RADIOMICS_TRANSFORMS = ("none", "signed_log", "quantile")
 
 
 class ExportFolderError(AutoradError, ValueError):
@@ -91,22 +92,73 @@ class PromptLearner(nn.Module):
         return self.construct_prompts(self.context(radiomics))
 
 
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """np.interp for each feature: x [B, F], xp and fp [Q, F] (xp non-decreasing) -> [B, F]."""
+    q = xp.shape[0]
+    hi = torch.searchsorted(xp.T.contiguous(), x.T.contiguous(), right=True).clamp(1, q - 1).T
+    x0, x1 = xp.gather(0, hi - 1), xp.gather(0, hi)
+    f0, f1 = fp.gather(0, hi - 1), fp.gather(0, hi)
+    w = torch.where(x1 > x0, (x - x0) / torch.where(x1 > x0, x1 - x0, 1.0), 1.0).clamp(0.0, 1.0)
+    return f0 + w * (f1 - f0)
+
+
+def quantile_normal_scores(x: torch.Tensor, quantiles: torch.Tensor, bound: float = 1e-7) -> torch.Tensor:
+    """[B, F] values -> normal scores through each feature's quantile table [Q, F], as
+    `autorad_jax.data.pipeline.quantile_normal_scores` (ties averaged, ends mapped to the extreme scores)."""
+    x, quantiles = x.double(), quantiles.double()
+    refs = torch.linspace(0.0, 1.0, quantiles.shape[0], dtype=torch.float64)[:, None].expand_as(quantiles)
+    u = 0.5 * (_interp(x, quantiles, refs) - _interp(-x, -quantiles.flip(0), -refs.flip(0)))
+    u = torch.where(x <= quantiles[0], 0.0, torch.where(x >= quantiles[-1], 1.0, u))
+    return torch.special.ndtri(u.clamp(bound, 1.0 - bound))
+
+
+class RadiomicsStandardizer(nn.Module):
+    """Raw radiomics [B, F] -> model inputs, as the training pipeline (`autorad_jax.data.pipeline.RadiomicsStats`):
+    the transform ('none' | 'signed_log' | 'quantile'), (x - mean) / std with non-finite results set to 0, then
+    clipping to [-clip, clip] when clip > 0."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, transform: str = "none",
+                 quantiles: Optional[torch.Tensor] = None, clip: float = 0.0):
+        super().__init__()
+        if transform not in RADIOMICS_TRANSFORMS:
+            raise ValueError(f"radiomics transform must be one of {RADIOMICS_TRANSFORMS}, got {transform!r}")
+        self.transform, self.clip = transform, float(clip)
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float())
+        self.register_buffer("quantiles", None if quantiles is None else quantiles.double())
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "RadiomicsStandardizer":
+        """From the export's `radiomics` entry (`RadiomicsStats.to_json`; older exports: mean and std only)."""
+        quantiles = torch.tensor(d["quantiles"], dtype=torch.float64) if "quantiles" in d else None
+        return cls(torch.tensor(d["mean"]), torch.tensor(d["std"]), d.get("transform", "none"), quantiles,
+                   d.get("clip", 0.0))
+
+    def forward(self, radiomics: torch.Tensor) -> torch.Tensor:
+        x = radiomics
+        if self.transform == "signed_log":
+            x = x.double().sign() * x.double().abs().log1p()
+        elif self.transform == "quantile":
+            x = quantile_normal_scores(x, self.quantiles)
+        z = torch.nan_to_num((x.float() - self.mean) / self.std, nan=0.0, posinf=0.0, neginf=0.0)
+        return z.clamp(-self.clip, self.clip) if self.clip > 0 else z
+
+
 class AutoRadLungTorch(nn.Module):
     """`forward(pixel_values [B,3,H,W] normalised, radiomics [B,F] raw) -> logits [B, C]`.
 
     logits[b, c] = logit_scale * cos(image feature of b, text feature of the class-c prompt built for b). Radiomics are
-    standardised with the training split's statistics (non-finite values become 0, the training mean).
+    transformed and standardised with the training split's statistics (`standardize`, a `RadiomicsStandardizer`).
     """
 
     def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str,
-                 radiomics_mean: torch.Tensor, radiomics_std: torch.Tensor, config: Optional[dict[str, Any]] = None):
+                 radiomics: RadiomicsStandardizer, config: Optional[dict[str, Any]] = None):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.aimv2, self.prompt_learner, self.pooling = aimv2, prompt_learner, pooling
         self.config = config or {}
-        self.register_buffer("radiomics_mean", radiomics_mean.float())
-        self.register_buffer("radiomics_std", radiomics_std.float())
+        self.standardize = radiomics
 
     @property
     def class_names(self) -> list[str]:
@@ -137,8 +189,7 @@ class AutoRadLungTorch(nn.Module):
         if prompt_learner.tokenized_prompts.tolist() != tokens:
             raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
         return cls(aimv2, prompt_learner, pooling=m["pooling"],
-                   radiomics_mean=torch.tensor(config["radiomics"]["mean"]),
-                   radiomics_std=torch.tensor(config["radiomics"]["std"]), config=config)
+                   radiomics=RadiomicsStandardizer.from_json(config["radiomics"]), config=config)
 
     def preprocess(self, views: torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] HU views -> [B, 3, H, W] normalised images: the steps of the export's
@@ -151,11 +202,6 @@ class AutoRadLungTorch(nn.Module):
             x = nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
         mean, std = (torch.tensor(p[k], dtype=x.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
         return (x - mean) / std
-
-    def standardize(self, radiomics: torch.Tensor) -> torch.Tensor:
-        """(radiomics - mean) / std, with non-finite results set to 0 (as the training pipeline)."""
-        z = (radiomics.float() - self.radiomics_mean) / self.radiomics_std
-        return torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected (not normalised) image features [B, P]: attention-pool head or mean of tokens."""
