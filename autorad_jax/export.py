@@ -39,6 +39,7 @@ from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPOR
                                              EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
 
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
+EXPORT_MODELS = ("autorad_lung", "coop")  # the PyTorch model's prompt learner reads radiomics and learns its context
 
 
 class ExportTargetError(AutoradError, FileExistsError):
@@ -91,10 +92,11 @@ def _resize_position_embedding(towers: str, image_size: int) -> None:
 
 
 def check_exportable(model: nnx.Module, config: ml_collections.ConfigDict) -> None:
-    """ValueError unless `model` is an AutoRad-Lung / CoOp model (the baselines have no PyTorch export)."""
-    if config.model.name not in models.PROMPT_MODELS or not isinstance(model, AutoRadLung):
+    """ValueError unless `model` is an AutoRad-Lung / CoOp model (the baselines and the other ablations have no
+    PyTorch export)."""
+    if config.model.name not in EXPORT_MODELS or not isinstance(model, AutoRadLung):
         raise ExportFolderError(
-            f"export writes AutoRad-Lung models ({', '.join(models.PROMPT_MODELS)}); this checkpoint holds a "
+            f"export writes AutoRad-Lung models ({', '.join(EXPORT_MODELS)}); this checkpoint holds a "
             f"{config.model.name!r} model ({type(model).__name__}), which has no PyTorch export: use it with "
             f"`python run.py predict --workdir`.")
 

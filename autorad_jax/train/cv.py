@@ -14,7 +14,8 @@ from absl import logging
 from autorad_jax.train.bootstrap import format_value
 from autorad_jax.train.trainer import train_and_evaluate
 
-MODELS = ("autorad_lung", "coop", "radiomics_logreg", "radiomics_mlp", "linear_probe")
+MODELS = ("autorad_lung", "coop", "cocoop", "zero_shot", "radiomics_logreg", "radiomics_mlp", "linear_probe",
+          "late_fusion")
 NUM_FOLDS = 5
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro", "precision_macro", "recall_macro",
                    "specificity_macro", "kappa_quadratic", "brier", "ece")
