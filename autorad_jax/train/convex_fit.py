@@ -1,10 +1,10 @@
 """The radiomics logistic regression fitted as a convex problem (scikit-learn, L-BFGS, to convergence).
 
-Its inverse regularisation C is chosen from C_GRID by macro ROC AUC (one vs rest, mean over the classes present):
-on the validation split in an ordinary run; in cross-validation (data.cv_fold >= 0, where the validation split is the
-held-out fold) on out-of-fold probabilities of a patient-grouped k-fold over the training records, so the held-out fold
-is never seen. Ties go to the smaller C (the stronger regularisation). The fitted weights are written into
-`RadiomicsLogReg.classifier`.
+Its inverse regularisation C is chosen from C_GRID by the lowest log-loss (mean cross-entropy; unlike AUC it is defined
+for any number of nodules and classes): on the validation split in an ordinary run; in cross-validation
+(data.cv_fold >= 0, where the validation split is the held-out fold) on out-of-fold probabilities of a patient-grouped
+k-fold over the training records, so the held-out fold is never seen. Ties go to the smaller C (the stronger
+regularisation). The fitted weights are written into `RadiomicsLogReg.classifier`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import warnings
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
 from autorad_jax.errors import AutoradError
@@ -52,10 +51,9 @@ def class_probabilities(clf: LogisticRegression, x: np.ndarray, num_classes: int
     return probs
 
 
-def macro_auc(y: np.ndarray, probs: np.ndarray) -> float:
-    """Mean one-vs-rest ROC AUC over the classes that are present and absent somewhere in y (NaN when none is)."""
-    aucs = [roc_auc_score(y == k, probs[:, k]) for k in range(probs.shape[1]) if 0 < np.sum(y == k) < len(y)]
-    return float(np.mean(aucs)) if aucs else float("nan")
+def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
+    """Mean -log p(true class), each probability clipped to at least 1e-15."""
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-15, None))))
 
 
 def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float,
@@ -70,17 +68,15 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, 
 
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, num_classes: int,
              validation: tuple[np.ndarray, np.ndarray] | None) -> tuple[float, list[float]]:
-    """(chosen C, macro AUC of each C of C_GRID): on `validation` (x, y) when given, else out of fold on patient
+    """(chosen C, log-loss of each C of C_GRID): on `validation` (x, y) when given, else out of fold on patient
     groups of the training records."""
     scores = []
     for c in C_GRID:
         if validation is None:
-            scores.append(macro_auc(y, out_of_fold_probabilities(x, y, groups, c, num_classes)))
+            scores.append(log_loss(y, out_of_fold_probabilities(x, y, groups, c, num_classes)))
         else:
-            scores.append(macro_auc(validation[1], class_probabilities(fit(x, y, c), validation[0], num_classes)))
-    if np.all(np.isnan(scores)):
-        raise ConvexFitError("No C of the grid has a defined macro AUC: the scored labels hold a single class.")
-    return C_GRID[int(np.nanargmax(scores))], scores
+            scores.append(log_loss(validation[1], class_probabilities(fit(x, y, c), validation[0], num_classes)))
+    return C_GRID[int(np.argmin(scores))], scores
 
 
 def linear_weights(clf: LogisticRegression, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,13 +95,13 @@ def linear_weights(clf: LogisticRegression, num_classes: int) -> tuple[np.ndarra
 def fit_radiomics_logreg(model: RadiomicsLogReg, x: np.ndarray, y: np.ndarray, groups: np.ndarray,
                          validation: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """Chooses C (see `choose_c`), fits on all of (x, y) and writes the weights into model.classifier in place.
-    Returns {'C', 'grid', 'auc_macro' (per C), 'selection', 'n_iter'}, for the run's convex_fit.json."""
+    Returns {'C', 'grid', 'log_loss' (per C), 'selection', 'n_iter'}, for the run's convex_fit.json."""
     num_classes = model.classifier.out_features
     c, scores = choose_c(x, y, groups, num_classes, validation)
     clf = fit(x, y, c)
     kernel, bias = linear_weights(clf, num_classes)
     model.classifier.kernel[...] = kernel
     model.classifier.bias[...] = bias
-    return {"C": c, "grid": list(C_GRID), "auc_macro": scores, "n_iter": int(np.max(clf.n_iter_)),
+    return {"C": c, "grid": list(C_GRID), "log_loss": scores, "n_iter": int(np.max(clf.n_iter_)),
             "selection": "validation split" if validation is not None else
             f"patient-grouped {INNER_FOLDS}-fold over the training records"}
