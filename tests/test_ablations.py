@@ -13,12 +13,14 @@ import pytest
 from flax import nnx
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
+from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from autorad_jax import export, models
 from autorad_jax.data import pipeline
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.autorad_lung import l2_normalize
-from autorad_jax.train import checkpointing, cv, trainer
+from autorad_jax.models.baselines import RadiomicsLogReg
+from autorad_jax.train import checkpointing, convex_fit, cv, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 import test_export as export_test
 from lidc_testdata import tiny_config
@@ -137,6 +139,27 @@ def test_zero_shot_has_no_pytorch_export(tmp_path):
 def test_zero_shot_needs_a_context_phrase():
     with pytest.raises(ConfigError, match="ctx_init"):
         build(tiny_model_config(name="zero_shot", ctx_init=""))
+
+
+@pytest.mark.parametrize("num_labels", [2, 3])
+def test_convex_logreg_takes_the_c_of_lowest_out_of_fold_log_loss_on_patient_groups(num_labels):
+    rng = np.random.default_rng(num_labels)
+    x = rng.normal(size=(60, NUM_RADIOMICS))
+    y = np.digitize(x[:, 0] + 0.7 * rng.normal(size=60), [-0.5, 0.5][:num_labels - 1])
+    patients = np.repeat(np.arange(20), 3)
+    model = RadiomicsLogReg(NUM_RADIOMICS, 3, rngs=nnx.Rngs(0))  # 3 outputs: the binary case leaves one class out
+    info = convex_fit.fit_radiomics_logreg(model, x, y, patients, validation=None)
+
+    def sklearn_fit(c):
+        return LogisticRegression(C=c, solver="lbfgs", max_iter=100_000, tol=1e-8)
+
+    losses = [log_loss(y, cross_val_predict(sklearn_fit(c), x, y, groups=patients, cv=GroupKFold(5),
+                                            method="predict_proba")) for c in info["grid"]]
+    np.testing.assert_allclose(info["log_loss"], losses, rtol=1e-6)
+    assert info["C"] == info["grid"][int(np.argmin(losses))]
+    probs = np.asarray(jax.nn.softmax(model(None, jnp.asarray(x, jnp.float32))[0]))
+    np.testing.assert_allclose(probs[:, :num_labels], sklearn_fit(info["C"]).fit(x, y).predict_proba(x), atol=1e-5)
+    assert np.all(probs[:, num_labels:] < 1e-6)
 
 
 # ---- Through the trainer, eval and cross-validation ---------------------------------------------------------------

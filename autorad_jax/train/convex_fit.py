@@ -58,11 +58,15 @@ def log_loss(y: np.ndarray, probs: np.ndarray) -> float:
 
 def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, groups: np.ndarray, c: float,
                               num_classes: int) -> np.ndarray:
-    """Probabilities of every record from a fit on the other patient groups (GroupKFold, INNER_FOLDS or fewer)."""
+    """Probabilities of every record from a fit on the other patient groups (GroupKFold, INNER_FOLDS or fewer). Where
+    those hold a single class, every C predicts that class alone."""
     probs = np.zeros((len(y), num_classes))
     splits = GroupKFold(n_splits=min(INNER_FOLDS, len(np.unique(groups))))
     for fit_rows, held_rows in splits.split(x, y, groups):
-        probs[held_rows] = class_probabilities(fit(x[fit_rows], y[fit_rows], c), x[held_rows], num_classes)
+        if len(np.unique(y[fit_rows])) < 2:
+            probs[held_rows, y[fit_rows][0]] = 1.0
+        else:
+            probs[held_rows] = class_probabilities(fit(x[fit_rows], y[fit_rows], c), x[held_rows], num_classes)
     return probs
 
 
