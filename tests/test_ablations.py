@@ -193,7 +193,7 @@ def test_logreg_is_sklearns_fit_with_the_c_of_lowest_validation_log_loss(trained
     config, workdir, _ = trained["radiomics_logreg"]
     train, val = pipeline.records(config.data, "train"), pipeline.records(config.data, "validation")
     stats = pipeline.RadiomicsStats.fit(train.radiomics)
-    x, xv = stats.apply(train.radiomics), stats.apply(val.radiomics)
+    x, xv = (stats.apply(r).astype(np.float64) for r in (train.radiomics, val.radiomics))
     classes = np.unique(train.labels)
 
     def refit(c):
@@ -207,7 +207,7 @@ def test_logreg_is_sklearns_fit_with_the_c_of_lowest_validation_log_loss(trained
     np.testing.assert_allclose(info["log_loss"], scores, rtol=1e-6)
     assert info["C"] == pytest.approx(grid[int(np.argmin(scores))])
     model = trainer.load_model(workdir).model
-    logits, _ = model(None, jnp.asarray(xv))
+    logits, _ = model(None, jnp.asarray(xv, jnp.float32))
     expected = refit(info["C"]).predict_proba(xv)
     np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits))[:, classes], expected, atol=1e-5)
 

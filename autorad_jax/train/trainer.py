@@ -6,7 +6,7 @@ report at its top level. A run resumes from its workdir's latest checkpoint; onl
 
 Models in `models.NO_STEP_MODELS` run no training step: on a fresh start the logistic regression is fitted as a convex
 problem (`convex_fit`; its C and grid go to workdir/convex_fit.json) and zero-shot is kept as built; the state is
-evaluated on validation and saved as the step-0 checkpoint, which eval, predict and export read as any other.
+evaluated on validation and saved as the step-0 checkpoint, which eval, predict and cv read as any other.
 """
 
 from __future__ import annotations
