@@ -39,7 +39,8 @@ def fit(x: np.ndarray, y: np.ndarray, c: float) -> LogisticRegression:
         warnings.simplefilter("error", ConvergenceWarning)
         try:
             # float64: scikit-learn would optimise float32 features in float32, short of TOL
-            return LogisticRegression(C=c, solver="lbfgs", max_iter=MAX_ITER, tol=TOL).fit(np.asarray(x, np.float64), y)
+            clf = LogisticRegression(C=c, solver="lbfgs", max_iter=MAX_ITER, tol=TOL)
+            return clf.fit(np.asarray(x, np.float64), y)
         except ConvergenceWarning as e:
             raise ConvexFitError(f"The logistic regression with C={c:g} did not converge in {MAX_ITER} "
                                  f"L-BFGS iterations: {e}") from e
