@@ -33,8 +33,8 @@ from autorad_jax.models.baselines import LateFusion, LinearProbe, RadiomicsLogRe
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.models.spec import ModelSpec, PromptTokens
 
-__all__ = ["MODEL_NAMES", "NO_STEP_MODELS", "PROMPT_MODELS", "TOWER_MODELS", "VISION_MODELS", "TRAINABLE_MODES", "Model", "ModelSpec", "PromptTokens",
-           "trainable_filter"]
+__all__ = ["MODEL_NAMES", "NO_STEP_MODELS", "PROMPT_MODELS", "TOWER_MODELS", "TRAINABLE_MODES", "VISION_MODELS",
+           "Model", "ModelSpec", "PromptTokens", "trainable_filter"]
 
 MODEL_NAMES = ("autorad_lung", "coop", "cocoop", "zero_shot", "radiomics_logreg", "radiomics_mlp", "linear_probe",
                "late_fusion")

@@ -110,6 +110,6 @@ class PromptLearner(nnx.Module):
         return jnp.concatenate([prefix, ctx, suffix], axis=2)
 
     def __call__(self, cond: Array) -> Array:
-        """Prompt embeddings [B, C, L, D] of conditioning vectors [B, cond_dim] ([1, C, L, D] without a meta-network)."""
+        """Prompt embeddings [B, C, L, D] of conditioning vectors [B, cond_dim] ([1, C, L, D] without meta-network)."""
         return self.construct_prompts(self.context(cond))
 
