@@ -17,6 +17,7 @@ from sklearn.model_selection import GroupKFold, cross_val_predict
 
 from autorad_jax import export, models
 from autorad_jax.data import pipeline
+from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.autorad_lung import l2_normalize
 from autorad_jax.models.baselines import RadiomicsLogReg
@@ -24,7 +25,7 @@ from autorad_jax.train import checkpointing, convex_fit, cv, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 import test_export as export_test
 from lidc_testdata import tiny_config
-from test_model_baselines import BATCH, NUM_RADIOMICS, build, spec_of
+from test_model_baselines import BATCH, CLASS_NAMES, NUM_RADIOMICS, build, spec_of
 from test_model_baselines import tiny_config as tiny_model_config
 
 ABLATIONS = ("cocoop", "late_fusion", "zero_shot", "radiomics_logreg")
@@ -111,6 +112,8 @@ def test_zero_shot_is_the_text_tower_on_the_fixed_prompts_and_has_nothing_to_tra
     images, radiomics = inputs()
     logits, _ = model(images, radiomics)
     ids = jnp.asarray(model.prompt_learner.tokenized_prompts[...])
+    tokenizer = load_tokenizer(None)
+    assert ids.tolist() == [tokenizer(f"a CT scan of a {name}.")["input_ids"] for name in CLASS_NAMES]
     text = l2_normalize(model.aimv2.get_text_features(ids))  # the token ids' own embeddings, no prompt learner
     image = l2_normalize(model.aimv2.get_image_features(images))
     np.testing.assert_allclose(logits, model.aimv2.logit_scale_value() * image @ text.T, atol=1e-5)
