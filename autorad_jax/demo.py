@@ -15,6 +15,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from autorad_jax import models
 from autorad_jax.data import pipeline
 from autorad_jax.train import compare, train_and_evaluate
 from autorad_jax.train.bootstrap import format_value
@@ -70,7 +71,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
         model_config = base.copy_and_resolve_references()
         model_config.model.name = name
         model_dir = os.path.join(workdir, name)
-        _say(f"Training {name} for {model_config.train.num_steps} steps in {model_dir} ...")
+        how = ("fitting" if name in models.NO_STEP_MODELS else
+               f"training for {model_config.train.num_steps} steps")
+        _say(f"{name}: {how} in {model_dir} ...")
         result = train_and_evaluate(model_config, model_dir)
         if result.get("preempted"):
             _say("Preempted; run the same command again to resume.")

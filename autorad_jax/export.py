@@ -39,6 +39,7 @@ from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPOR
                                              EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
 
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
+EXPORT_MODELS = ("autorad_lung", "coop", "cocoop")  # models with a learned context, read by AutoRadLungTorch
 
 
 class ExportTargetError(AutoradError, FileExistsError):
@@ -66,10 +67,11 @@ def _resize_position_embedding(towers: str, image_size: int) -> None:
 
 
 def check_exportable(model: nnx.Module, config: ml_collections.ConfigDict) -> None:
-    """ValueError unless `model` is an AutoRad-Lung / CoOp model (the baselines have no PyTorch export)."""
-    if config.model.name not in models.PROMPT_MODELS or not isinstance(model, AutoRadLung):
+    """ValueError unless `model` is an AutoRad-Lung / CoOp / CoCoOp model (the baselines and zero-shot have no PyTorch
+    export)."""
+    if config.model.name not in EXPORT_MODELS or not isinstance(model, AutoRadLung):
         raise ExportFolderError(
-            f"export writes AutoRad-Lung models ({', '.join(models.PROMPT_MODELS)}); this checkpoint holds a "
+            f"export writes AutoRad-Lung models ({', '.join(EXPORT_MODELS)}); this checkpoint holds a "
             f"{config.model.name!r} model ({type(model).__name__}), which has no PyTorch export: use it with "
             f"`python run.py predict --workdir`.")
 
@@ -93,7 +95,8 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
     meta_net = prompt_learner.meta_net
     export_config = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
-        "model": {"name": config.model.name, "pooling": model.pooling, "n_ctx": int(prompt_learner.n_ctx),
+        "model": {"name": config.model.name, "pooling": model.pooling, "condition_on": model.condition_on,
+                  "n_ctx": int(prompt_learner.n_ctx),
                   "ctx_from_tokens": bool(spec.prompts.ctx_from_tokens), "conditioning": prompt_learner.conditioning,
                   "meta_hidden_dim": None if meta_net is None else int(meta_net.linear1.out_features)},
         "class_names": list(spec.class_names),

@@ -38,14 +38,14 @@ def random_towers(model_config: ml_collections.ConfigDict) -> Aimv2Config:
 
 def towers_config(model_config: ml_collections.ConfigDict) -> Towers | None:
     """The AIMv2 config the model needs: config.model.aimv2_dir's config.json when set, else random-init towers;
-    the vision tower alone for the linear probe; None for the radiomics-only baselines."""
+    the vision tower alone for the linear probe and late fusion; None for the radiomics-only baselines."""
     name = model_config.name
     if name not in models.TOWER_MODELS:
         return None
     towers = hf_aimv2.read_config(model_config.aimv2_dir) if model_config.aimv2_dir else random_towers(model_config)
-    if name == "linear_probe":
+    if name in models.VISION_MODELS:
         if isinstance(towers, Aimv2TextConfig):
-            raise PretrainedFolderError(f"{model_config.aimv2_dir} holds an AIMv2 text tower; the linear probe needs "
+            raise PretrainedFolderError(f"{model_config.aimv2_dir} holds an AIMv2 text tower; {name} needs "
                                         f"a vision tower (model_type aimv2 or aimv2_vision_model).")
         return towers.vision_config if isinstance(towers, Aimv2Config) else towers
     if not isinstance(towers, Aimv2Config):
@@ -96,13 +96,13 @@ def save_tokenizer(model_config: ml_collections.ConfigDict, workdir: str) -> Non
 
 def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict) -> None:
     """Writes config.model.aimv2_dir's weights into the model's AIMv2 towers, in place (strict: every key once, every
-    shape checked). The linear probe takes the vision tower of a joint folder."""
+    shape checked). The linear probe and late fusion take the vision tower of a joint folder."""
     folder = model_config.aimv2_dir
     state = hf_aimv2.read_safetensors(folder)
     if model_config.name in models.PROMPT_MODELS:
         hf_aimv2.hf_state_to_nnx(model.aimv2, state, folder)
         return
-    if model_config.name != "linear_probe":
+    if model_config.name not in models.VISION_MODELS:
         raise ConfigError(f"config.model.name={model_config.name!r} has no AIMv2 tower to load {folder} into.")
     prefix = "vision_model."
     if any(k.startswith(prefix) for k in state):  # a joint folder: its vision tower

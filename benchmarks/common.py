@@ -74,7 +74,7 @@ def torch_model_like(exp: trainer.Experiment, state: nnx.State, device: str) -> 
     meta_net = learner.meta_net
     torch_learner = torch_model.PromptLearner(
         n_ctx=learner.n_ctx, width=learner.ctx.shape[-1], num_classes=learner.num_classes,
-        length=learner.tokenized_prompts.shape[1], num_radiomics=NUM_RADIOMICS,
+        length=learner.tokenized_prompts.shape[1], cond_dim=NUM_RADIOMICS,
         meta_hidden_dim=None if meta_net is None else meta_net.linear1.out_features, conditioning=learner.conditioning)
     torch_learner.load_state_dict({k: torch.from_numpy(v) for k, v in prompt_learner_state(learner).items()})
     return torch_model.AutoRadLungTorch(

@@ -12,7 +12,9 @@ One GPU or a TPU host, real weights and data (`run.py prepare` builds the datase
     --config.model.aimv2_dir=/models/aimv2-large-patch14-224-lit \
     --config.data.data_dir=/data/tensorflow_datasets --workdir workdir/large
 
-Baselines share everything else: --config.model.name=coop|radiomics_logreg|radiomics_mlp|linear_probe.
+Baselines and ablations share everything else:
+  --config.model.name=coop|cocoop|zero_shot|radiomics_logreg|radiomics_mlp|linear_probe|late_fusion
+(zero_shot and radiomics_logreg run no training step: fixed prompts; a convex fit with C chosen on validation).
 """
 
 import ml_collections
@@ -71,7 +73,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     ))
 
     config.model = ml_collections.ConfigDict(dict(
-        name="autorad_lung",  # autorad_lung | coop | radiomics_logreg | radiomics_mlp | linear_probe
+        # autorad_lung | coop | cocoop | zero_shot | radiomics_logreg | radiomics_mlp | linear_probe | late_fusion
+        name="autorad_lung",
             aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         attention_implementation="",  # '' (XLA) | 'cudnn' (fused attention on NVIDIA GPUs)
@@ -86,8 +89,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         projection_dim=64 if tiny else 768,
         class_names=CLASS_NAMES,  # the binary scheme uses the first and last.
         n_ctx=4,
-        ctx_init="a CT scan of a",  # empty: contexts drawn from N(0, 0.02).
-        conditioning="shared",  # shared (CoCoOp: one shift for all context tokens) | per_token
+        ctx_init="a CT scan of a",  # empty: contexts drawn from N(0, 0.02) (zero_shot needs a phrase).
+        conditioning="shared",  # shared (CoCoOp: one shift for all context tokens) | per_token; autorad_lung, cocoop
         meta_hidden_dim=16 if tiny else 48,
         pooling="head",  # head (attention-pool head) | mean (mean of patch tokens)
         trainable="prompt",  # prompt | last_k (+ last k vision blocks) | full

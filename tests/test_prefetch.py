@@ -1,7 +1,6 @@
 """Overlapped input: batches placed ahead on the devices, in order, and a checkpointable position that ignores them."""
 
 import grain.python as grain
-import jax
 import numpy as np
 
 from autorad_jax.data.prefetch import prefetch_to_device

@@ -11,7 +11,7 @@ iterator after the batches already handed out (not after those read ahead), so a
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import jax

@@ -3,8 +3,11 @@ and a `ModelSpec` (tower configs, prompt token ids, classes, radiomics names); `
 This package imports jax, flax and numpy only: it reads no file. Pretrained weights are loaded into a built model by
 `autorad_jax.modeling`.
 
-Names: autorad_lung (radiomics-conditioned prompts), coop (learned context, no meta-network), radiomics_logreg,
-radiomics_mlp, linear_probe. All share `__call__(images, radiomics, *, train=False) -> (logits [B, C], aux)`.
+Names: autorad_lung (radiomics-conditioned prompts), coop (learned context, no meta-network), cocoop (image-conditioned
+prompts), zero_shot (fixed prompts "<ctx_init> <class>.", nothing learned), radiomics_logreg, radiomics_mlp,
+linear_probe, late_fusion (vision features + radiomics, one linear layer). All share
+`__call__(images, radiomics, *, train=False) -> (logits [B, C], aux)`. The trainer runs no steps for NO_STEP_MODELS:
+the logistic regression is fitted as a convex problem (autorad_jax.train.convex_fit), zero-shot has nothing to fit.
 
 Trainable parameters by config.model.trainable (the text tower, text projection and logit scale never train):
   prompt  the prompt learner (`ctx`, `meta_net`) and the baselines' own layers (`classifier`, `hidden`);
@@ -26,16 +29,19 @@ from flax import nnx
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.aimv2 import Aimv2Config
 from autorad_jax.models.autorad_lung import AutoRadLung, build_aimv2
-from autorad_jax.models.baselines import LinearProbe, RadiomicsLogReg, RadiomicsMLP, build_vision
+from autorad_jax.models.baselines import LateFusion, LinearProbe, RadiomicsLogReg, RadiomicsMLP, build_vision
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.models.spec import ModelSpec, PromptTokens
 
-__all__ = ["MODEL_NAMES", "PROMPT_MODELS", "TOWER_MODELS", "TRAINABLE_MODES", "Model", "ModelSpec", "PromptTokens",
-           "trainable_filter"]
+__all__ = ["MODEL_NAMES", "NO_STEP_MODELS", "PROMPT_MODELS", "TOWER_MODELS", "TRAINABLE_MODES", "VISION_MODELS",
+           "Model", "ModelSpec", "PromptTokens", "trainable_filter"]
 
-MODEL_NAMES = ("autorad_lung", "coop", "radiomics_logreg", "radiomics_mlp", "linear_probe")
-PROMPT_MODELS = ("autorad_lung", "coop")  # joint AIMv2 towers + class prompts
-TOWER_MODELS = PROMPT_MODELS + ("linear_probe",)  # models with an AIMv2 vision tower
+MODEL_NAMES = ("autorad_lung", "coop", "cocoop", "zero_shot", "radiomics_logreg", "radiomics_mlp", "linear_probe",
+               "late_fusion")
+PROMPT_MODELS = ("autorad_lung", "coop", "cocoop", "zero_shot")  # joint AIMv2 towers + class prompts
+VISION_MODELS = ("linear_probe", "late_fusion")  # an AIMv2 vision tower alone
+TOWER_MODELS = PROMPT_MODELS + VISION_MODELS  # models with an AIMv2 vision tower
+NO_STEP_MODELS = ("radiomics_logreg", "zero_shot")  # fitted without the trainer's step loop
 TRAINABLE_MODES = ("prompt", "last_k", "full")
 _FROZEN = frozenset({"text_model", "text_projection", "logit_scale"})
 _VISION = frozenset({"vision_model", "visual_projection"})
@@ -57,19 +63,35 @@ def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
     if name == "linear_probe":
         return LinearProbe(build_vision(model_config, spec.vision_config, rngs=rngs), num_classes,
                            pooling=model_config.pooling, dtype=dtype, rngs=rngs)
+    if name == "late_fusion":
+        return LateFusion(build_vision(model_config, spec.vision_config, rngs=rngs), num_classes, num_radiomics,
+                          pooling=model_config.pooling, dtype=dtype, rngs=rngs)
     if name in PROMPT_MODELS:
-        if not isinstance(spec.towers, Aimv2Config) or spec.prompts is None:
-            raise ConfigError(f"config.model.name={name!r} needs joint AIMv2 image-text towers and class prompts; the "
-                             f"model spec has {type(spec.towers).__name__} towers and "
-                             f"{'no' if spec.prompts is None else 'its'} prompts.")
-        aimv2 = build_aimv2(model_config, spec.towers, rngs=rngs)
-        prompt_learner = PromptLearner(
-            tokens=spec.prompts, token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
-            num_radiomics=num_radiomics, meta_hidden_dim=model_config.meta_hidden_dim,
-            conditioning=model_config.conditioning if name == "autorad_lung" else None, dtype=dtype, rngs=rngs)
-        return AutoRadLung(aimv2, prompt_learner, pooling=model_config.pooling,
-                           prompt_chunk_size=model_config.prompt_chunk_size)
+        return _prompt_model(model_config, spec, rngs=rngs)
     raise ConfigError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
+
+
+def _prompt_model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> AutoRadLung:
+    """AIMv2 towers + the prompt learner of config.model.name: conditioned on radiomics (autorad_lung) or on the
+    image feature (cocoop), unconditioned (coop), or fixed (zero_shot)."""
+    name = model_config.name
+    if not isinstance(spec.towers, Aimv2Config) or spec.prompts is None:
+        raise ConfigError(f"config.model.name={name!r} needs joint AIMv2 image-text towers and class prompts; the "
+                         f"model spec has {type(spec.towers).__name__} towers and "
+                         f"{'no' if spec.prompts is None else 'its'} prompts.")
+    if name == "zero_shot" and not spec.prompts.ctx_from_tokens:
+        raise ConfigError("config.model.ctx_init must be a phrase (e.g. 'a CT scan of a') for zero_shot: its prompts "
+                         "are that phrase and the class name, fixed.")
+    aimv2 = build_aimv2(model_config, spec.towers, rngs=rngs)
+    condition_on = "image" if name == "cocoop" else "radiomics"
+    prompt_learner = PromptLearner(
+        tokens=spec.prompts, token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
+        cond_dim=spec.towers.projection_dim if condition_on == "image" else spec.num_radiomics,
+        meta_hidden_dim=model_config.meta_hidden_dim,
+        conditioning=model_config.conditioning if name in ("autorad_lung", "cocoop") else None,
+        learn_ctx=name != "zero_shot", dtype=jnp.dtype(model_config.dtype), rngs=rngs)
+    return AutoRadLung(aimv2, prompt_learner, pooling=model_config.pooling,
+                       prompt_chunk_size=model_config.prompt_chunk_size, condition_on=condition_on)
 
 
 def trainable_filter(model_config, spec: ModelSpec) -> Callable[[tuple, object], bool]:

@@ -12,6 +12,8 @@ weights), and training keeps them for every layer for the backward pass. `prompt
 tower runs over ceil(N / k) chunks of k sequences one after another (`jax.lax.map`), each chunk rematerialised in the
 backward pass (`jax.checkpoint`), so only one chunk's activations (k x L x D per layer) are live at once, on top of the
 N x L x D prompt embeddings themselves. Chunking changes memory and speed, never the result.
+
+CoCoOp (`condition_on='image'`) feeds the prompt learner the L2-normalised f_img in place of the radiomics.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from autorad_jax.models.prompt_learner import PromptLearner
 
 Array = jax.Array
 POOLINGS = ("head", "mean")
+CONDITION_INPUTS = ("radiomics", "image")  # what the prompt learner's meta-network reads
 
 
 def l2_normalize(x: Array) -> Array:
@@ -70,13 +73,16 @@ class AutoRadLung(nnx.Module):
     """AIMv2 towers + prompt learner. `__call__(images [B,H,W,3], radiomics [B,F]) -> (logits [B, C], aux)`.
 
     `aux`: `image_features` [B, P] and `text_features` [B, C, P] (both L2-normalised), `logit_scale` (scalar).
-    A prompt learner without a meta-network gives CoOp.
+    A prompt learner without a meta-network gives CoOp; `condition_on='image'` gives CoCoOp.
     """
 
     def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str = "head",
-                 prompt_chunk_size: int = 0):
+                 prompt_chunk_size: int = 0, condition_on: str = "radiomics"):
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if condition_on not in CONDITION_INPUTS:
+            raise ConfigError(f"condition_on must be one of {CONDITION_INPUTS}, got {condition_on!r}")
+        self.condition_on = condition_on
         self.aimv2 = aimv2
         self.prompt_learner = prompt_learner
         self.pooling = pooling
@@ -114,7 +120,8 @@ class AutoRadLung(nnx.Module):
     def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
         del train  # no dropout or batch statistics
         image = l2_normalize(self.image_features(images))
-        text = l2_normalize(self.text_features(self.prompt_learner(radiomics)))
+        cond = image if self.condition_on == "image" else radiomics
+        text = l2_normalize(self.text_features(self.prompt_learner(cond)))
         text = jnp.broadcast_to(text, (image.shape[0], *text.shape[1:]))  # CoOp: one set of class features
         scale = self.aimv2.logit_scale_value()
         logits = scale * jnp.einsum("bp,bcp->bc", image, text)

@@ -2,7 +2,8 @@
 
   RadiomicsLogReg  one linear layer on the standardised radiomics (logistic regression through softmax cross-entropy);
   RadiomicsMLP     Linear -> ReLU blocks on the radiomics, then a linear classifier;
-  LinearProbe      AIMv2 vision features (frozen unless config.model.trainable says otherwise) -> linear classifier.
+  LinearProbe      AIMv2 vision features (frozen unless config.model.trainable says otherwise) -> linear classifier;
+  LateFusion       the linear probe's classifier on [pooled vision features, standardised radiomics].
 CoOp is `AutoRadLung` with a prompt learner without meta-network (see `autorad_jax.models.Model`).
 """
 
@@ -65,17 +66,40 @@ class LinearProbe(nnx.Module):
     """Logits = `classifier(pooled AIMv2 vision features)`; `aux['image_features']` are the pooled features."""
 
     def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, *, pooling: str = "head", dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, num_radiomics: int = 0):
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.vision_model = vision_model
         self.pooling = pooling
+        # The classifier's rows are sharded along 'embed' only when they are the vision features alone.
+        rows = "embed" if num_radiomics == 0 else None
         self.classifier = nnx.Linear(
-            vision_model.config.hidden_size, num_classes, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", None), eager_sharding=False),
+            vision_model.config.hidden_size + num_radiomics, num_classes, dtype=dtype, param_dtype=jnp.float32,
+            rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (rows, None), eager_sharding=False),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,), eager_sharding=False))
 
+    def classifier_input(self, features: Array, radiomics: Array) -> Array:
+        """What the classifier reads: the pooled vision features [B, hidden]."""
+        del radiomics
+        return features
+
     def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
-        del radiomics, train
+        del train
         features = pooled_image_features(self.vision_model, images, self.pooling)
-        return self.classifier(features).astype(jnp.float32), {"image_features": features}
+        logits = self.classifier(self.classifier_input(features, radiomics))
+        return logits.astype(jnp.float32), {"image_features": features}
+
+
+class LateFusion(LinearProbe):
+    """Logits = `classifier([pooled AIMv2 vision features, standardised radiomics])` (one linear layer);
+    `aux['image_features']` are the pooled features."""
+
+    def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, num_radiomics: int, *, pooling: str = "head",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        super().__init__(vision_model, num_classes, pooling=pooling, dtype=dtype, rngs=rngs,
+                         num_radiomics=num_radiomics)
+
+    def classifier_input(self, features: Array, radiomics: Array) -> Array:
+        """[pooled vision features, radiomics] [B, hidden + F]."""
+        return jnp.concatenate([features, radiomics.astype(features.dtype)], axis=-1)

@@ -1,9 +1,11 @@
-"""Radiomics-conditioned prompt learner (CoCoOp's `PromptLearner` with radiomic features in place of image features).
+"""Conditioned prompt learner (CoCoOp's `PromptLearner`; AutoRad-Lung conditions it on radiomics, CoCoOp on images).
 
 For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]`. The context vectors `ctx` are
-learned; the meta-network `meta_net` (linear1 -> ReLU -> linear2) maps a nodule's standardised radiomic features to a
-shift of the context: one shift for all context tokens (`conditioning='shared'`, CoCoOp) or one per token
-(`'per_token'`). Without a meta-network (`conditioning=None`) this is CoOp: one context for every sample.
+learned; the meta-network `meta_net` (linear1 -> ReLU -> linear2) maps a sample's conditioning vector (its standardised
+radiomic features, or its L2-normalised image feature for CoCoOp) to a shift of the context: one shift for all context
+tokens (`conditioning='shared'`, CoCoOp) or one per token (`'per_token'`). Without a meta-network
+(`conditioning=None`) this is CoOp: one context for every sample; with a fixed context as well (`learn_ctx=False`) it
+is the zero-shot prompt "a CT scan of a <class>.".
 
 `token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
 table at construction. The prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77
@@ -34,11 +36,11 @@ def _partitioned(init, names: tuple):
 
 
 class MetaNet(nnx.Module):
-    """`linear2(relu(linear1(radiomics)))`: radiomic features [B, F] -> context shift [B, out_dim]."""
+    """`linear2(relu(linear1(x)))`: conditioning vectors [B, in_dim] -> context shift [B, out_dim]."""
 
-    def __init__(self, num_radiomics: int, hidden_dim: int, out_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
-        self.linear1 = nnx.Linear(num_radiomics, hidden_dim, **kw,
+        self.linear1 = nnx.Linear(in_dim, hidden_dim, **kw,
                                   kernel_init=_partitioned(nnx.initializers.lecun_normal(), (None, None)),
                                   bias_init=_partitioned(nnx.initializers.zeros_init(), (None,)))
         self.linear2 = nnx.Linear(hidden_dim, out_dim, **kw,
@@ -55,13 +57,14 @@ class PromptLearner(nnx.Module):
     Args:
         tokens: the class prompts' token ids [C, L], the context length n_ctx and how the context starts.
         token_embedding: the frozen text tower's token table [vocab, width].
-        num_radiomics: radiomic feature count F.
+        cond_dim: width of the meta-network's input (radiomic feature count F, or the image feature width P).
         meta_hidden_dim: hidden width of the meta-network.
         conditioning: 'shared' | 'per_token' | None (CoOp: no meta-network).
+        learn_ctx: False keeps the context fixed (a `PromptBuffer`, not a parameter): zero-shot prompts.
     """
 
-    def __init__(self, *, tokens: PromptTokens, token_embedding: Array, num_radiomics: int, meta_hidden_dim: int,
-                 conditioning: Optional[str], dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, *, tokens: PromptTokens, token_embedding: Array, cond_dim: int, meta_hidden_dim: int,
+                 conditioning: Optional[str], learn_ctx: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         if conditioning is not None and conditioning not in CONDITIONINGS:
             raise ConfigError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
         n_ctx, ids = tokens.n_ctx, jnp.asarray(tokens.ids, jnp.int32)
@@ -75,9 +78,9 @@ class PromptLearner(nnx.Module):
             ctx = embedding[0, 1:1 + n_ctx]
         else:
             ctx = nnx.initializers.normal(0.02)(rngs.params(), (n_ctx, width), jnp.float32)
-        self.ctx = nnx.Param(ctx, out_sharding=(None, "embed"), eager_sharding=False)
+        self.ctx = (nnx.Param if learn_ctx else PromptBuffer)(ctx, out_sharding=(None, "embed"), eager_sharding=False)
         out_dim = width if conditioning == "shared" else n_ctx * width
-        self.meta_net = (MetaNet(num_radiomics, meta_hidden_dim, out_dim, dtype=dtype, rngs=rngs)
+        self.meta_net = (MetaNet(cond_dim, meta_hidden_dim, out_dim, dtype=dtype, rngs=rngs)
                          if conditioning is not None else None)
         self.tokenized_prompts = PromptBuffer(ids, out_sharding=(None, None), eager_sharding=False)
         self.token_prefix = PromptBuffer(embedding[:, :1], out_sharding=(None, None, "embed"), eager_sharding=False)
@@ -89,12 +92,12 @@ class PromptLearner(nnx.Module):
         """Number of class prompts C."""
         return self.tokenized_prompts.shape[0]
 
-    def context(self, radiomics: Array) -> Array:
+    def context(self, cond: Array) -> Array:
         """Context per sample [B, n_ctx, width] (CoOp: [1, n_ctx, width], shared by all samples)."""
         ctx = self.ctx[...].astype(self.dtype)[None]
         if self.meta_net is None:
             return ctx
-        shift = self.meta_net(radiomics.astype(self.dtype))
+        shift = self.meta_net(cond.astype(self.dtype))
         shift = shift.reshape(shift.shape[0], -1, ctx.shape[-1])  # [B, 1 or n_ctx, width]
         return ctx + shift
 
@@ -106,7 +109,7 @@ class PromptLearner(nnx.Module):
         ctx = jnp.broadcast_to(ctx[:, None], (b, c, *ctx.shape[1:]))
         return jnp.concatenate([prefix, ctx, suffix], axis=2)
 
-    def __call__(self, radiomics: Array) -> Array:
-        """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
-        return self.construct_prompts(self.context(radiomics))
+    def __call__(self, cond: Array) -> Array:
+        """Prompt embeddings [B, C, L, D] of conditioning vectors [B, cond_dim] ([1, C, L, D] without meta-network)."""
+        return self.construct_prompts(self.context(cond))
 

@@ -27,7 +27,8 @@ from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.reports import write_report
 from autorad_jax.train.trainer import train_and_evaluate
 
-MODELS = ("autorad_lung", "coop", "radiomics_logreg", "radiomics_mlp", "linear_probe")
+MODELS = ("autorad_lung", "coop", "cocoop", "zero_shot", "radiomics_logreg", "radiomics_mlp", "linear_probe",
+          "late_fusion")
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro", "precision_macro", "recall_macro",
                    "specificity_macro", "kappa_quadratic", "brier", "ece")
 
@@ -124,12 +125,14 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                 fold_config.data.cv_repeat, fold_config.seed = r, config.seed + r
                 result = train_and_evaluate(fold_config, os.path.join(run_dir, f"fold{k}"))
                 if result.get("preempted"):
-                    logging.warning("Cross-validation preempted in %s fold %d; rerun to continue.", run_name(name, r), k)
+                    logging.warning("Cross-validation preempted in %s fold %d; rerun to continue.",
+                                    run_name(name, r), k)
                     return summary
                 folds.append({**result["validation"], "cv_repeat": r, "cv_fold": k})
             if jax.process_index() == 0:
                 pooled[run_name(name, r)] = pool_folds(
-                    [os.path.join(run_dir, f"fold{k}") for k in range(NUM_FOLDS)], run_dir, info={"split": "out_of_fold", "model": name, "cv_repeat": r, "folds": NUM_FOLDS})
+                    [os.path.join(run_dir, f"fold{k}") for k in range(NUM_FOLDS)], run_dir,
+                    info={"split": "out_of_fold", "model": name, "cv_repeat": r, "folds": NUM_FOLDS})
         per_fold[name] = folds
         summary[name] = summarize(folds)
     if jax.process_index() == 0:

@@ -3,6 +3,10 @@
 The workdir holds everything a run makes: checkpoints/ (orbax), reports/<split>_step<N>/ (metrics.json, metrics.csv,
 predictions.csv, roc.png, confusion.png, reliability.png), tensorboard/, train_metrics.jsonl, and the latest test
 report at its top level. A run resumes from its workdir's latest checkpoint; only process 0 writes reports.
+
+Models in `models.NO_STEP_MODELS` run no training step: on a fresh start the logistic regression is fitted as a convex
+problem (`convex_fit`; its C and grid go to workdir/convex_fit.json) and zero-shot is kept as built; the state is
+evaluated on validation and saved as the step-0 checkpoint, which eval, predict and cv read as any other.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import math
 import os
 import shutil
@@ -32,7 +37,7 @@ from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, perf, sharding, steps, workdir_lock
+from autorad_jax.train import checkpointing, convex_fit, perf, sharding, steps, workdir_lock
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.metrics import scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
@@ -306,6 +311,25 @@ def _non_finite(step: int, metrics: dict, manager, workdir: str, config: ml_coll
         overrides={"optim.learning_rate": lower})
 
 
+def fit_without_steps(exp: Experiment, state: nnx.State, train_recs: pipeline.Records, val_recs: pipeline.Records,
+                      stats: pipeline.RadiomicsStats, workdir: str) -> nnx.State:
+    """The state of a model the step loop does not train (models.NO_STEP_MODELS): the radiomics logistic regression
+    fitted by `convex_fit` (C chosen on validation, or inside the training records in cross-validation, where
+    validation is the held-out fold), recorded in workdir/convex_fit.json; zero-shot as built."""
+    if exp.config.model.name != "radiomics_logreg":
+        return state
+    model, optimizer = nnx.merge(exp.graphdef, state)
+    in_cv = int(exp.config.data.cv_fold) >= 0
+    validation = None if in_cv else (stats.apply(val_recs.radiomics), val_recs.labels)
+    info = convex_fit.fit_radiomics_logreg(model, stats.apply(train_recs.radiomics), train_recs.labels,
+                                           train_recs.patients, validation)
+    logging.info("Logistic regression: C=%g (%s)", info["C"], info["selection"])
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "convex_fit.json"), "w") as f:
+            json.dump(info, f, indent=1)
+    return jax.device_put(nnx.state((model, optimizer)), exp.shardings)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains config in workdir (resuming from its latest checkpoint), evaluates on validation during training and
     the best checkpoint on test at the end (with data.cv_fold >= 0: the final state on the held-out fold).
@@ -362,13 +386,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     else:
         state = exp.init_state()
     step = start or 0
+    no_steps = config.model.name in models.NO_STEP_MODELS
+    val_metrics = None
+    if no_steps and start is None:
+        state = fit_without_steps(exp, state, train_recs, val_recs, stats, workdir)
+        val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=0, workdir=workdir)
+        checkpointing.save(manager, 0, state, train_iter, stats.to_json(), config, spec,
+                           metrics=scalar_metrics(val_metrics))
 
     # ---- Steps: jitted with explicit shardings; the state is donated ----------------------------------------------
     train_step = exp.train_step
     check_finite = jax.jit(steps.all_finite, in_shardings=(exp.shardings,), out_shardings=exp.replicated)
 
     # ---- Loop -----------------------------------------------------------------------------------------------------
-    num_steps, t = config.train.num_steps, config.train
+    num_steps, t = 0 if no_steps else config.train.num_steps, config.train
     accum = config.optim.grad_accum_steps
     # The learning rate of every update, computed once: logging it then needs no device work inside the loop (an
     # eager schedule call there would wait for the step in flight).
@@ -378,7 +409,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     preemption = _Preemption()
     peak = perf.peak_flops(jax.devices()[0])
     compiled, flops = None, None
-    val_metrics = None
     pbar = tqdm(total=num_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=config.model.name)
     timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
     pending = None

@@ -41,6 +41,7 @@ EXPORT_VISION = "aimv2_vision"
 CONDITIONINGS = ("shared", "per_token")
 POOLINGS = ("head", "mean")
 RADIOMICS_TRANSFORMS = ("none", "signed_log", "quantile")
+CONDITION_INPUTS = ("radiomics", "image")
 
 
 class ExportFolderError(AutoradError, ValueError):
@@ -48,14 +49,15 @@ class ExportFolderError(AutoradError, ValueError):
 
 
 class PromptLearner(nn.Module):
-    """CoCoOp-style prompts `[SOS][ctx + shift(radiomics)][class words . EOS]` as text-tower input embeddings.
+    """CoCoOp-style prompts `[SOS][ctx + shift(cond)][class words . EOS]` as text-tower input embeddings.
 
-    `meta_net` (linear1 -> ReLU -> linear2) maps standardised radiomics to one context shift shared by all context
-    tokens ('shared') or one per token ('per_token'); without it (`conditioning=None`, CoOp) the context is the same
-    for every sample. Parameter and buffer names are those of the JAX `PromptLearner`.
+    `meta_net` (linear1 -> ReLU -> linear2) maps the conditioning vector (standardised radiomics, or the normalised
+    image feature for CoCoOp) of width `cond_dim` to one context shift shared by all context tokens ('shared') or one
+    per token ('per_token'); without it (`conditioning=None`, CoOp) the context is the same for every sample.
+    Parameter and buffer names are those of the JAX `PromptLearner`.
     """
 
-    def __init__(self, *, n_ctx: int, width: int, num_classes: int, length: int, num_radiomics: int,
+    def __init__(self, *, n_ctx: int, width: int, num_classes: int, length: int, cond_dim: int,
                  meta_hidden_dim: Optional[int], conditioning: Optional[str]):
         super().__init__()
         if conditioning is not None and conditioning not in CONDITIONINGS:
@@ -66,18 +68,18 @@ class PromptLearner(nn.Module):
         if conditioning is not None:
             out_dim = width if conditioning == "shared" else n_ctx * width
             self.meta_net = nn.Sequential(collections.OrderedDict(
-                linear1=nn.Linear(num_radiomics, meta_hidden_dim), relu=nn.ReLU(),
+                linear1=nn.Linear(cond_dim, meta_hidden_dim), relu=nn.ReLU(),
                 linear2=nn.Linear(meta_hidden_dim, out_dim)))
         self.register_buffer("tokenized_prompts", torch.zeros(num_classes, length, dtype=torch.int32))
         self.register_buffer("token_prefix", torch.zeros(num_classes, 1, width))  # SOS
         self.register_buffer("token_suffix", torch.zeros(num_classes, length - 1 - n_ctx, width))  # words . EOS
 
-    def context(self, radiomics: torch.Tensor) -> torch.Tensor:
+    def context(self, cond: torch.Tensor) -> torch.Tensor:
         """Context per sample [B, n_ctx, width] (CoOp: [1, n_ctx, width], shared by all samples)."""
         ctx = self.ctx[None]
         if self.meta_net is None:
             return ctx
-        shift = self.meta_net(radiomics)
+        shift = self.meta_net(cond)
         return ctx + shift.reshape(shift.shape[0], -1, ctx.shape[-1])
 
     def construct_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
@@ -87,9 +89,9 @@ class PromptLearner(nn.Module):
         suffix = self.token_suffix[None].expand(b, *self.token_suffix.shape)
         return torch.cat([prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), suffix], dim=2)
 
-    def forward(self, radiomics: torch.Tensor) -> torch.Tensor:
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
-        return self.construct_prompts(self.context(radiomics))
+        return self.construct_prompts(self.context(cond))
 
 
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -149,14 +151,19 @@ class AutoRadLungTorch(nn.Module):
 
     logits[b, c] = logit_scale * cos(image feature of b, text feature of the class-c prompt built for b). Radiomics are
     transformed and standardised with the training split's statistics (`standardize`, a `RadiomicsStandardizer`).
+    The prompt learner reads them, or, with `condition_on='image'` (CoCoOp), the normalised image feature.
     """
 
     def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str,
-                 radiomics: RadiomicsStandardizer, config: Optional[dict[str, Any]] = None):
+                 radiomics: RadiomicsStandardizer, config: Optional[dict[str, Any]] = None,
+                 condition_on: str = "radiomics"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if condition_on not in CONDITION_INPUTS:
+            raise ValueError(f"condition_on must be one of {CONDITION_INPUTS}, got {condition_on!r}")
         self.aimv2, self.prompt_learner, self.pooling = aimv2, prompt_learner, pooling
+        self.condition_on = condition_on
         self.config = config or {}
         self.standardize = radiomics
 
@@ -177,9 +184,11 @@ class AutoRadLungTorch(nn.Module):
             raise ExportFolderError(f"{towers}: the AIMv2 weights do not match their config.json: {bad}")
         m = config["model"]
         tokens = config["tokenized_prompts"]
+        condition_on = m.get("condition_on", "radiomics")
         prompt_learner = PromptLearner(
             n_ctx=m["n_ctx"], width=aimv2.config.text_config.hidden_size, num_classes=len(tokens),
-            length=len(tokens[0]), num_radiomics=len(config["radiomics"]["feature_names"]),
+            length=len(tokens[0]), cond_dim=aimv2.config.projection_dim if condition_on == "image"
+            else len(config["radiomics"]["feature_names"]),
             meta_hidden_dim=m["meta_hidden_dim"], conditioning=m["conditioning"])
         weights = safetensors.torch.load_file(_check_safetensors(os.path.join(path, EXPORT_WEIGHTS)))
         try:
@@ -189,7 +198,8 @@ class AutoRadLungTorch(nn.Module):
         if prompt_learner.tokenized_prompts.tolist() != tokens:
             raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
         return cls(aimv2, prompt_learner, pooling=m["pooling"],
-                   radiomics=RadiomicsStandardizer.from_json(config["radiomics"]), config=config)
+                   radiomics=RadiomicsStandardizer.from_json(config["radiomics"]), config=config,
+                   condition_on=condition_on)
 
     def preprocess(self, views: torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] HU views -> [B, 3, H, W] normalised images: the steps of the export's
@@ -227,7 +237,8 @@ class AutoRadLungTorch(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, radiomics: torch.Tensor) -> torch.Tensor:
         image = nn.functional.normalize(self.image_features(pixel_values), dim=-1, eps=0.0)
-        text = self.text_features(self.prompt_learner(self.standardize(radiomics)))
+        cond = image if self.condition_on == "image" else self.standardize(radiomics)
+        text = self.text_features(self.prompt_learner(cond))
         text = nn.functional.normalize(text, dim=-1, eps=0.0).expand(image.shape[0], *text.shape[1:])
         scale = self.aimv2.logit_scale.clamp(0.0, self.aimv2.max_log_logit_scale).exp()
         return scale * torch.einsum("bp,bcp->bc", image, text)
