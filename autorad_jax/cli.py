@@ -39,7 +39,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Checkpoints, metrics 
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded from TCIA (prepare).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; overrides config.data.data_dir.")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes for dataset generation (prepare).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes writing demo scans (synth) or the dataset (prepare).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (synth, export, compare).")
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, the first is A (compare).")
 _NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).")
@@ -123,7 +123,8 @@ def _run(command: str, args: list[str]):
         return demo.run_demo(_config(), _WORKDIR.value, aimv2_dir=_AIMV2_DIR.value)
     if command == "synth":
         from tfds_lidc import synth
-        return synth.generate(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value)
+        return synth.generate(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value,
+                              num_workers=_NUM_WORKERS.value)
     if command == "prepare":
         if not _MANUAL_DIR.value:
             raise app.UsageError("prepare needs --manual_dir (LIDC-IDRI as downloaded from TCIA).")

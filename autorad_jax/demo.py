@@ -40,7 +40,7 @@ def _ensure_dataset(data_config: ml_collections.ConfigDict, scans_dir: str) -> N
         pass
     if not (os.path.isdir(scans_dir) and os.listdir(scans_dir)):
         _say(f"Generating {DEMO_SCANS} demo scans in {scans_dir} ...")
-        tfds_lidc.synth.generate(scans_dir, DEMO_SCANS, seed=0)
+        tfds_lidc.synth.generate(scans_dir, DEMO_SCANS, seed=0, num_workers=os.cpu_count() or 1)
     _say(f"Building lidc_idri/{data_config.builder_config} in {data_config.data_dir} ...")
     tfds_lidc.prepare(scans_dir, data_config.data_dir, builder_config=data_config.builder_config,
                       num_workers=os.cpu_count() or 1)

@@ -164,3 +164,14 @@ def test_radiomics_follow_pyradiomics_ct_settings():
     line = sitk.GetImageFromArray(np.pad(np.ones((1, 1, 5), np.uint8), ((4, 4), (4, 4), (2, 2))))
     with pytest.raises(tfds_lidc.nodule_sample.NoduleError, match='pyradiomics refuses'):
         tfds_lidc.nodule_example(sitk.GetImageFromArray(np.zeros((9, 9, 9), np.int16)), line, crop_size=9)
+
+
+def test_generation_in_two_processes_writes_what_one_writes(tmp_path):
+    def files(root):
+        return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(root) for f in names}
+
+    one = tfds_lidc.synth.generate(str(tmp_path / "one"), 3, seed=5, verbose=False)
+    two = tfds_lidc.synth.generate(str(tmp_path / "two"), 3, seed=5, verbose=False, num_workers=2)
+    assert [os.path.relpath(d, tmp_path / "one") for d in one] == [os.path.relpath(d, tmp_path / "two") for d in two]
+    assert len(one) == 3 and files(tmp_path / "one") == files(tmp_path / "two")

@@ -9,6 +9,8 @@ rescaled), which remains a valid evenly spaced CT series.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import multiprocessing
 import os
 import xml.etree.ElementTree as ET
 
@@ -262,30 +264,36 @@ def generate_scan(out_dir: str, scan_id: int, *, seed: int = 0, downsample: int 
 
 
 def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2, margin_mm: float = 10.0,
-             max_slices: int = 48, full_size: bool = False, verbose: bool = True) -> list[str]:
+             max_slices: int = 48, full_size: bool = False, verbose: bool = True, num_workers: int = 1) -> list[str]:
     """Writes `num_scans` series (TCIA layout) for real scans picked deterministically from `seed`.
 
     Scans with annotated nodules (with characteristics) whose slab fits `max_slices` evenly spaced
     slices are picked in a seeded random order. `full_size` writes every slice of each scan at 512^2 instead (no
-    slab, no downsampling), as LIDC-IDRI has them, to measure the builder. Returns the series folders.
+    slab, no downsampling), as LIDC-IDRI has them, to measure the builder. `num_workers` > 1 writes scans in that
+    many processes, the same scans as one. Returns the series folders.
     """
     if full_size:
         downsample, max_slices, margin_mm = 1, 10 ** 6, 0.0
     if verbose:
         print(SIMULATED_NOTICE, flush=True)
     candidates = _candidates()
-    order = np.random.default_rng(seed).permutation(len(candidates))
-    written = []
-    for i in order:
-        if len(written) == num_scans:
-            break
-        scan_id, zmin, zmax, thickness = candidates[i]
-        if (zmax - zmin + 2 * margin_mm) / thickness > 1.5 * max_slices:
-            continue
-        series_dir = generate_scan(out_dir, scan_id, seed=seed, downsample=downsample, margin_mm=margin_mm,
-                                   max_slices=max_slices, z_range=(-np.inf, np.inf) if full_size else None)
-        if series_dir is not None:
-            written.append(series_dir)
+    order = [candidates[i] for i in np.random.default_rng(seed).permutation(len(candidates))]
+    fitting = [scan_id for scan_id, zmin, zmax, thickness in order
+               if (zmax - zmin + 2 * margin_mm) / thickness <= 1.5 * max_slices]
+    write = functools.partial(generate_scan, out_dir, seed=seed, downsample=downsample, margin_mm=margin_mm,
+                              max_slices=max_slices, z_range=(-np.inf, np.inf) if full_size else None)
+    pool = multiprocessing.get_context('spawn').Pool(num_workers) if num_workers > 1 else None
+    written, tried = [], 0
+    try:
+        while len(written) < num_scans and tried < len(fitting):
+            # As many scans as are still wanted, so that none beyond the first num_scans that fit is written.
+            batch = fitting[tried:tried + num_scans - len(written)]
+            tried += len(batch)
+            written += [d for d in (pool.map if pool else map)(write, batch) if d is not None]
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     if verbose:
         print(f'Wrote {len(written)} series to {out_dir} (intensities simulated).', flush=True)
     return written
