@@ -80,12 +80,13 @@ def _series_description(series_dir: str) -> Optional[str]:
 
 
 def _metrics_table(metrics: dict[str, Any]) -> tuple[str, list[dict]]:
-    """Markdown rows and model-index entries of the card's metrics (`<name>_ci` or `ci[<name>]`: [low, high])."""
+    """Markdown rows and model-index entries of the card's metrics, with their patient-bootstrap 95% intervals
+    (`ci95[<name>]`: [low, high], as the evaluation writes them)."""
     rows, index = [], []
     for name in CARD_METRICS:
         if not isinstance(metrics.get(name), (int, float)):
             continue
-        ci = metrics.get(f"{name}_ci") or (metrics.get("ci") or {}).get(name)
+        ci = (metrics.get("ci95") or {}).get(name)
         interval = f"{ci[0]:.3f} – {ci[1]:.3f}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "not computed"
         if not math.isfinite(metrics[name]):  # e.g. an AUC on a test split holding one class
             rows.append(f"| {name} | not defined on this test split | |")

@@ -401,6 +401,7 @@ def test_export_has_a_model_card_naming_demo_data_and_the_workdir_metrics(traine
     assert "SIMULATED" in body and "Research only" in body
     with open(os.path.join(trained[1], "metrics.json")) as f:
         metrics = json.load(f)
-    assert f"| accuracy | {metrics['accuracy']:.3f} |" in body
+    low, high = metrics["ci95"]["accuracy"]
+    assert f"| accuracy | {metrics['accuracy']:.3f} | {low:.3f} – {high:.3f} |" in body
     (result,) = meta["model-index"][0]["results"]
     assert {m["type"]: m["value"] for m in result["metrics"]}["accuracy"] == round(metrics["accuracy"], 4)
