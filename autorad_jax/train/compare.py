@@ -22,6 +22,7 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from autorad_jax.errors import AutoradError  # noqa: E402
 from autorad_jax.train.bootstrap import LEVEL, REPLICATES, SEED, patient_weights, percentile_interval  # noqa: E402
 from autorad_jax.train.metrics import weighted_metrics  # noqa: E402
+from autorad_jax.train.reports import finish_unit_square  # noqa: E402
 
 COMPARE_METRICS = ("auc_macro", "balanced_accuracy", "accuracy", "brier")
 
@@ -122,15 +123,9 @@ def _plot_roc_overlay(runs: dict[str, Predictions], path: str) -> None:
             continue
         fpr, tpr, _ = roc_curve(positive, run.probs[:, -1])
         ax.plot(fpr, tpr, label=name)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     last = next(iter(runs.values())).names[-1]
-    ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1),
-           title=f"ROC, {last} vs rest")
-    if ax.get_legend_handles_labels()[0]:  # no curve when the nodules hold only one side
-        ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_unit_square(fig, ax, path, xlabel="False positive rate", ylabel="True positive rate (sensitivity)",
+                       title=f"ROC, {last} vs rest", legend_loc="lower right")
 
 
 def compare(workdirs: Sequence[str], out: str, replicates: int = REPLICATES, seed: int = SEED) -> dict:

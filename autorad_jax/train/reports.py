@@ -18,6 +18,23 @@ from sklearn.metrics import roc_curve  # noqa: E402
 from autorad_jax.train.metrics import ECE_BINS, reliability, scalar_metrics  # noqa: E402
 
 
+def finish_unit_square(fig, ax, path: str, *, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """Draws the diagonal of a [0, 1]^2 plot (ROC, reliability), labels it, adds the legend when something is labelled
+    and saves the figure as a PNG."""
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(xlabel=xlabel, ylabel=ylabel, xlim=(0, 1), ylim=(0, 1), title=title)
+    if ax.get_legend_handles_labels()[0]:  # no curve when the nodules hold only one side
+        ax.legend(loc=legend_loc)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+    """Writes `fig` as a 100-dpi PNG and closes it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _plot_roc(labels: np.ndarray, probs: np.ndarray, names: Sequence[str], metrics: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(5, 5))
     for k, name in enumerate(names):
@@ -26,13 +43,8 @@ def _plot_roc(labels: np.ndarray, probs: np.ndarray, names: Sequence[str], metri
             continue
         fpr, tpr, _ = roc_curve(positive, probs[:, k])
         ax.plot(fpr, tpr, label=f"{name} (AUC {metrics[f'auc_{name}']:.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="False positive rate", ylabel="True positive rate (sensitivity)", xlim=(0, 1), ylim=(0, 1),
-           title=f"ROC, one vs rest (macro AUC {metrics['auc_macro']:.3f})")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_unit_square(fig, ax, path, xlabel="False positive rate", ylabel="True positive rate (sensitivity)",
+                       title=f"ROC, one vs rest (macro AUC {metrics['auc_macro']:.3f})", legend_loc="lower right")
 
 
 def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: str) -> None:
@@ -43,9 +55,7 @@ def _plot_confusion(cm: np.ndarray, names: Sequence[str], path: str) -> None:
     ax.set(xticks=range(len(names)), yticks=range(len(names)), xticklabels=names, yticklabels=names,
            xlabel="Predicted", ylabel="True", title="Confusion matrix")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _plot_reliability(labels: np.ndarray, probs: np.ndarray, metrics: dict, path: str) -> None:
@@ -58,13 +68,8 @@ def _plot_reliability(labels: np.ndarray, probs: np.ndarray, metrics: dict, path
     for x, a, c in zip(edges[:-1], accuracy, count):
         if c:
             ax.text(x + 0.5 / ECE_BINS, min(a, 0.9) + 0.02, str(int(c)), ha="center", fontsize=7)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set(xlabel="Top-class confidence", ylabel="Accuracy", xlim=(0, 1), ylim=(0, 1),
-           title=f"Reliability, {ECE_BINS} bins (ECE {metrics['ece']:.3f})")
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    finish_unit_square(fig, ax, path, xlabel="Top-class confidence", ylabel="Accuracy",
+                       title=f"Reliability, {ECE_BINS} bins (ECE {metrics['ece']:.3f})", legend_loc="upper left")
 
 
 def write_predictions(path: str, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
