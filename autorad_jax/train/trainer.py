@@ -409,7 +409,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     preemption = _Preemption()
     peak = perf.peak_flops(jax.devices()[0])
     compiled, flops = None, None
-    pbar = tqdm(total=num_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc=config.model.name)
+    pbar = tqdm(total=num_steps, initial=step, disable=not is_main or not num_steps, dynamic_ncols=True,
+                desc=config.model.name)
     timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
     pending = None
     losses = []  # training loss of each step of this run
