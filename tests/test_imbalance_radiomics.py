@@ -242,6 +242,7 @@ def test_training_with_options_and_predict_backends_agree(trained_with, lidc_dat
         np.testing.assert_allclose(list(b["probabilities"].values()), list(a["probabilities"].values()), atol=1e-5)
 
 
+@pytest.mark.parametrize("trained_with", ["signed_log_balanced"], indirect=True)  # the options that hold state
 def test_resume_is_bitwise_with_the_options(trained_with, tmp_path, monkeypatch):
     """A run preempted at step 3 and resumed logs the losses and saves the state of the uninterrupted run (the
     balanced sampler's position, the loss constants and the transform's statistics come back)."""
