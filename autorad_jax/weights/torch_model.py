@@ -33,7 +33,10 @@ from transformers import Aimv2Model
 from autorad_jax.errors import AutoradError
 
 EXPORT_FORMAT = "autorad_jax.autorad_lung"
-EXPORT_FORMAT_VERSION = 1
+# 2: the radiomics transform and clip, and the prompt learner's conditioning input (condition_on); a version-1 export
+# (neither) reads as transform 'none' conditioned on the radiomics.
+EXPORT_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 EXPORT_CONFIG = "autorad_lung.json"
 EXPORT_WEIGHTS = "autorad_lung.safetensors"
 EXPORT_TOWERS = "aimv2"
@@ -271,7 +274,7 @@ def read_export_config(path: str) -> dict[str, Any]:
     if config.get("format") != EXPORT_FORMAT:
         raise ExportFolderError(f"{path}/{EXPORT_CONFIG} is not an AutoRad-Lung export (format "
                                 f"{config.get('format')!r}, expected {EXPORT_FORMAT!r}).")
-    if config.get("format_version") != EXPORT_FORMAT_VERSION:
+    if config.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ExportFolderError(f"{path}/{EXPORT_CONFIG}: format_version {config.get('format_version')!r}, this "
-                                f"version of autorad-jax reads {EXPORT_FORMAT_VERSION}.")
+                                f"version of autorad-jax reads {' and '.join(map(str, READABLE_FORMAT_VERSIONS))}.")
     return config
