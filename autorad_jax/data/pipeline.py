@@ -389,6 +389,7 @@ class BalancedSampler:
         self._p = 1.0 / counts[labels]
         self._p /= self._p.sum()
         self._seed = seed
+        self._table = (-1, np.empty(0, np.int64))  # (epoch, its draws): the epoch being read
 
     def __len__(self) -> int:
         return np.iinfo(np.int64).max
@@ -396,9 +397,11 @@ class BalancedSampler:
     def __repr__(self) -> str:  # grain compares it with the checkpoint's
         return f"BalancedSampler(num_records={len(self._p)}, seed={self._seed})"
 
-    @functools.lru_cache(maxsize=2)
     def _epoch(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self._seed, epoch]).choice(len(self._p), size=len(self._p), p=self._p)
+        if self._table[0] != epoch:
+            draws = np.random.default_rng([self._seed, epoch]).choice(len(self._p), size=len(self._p), p=self._p)
+            self._table = (epoch, draws)
+        return self._table[1]
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
         epoch, position = divmod(index, len(self._p))
