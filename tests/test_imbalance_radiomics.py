@@ -185,15 +185,15 @@ def test_balanced_sampler_draws_classes_uniformly_and_is_fixed_by_its_seed():
     record's 1/(3 n_c)); the same seed gives the same draws, another seed others."""
     labels = np.array([0] * 50 + [1] * 10 + [2] * 5)
     draws = 30_000
-    sampler = pipeline.BalancedSampler(labels, seed=7)
+    sampler = pipeline.EpochSampler(len(labels), 7, labels)
     keys = np.array([sampler[k].record_key for k in range(draws)])
     freq = np.bincount(labels[keys], minlength=3) / draws
     np.testing.assert_allclose(freq, 1 / 3, atol=4 * np.sqrt((1 / 3) * (2 / 3) / draws))
     p = 1 / 15
     np.testing.assert_allclose(np.bincount(keys, minlength=65)[60:] / draws, p, atol=4 * np.sqrt(p * (1 - p) / draws))
-    again = pipeline.BalancedSampler(labels, seed=7)
+    again = pipeline.EpochSampler(len(labels), 7, labels)
     assert [again[k].record_key for k in range(500)] == keys[:500].tolist()
-    other = pipeline.BalancedSampler(labels, seed=8)
+    other = pipeline.EpochSampler(len(labels), 8, labels)
     assert [other[k].record_key for k in range(500)] != keys[:500].tolist()
 
 

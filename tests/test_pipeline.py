@@ -101,6 +101,16 @@ def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
         assert matches >= 1
 
 
+def test_epoch_sampler_draws_every_record_once_per_epoch_fixed_by_the_seed():
+    keys = lambda sampler, n: np.array([sampler[k].record_key for k in range(n)])  # noqa: E731
+    epochs = keys(pipeline.EpochSampler(23, seed=5), 3 * 23).reshape(3, 23)
+    for epoch in epochs:
+        np.testing.assert_array_equal(np.sort(epoch), np.arange(23))
+    assert not np.array_equal(epochs[0], epochs[1])
+    np.testing.assert_array_equal(keys(pipeline.EpochSampler(23, seed=5), 3 * 23), epochs.ravel())
+    assert not np.array_equal(keys(pipeline.EpochSampler(23, seed=6), 23), epochs[0])
+
+
 def test_radiomics_statistics_come_from_the_train_split(lidc_data):
     config = tiny_config(lidc_data)
     x = np.stack([ex["radiomics"] for ex in read_split(lidc_data, "train")]).astype(np.float64)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -270,6 +271,18 @@ class Records:
     def __getitem__(self, i: int) -> dict:
         return {"view": self.views[i], "radiomics": self.radiomics[i], "label": self.labels[i]}
 
+    def __repr__(self) -> str:
+        # grain checks a restored iterator's source by its repr, at every get_state: name the content by a digest
+        # computed once, not by printing the arrays (milliseconds per call).
+        return f"Records(num_records={len(self)}, view_shape={self.views.shape[1:]}, sha1={self._digest})"
+
+    @functools.cached_property
+    def _digest(self) -> str:
+        digest = hashlib.sha1()
+        for array in (self.views, self.radiomics, self.labels):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
+
 
 @functools.lru_cache(maxsize=8)
 def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
@@ -377,34 +390,39 @@ def shuffle_radiomics(recs: Records, seed: int, role: str) -> Records:
 # Batches: grain for training (sharded per host, shuffled, checkpointable); a padded pass for evaluation.
 # ------------------------------------------------------------------------------------------------------------------
 
-class BalancedSampler:
-    """A grain sampler of endless class-balanced draws: record i with probability proportional to 1 / n_(class of i),
-    so every class is drawn equally often. Draw k of the global sequence is entry k % N of the epoch k // N table, N
-    draws with replacement fixed by (seed, epoch); the loader hands shard s the draws s, s + P, ... Being a function
-    of (seed, k) alone, a restored iterator (whose state is the last k) replays what an uninterrupted one draws."""
+class EpochSampler:
+    """A grain sampler of endless epochs of N draws over the N records: draw k of the global sequence is entry k % N
+    of the table of epoch k // N, fixed by (seed, epoch): a permutation of the records, or with `balanced_labels` N
+    draws with replacement, record i with probability proportional to 1 / n_(class of i) so that every class is drawn
+    equally often. The loader hands shard s the draws s, s + P, ...; being a function of (seed, k) alone, a restored
+    iterator (whose state is the last k) replays what an uninterrupted one draws.
 
-    def __init__(self, labels: np.ndarray, seed: int):
-        labels = np.asarray(labels)
-        counts = np.bincount(labels)
-        self._p = 1.0 / counts[labels]
-        self._p /= self._p.sum()
-        self._seed = seed
+    grain's shuffling IndexSampler permutes each index on its own by cycle-walking a Feistel network, which costs
+    milliseconds per record on a split of tens of records (the demo's); one table per epoch costs microseconds."""
+
+    def __init__(self, num_records: int, seed: int, balanced_labels: np.ndarray | None = None):
+        self._n, self._seed, self._p = num_records, seed, None
+        if balanced_labels is not None:
+            labels = np.asarray(balanced_labels)
+            self._p = 1.0 / np.bincount(labels)[labels]
+            self._p /= self._p.sum()
         self._table = (-1, np.empty(0, np.int64))  # (epoch, its draws): the epoch being read
 
     def __len__(self) -> int:
         return np.iinfo(np.int64).max
 
     def __repr__(self) -> str:  # grain compares it with the checkpoint's
-        return f"BalancedSampler(num_records={len(self._p)}, seed={self._seed})"
+        return f"EpochSampler(num_records={self._n}, seed={self._seed}, balanced={self._p is not None})"
 
     def _epoch(self, epoch: int) -> np.ndarray:
         if self._table[0] != epoch:
-            draws = np.random.default_rng([self._seed, epoch]).choice(len(self._p), size=len(self._p), p=self._p)
+            rng = np.random.default_rng([self._seed, epoch])
+            draws = rng.permutation(self._n) if self._p is None else rng.choice(self._n, size=self._n, p=self._p)
             self._table = (epoch, draws)
         return self._table[1]
 
     def __getitem__(self, index: int) -> grain.RecordMetadata:
-        epoch, position = divmod(index, len(self._p))
+        epoch, position = divmod(index, self._n)
         return grain.RecordMetadata(index=index, record_key=int(self._epoch(epoch)[position]))
 
 
@@ -413,14 +431,14 @@ def train_loader(data_config: ml_collections.ConfigDict, recs: Records, stats: R
     """Endless shuffled training batches of {'view', 'radiomics' (standardised), 'label'} of one shard (default:
     this JAX process's); its iterator is checkpointable.
 
-    Each epoch is a new permutation of the shard's records, or with data.balanced_sampling class-balanced draws
-    (`BalancedSampler`); either way a resumed iterator replays exactly what an uninterrupted one would have produced
-    (augmentation happens on the devices, keyed by the step).
+    Each epoch is a new permutation of the records, or with data.balanced_sampling class-balanced draws, dealt to the
+    shards in turn (`EpochSampler`); either way a resumed iterator replays exactly what an uninterrupted one would have
+    produced (augmentation happens on the devices, keyed by the step).
     """
     shard_options = shard_options or grain.ShardByJaxProcess(drop_remainder=True)
     source = dataclasses.replace(recs, radiomics=stats.apply(recs.radiomics))
-    sampler = (BalancedSampler(recs.labels, seed) if data_config.get("balanced_sampling", False)
-               else grain.IndexSampler(len(recs), shard_options, shuffle=True, num_epochs=None, seed=seed))
+    balanced = data_config.get("balanced_sampling", False)
+    sampler = EpochSampler(len(recs), seed, recs.labels if balanced else None)
     return grain.DataLoader(
         data_source=source,
         sampler=sampler,
