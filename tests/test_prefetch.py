@@ -28,7 +28,7 @@ def test_prefetched_batches_are_the_loaders_and_resume_where_consumed():
     it = prefetch_to_device(loader_it, batch_sharding, size=3)
     for _ in range(2):
         next(it)
-    state = it.get_state()  # three more batches were read ahead; the position is after the two consumed
+    state = it.get_state()  # more batches were read ahead; the position is after the two consumed
     resumed = prefetch_to_device(iter(_loader()), batch_sharding, size=2)
     resumed.set_state(state)
     for e in expected[2:5]:

@@ -56,12 +56,12 @@ class DevicePrefetcher:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:
+        # Topping up happens here, before handing out the oldest batch, and not after it: reading ahead after it would
+        # hold that batch back until the host had read the next one, with the devices idle if they were waiting.
         self._fill()
         if not self._queue:
             raise StopIteration
-        _, batch = self._queue.popleft()
-        self._fill()  # start placing the following batches before the caller runs its step
-        return batch
+        return self._queue.popleft()[1]
 
     def get_state(self) -> Any:
         """The underlying iterator's state after the batches yielded so far."""
