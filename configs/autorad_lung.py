@@ -120,6 +120,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # logits + tau log(prior) (Menon et al. 2021), inference reads the plain logits.
         class_weights="none",
         logit_adjustment_tau=0.0,
+        # A profiler trace of steps profile_start_step .. + profile_steps - 1 in <workdir>/profile (0: none).
+        profile_start_step=0,
+        profile_steps=5,
     ))
 
     # `run.py cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt

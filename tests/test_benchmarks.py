@@ -1,10 +1,12 @@
 """Smoke runs of the benchmark scripts on the CPU with the tiny config (no timing assertions)."""
 
+import glob
 import json
 import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from lidc_testdata import read_split
@@ -42,3 +44,17 @@ def test_pipeline_script_reports_images_per_second(lidc_data, tmp_path):
     num_radiomics = len(read_split(lidc_data, "train")[0]["radiomics"])
     # int16 views of 32^3 crops, float32 radiomics, int32 label
     assert float(line.split("|")[3]) == 32 * 32 * 3 * 2 + 4 * num_radiomics + 4
+
+
+def test_step_gap_script_traces_the_chosen_steps_of_a_training_run(lidc_data, tmp_path):
+    out = _run("step_gaps.py", "--config", "configs/autorad_lung.py:tiny", f"--config.data.data_dir={lidc_data}",
+               "--config.data.batch_size=8", "--config.data.eval_batch_size=8", "--start", "2", "--steps", "3",
+               "--workdir", str(tmp_path))
+    traces = glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.xplane.pb"))
+    assert len(traces) == 1
+    annotated = [e for plane in jax.profiler.ProfileData.from_file(traces[0]).planes for line in plane.lines
+                 for e in line.events if e.name == "train"]
+    assert len(annotated) == 3  # steps 2, 3 and 4, one StepTraceAnnotation each
+    row = next(line for line in out.splitlines() if line.startswith("| 2-4 |"))
+    span, busy = float(row.split("|")[2]), float(row.split("|")[4])
+    assert 0 < busy <= span

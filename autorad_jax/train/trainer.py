@@ -37,7 +37,7 @@ from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, convex_fit, perf, sharding, steps, workdir_lock
+from autorad_jax.train import checkpointing, convex_fit, perf, profiling, sharding, steps, workdir_lock
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.metrics import scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
@@ -414,6 +414,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
     pending = None
     losses = []  # training loss of each step of this run
+    profiler = profiling.StepProfiler(workdir, t.profile_start_step, t.profile_steps)
 
     def finish(step_metrics) -> dict:
         """Host side of one step: fetch, check finiteness, log."""
@@ -433,8 +434,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
             if compiled is None:
                 compiled = train_step.lower(state, batch).compile()
                 flops = perf.compiled_flops(compiled)
-            state, metrics = compiled(state, batch)
+            with profiler.step(step + 1):
+                state, metrics = compiled(state, batch)
             step += 1
+            profiler.finished(step, metrics)
             pbar.update(1)
             if pending is not None:
                 finish(pending)
@@ -477,6 +480,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
         if pending is not None:
             finish(pending)
     finally:
+        profiler.stop()
         pbar.close()
         preemption.close()
         manager.wait_until_finished()
