@@ -34,6 +34,9 @@ _STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.imag
                         "data.label_scheme", "data.label_rule", "data.min_readers", "data.min_diameter_mm",
                         "data.cv_fold", "data.cv_repeat", "data.radiomics_transform", "data.radiomics_clip",
                         "data.shuffle_", "data.balanced_sampling", "optim.name", "optim.grad_accum_steps")
+# Orbax splits the writing of a replicated array among its replicas, each part cut by an eager jax slice (a dispatch,
+# and a compilation per new shape); for parts smaller than this the slicing costs more than the write it spreads.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 class IncompatibleCheckpointError(AutoradError, RuntimeError):
@@ -56,6 +59,9 @@ def _best_metric(metrics: dict) -> float:
 
 def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
     """Async CheckpointManager keeping the latest `keep` steps and the best one by validation macro AUC."""
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+        override=True)
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
