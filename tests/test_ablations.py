@@ -31,16 +31,6 @@ from test_model_baselines import tiny_config as tiny_model_config
 ABLATIONS = ("cocoop", "late_fusion", "zero_shot", "radiomics_logreg")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Identical programs compiled by several runs of this module are compiled once."""
-    previous = jax.config.jax_compilation_cache_dir
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield
-    jax.config.update("jax_compilation_cache_dir", previous)
-
-
 def run_config(data_dir: str, name: str, num_steps: int = 2):
     config = tiny_config(data_dir, batch_size=8, eval_batch_size=8)
     config.model.name = name
