@@ -10,6 +10,7 @@ checkpoint moves between meshes and hosts), 'data_iter' (grain iterator state, o
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
 from autorad_jax.errors import AutoradError
@@ -57,11 +59,23 @@ def _best_metric(metrics: dict) -> float:
     return -math.inf if value is None or math.isnan(value) else float(value)
 
 
+@functools.cache
+def _register_array_handler() -> None:
+    """jax.Array checkpointing with `MIN_REPLICA_SLICE_BYTES`, once per process (orbax's registry is global; its
+    warning about replacing its default handler is expected here and kept off the console)."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+            override=True)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
 def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
     """Async CheckpointManager keeping the latest `keep` steps and the best one by validation macro AUC."""
-    ocp.type_handlers.register_type_handler(
-        jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-        override=True)
+    _register_array_handler()
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
         checkpoint_managers.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),

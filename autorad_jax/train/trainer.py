@@ -353,6 +353,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     """train_and_evaluate in a locked workdir; what it opens is closed by `closing`."""
     # ---- Workdir and data -----------------------------------------------------------------------------------------
     is_main = jax.process_index() == 0
+    profiler = profiling.StepProfiler(workdir, config.train.profile_start_step, config.train.profile_steps)
     train_recs = pipeline.records(config.data, "train")
     val_recs = pipeline.records(config.data, "validation")
     logging.info("%s: %d train / %d validation examples, %d radiomics features", pipeline.dataset_name(config.data),
@@ -414,7 +415,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
     pending = None
     losses = []  # training loss of each step of this run
-    profiler = profiling.StepProfiler(workdir, t.profile_start_step, t.profile_steps)
 
     def finish(step_metrics) -> dict:
         """Host side of one step: fetch, check finiteness, log."""
