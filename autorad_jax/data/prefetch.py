@@ -1,8 +1,9 @@
 """Overlapped input: the next batches are converted to global arrays and placed on the devices while a step runs.
 
 `jax.make_array_from_process_local_data` starts the host-to-device copy and returns at once, and the step itself is
-dispatched asynchronously; keeping `size` placed batches ahead lets the copy (and the host work that made the batch)
-run under the step in flight, as flax's `jax_utils.prefetch_to_device` does, but for any sharding.
+dispatched asynchronously; each call tops the queue up to `size` placed batches, then hands out the oldest, so the
+reading and copying of the batches behind it run under the step in flight, in the order of flax's
+`jax_utils.prefetch_to_device`, but for any sharding.
 
 `DevicePrefetcher` also keeps a checkpointable iterator's position right: `get_state()` is the state of the underlying
 iterator after the batches already handed out (not after those read ahead), so a checkpoint resumes exactly.
