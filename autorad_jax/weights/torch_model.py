@@ -36,7 +36,7 @@ EXPORT_FORMAT = "autorad_jax.autorad_lung"
 # 2: the radiomics transform and clip, and the prompt learner's conditioning input (condition_on); a version-1 export
 # (neither) reads as transform 'none' conditioned on the radiomics.
 EXPORT_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+READABLE_FORMAT_VERSIONS = tuple(range(1, EXPORT_FORMAT_VERSION + 1))
 EXPORT_CONFIG = "autorad_lung.json"
 EXPORT_WEIGHTS = "autorad_lung.safetensors"
 EXPORT_TOWERS = "aimv2"
