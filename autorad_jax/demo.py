@@ -17,7 +17,7 @@ from absl import logging
 
 from autorad_jax import models
 from autorad_jax.data import pipeline
-from autorad_jax.train import compare, train_and_evaluate
+from autorad_jax.train import compare, compilation_cache, train_and_evaluate
 from autorad_jax.train.bootstrap import format_value
 
 DEMO_SCANS = 150  # about 200 nodules
@@ -66,6 +66,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
     _say(notice)
     _ensure_dataset(base.data, os.path.join(workdir, "lidc_demo"))
 
+    compilation_cache.use_workdir_cache(base.train.compilation_cache, workdir)  # one for every model
     results, reports = {}, {}
     for name in DEMO_MODELS:
         model_config = base.copy_and_resolve_references()

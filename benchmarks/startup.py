@@ -7,8 +7,10 @@ For each config variant, trainable mode (`full`: vision tower trains; `prompt`: 
   trace       `jax.jit(train_step).trace(state, batch)`
   compile     `.lower().compile()` of that trace
   first step  the first call of the compiled step; steady: median of the next --steps calls
+With --restart each case runs twice with one fresh persistent compilation cache (what `config.train.compilation_cache`
+gives a training run in its workdir): a first start, which fills it, and a restart, which reads it.
 
-  python benchmarks/startup.py --variants tiny,large --batch_size 2 --steps 3 [--pretrained]
+  python benchmarks/startup.py --variants tiny,large --batch_size 2 --steps 3 [--pretrained] [--restart]
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="steady steps timed (median reported)")
     parser.add_argument("--pretrained", action="store_true", help="init from a local save_pretrained folder")
+    parser.add_argument("--restart", action="store_true", help="each case again, reading the compilation cache")
     parser.add_argument("--json_out", default=None)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # variant,mode,layout: run one, print JSON
     args = parser.parse_args()
@@ -88,19 +91,27 @@ def main() -> None:
         print(json.dumps(run_case(*args.case.split(","), args.batch_size, args.steps, args.pretrained)))
         return
     rows = []
-    header = f"{'variant':8} {'mode':7} {'layout':9} {'init':>7} {'trace':>7} {'compile':>8} {'1st step':>9} {'step':>7}"
+    header = (f"{'variant':8} {'mode':7} {'layout':9} {'start':8} {'init':>7} {'trace':>7} {'compile':>8} "
+              f"{'1st step':>9} {'step':>7}")
     print(header, flush=True)
     for variant in args.variants.split(","):
         for mode in args.modes.split(","):
             for layout in args.layouts.split(","):
                 cmd = [sys.executable, os.path.abspath(__file__), "--case", f"{variant},{mode},{layout}",
                        "--batch_size", str(args.batch_size), "--steps", str(args.steps)]
-                out = subprocess.run(cmd + (["--pretrained"] if args.pretrained else []), capture_output=True,
-                                     text=True, check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-                row = json.loads(out.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(f"{variant:8} {mode:7} {layout:9} {row['init_s']:7.1f} {row['trace_s']:7.1f} "
-                      f"{row['compile_s']:8.1f} {row['first_step_s']:9.2f} {row['steady_step_s']:7.3f}", flush=True)
+                cmd += ["--pretrained"] if args.pretrained else []
+                with tempfile.TemporaryDirectory() as cache:
+                    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+                    env["JAX_PLATFORMS"] = "cpu"
+                    if args.restart:
+                        env["JAX_COMPILATION_CACHE_DIR"] = cache
+                    for start in ("first", "restart") if args.restart else ("first",):
+                        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                        row = {**json.loads(out.stdout.strip().splitlines()[-1]), "start": start}
+                        rows.append(row)
+                        print(f"{variant:8} {mode:7} {layout:9} {start:8} {row['init_s']:7.1f} {row['trace_s']:7.1f} "
+                              f"{row['compile_s']:8.1f} {row['first_step_s']:9.2f} {row['steady_step_s']:7.3f}",
+                              flush=True)
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=2)

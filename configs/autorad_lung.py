@@ -123,6 +123,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # A profiler trace of steps profile_start_step .. + profile_steps - 1 in <workdir>/profile (0: none).
         profile_start_step=0,
         profile_steps=5,
+        # Compiled programs kept in <workdir>/compilation_cache, so that a resumed run loads them instead of compiling
+        # (JAX_COMPILATION_CACHE_DIR, when set, is used instead).
+        compilation_cache=True,
     ))
 
     # `run.py cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt

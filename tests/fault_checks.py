@@ -17,9 +17,9 @@ def snapshot(folder) -> dict[str, tuple[int, int]]:
     return out
 
 
-def cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    """`python run.py ARGS` in `cwd`, on the CPU."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def cli(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python run.py ARGS` in `cwd`, on the CPU, in this environment or `env`."""
+    env = {**(os.environ if env is None else env), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 

@@ -22,7 +22,7 @@ from absl import logging
 
 from autorad_jax.errors import ConfigError
 from autorad_jax.data.pipeline import CV_FOLDS as NUM_FOLDS
-from autorad_jax.train import compare
+from autorad_jax.train import compare, compilation_cache
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.reports import write_report
 from autorad_jax.train.trainer import train_and_evaluate
@@ -114,6 +114,7 @@ def cross_validate(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     Each fold resumes from its own workdir, so an interrupted cross-validation continues where it stopped.
     """
     models, repeats = _models(config), int(config.cv.repeats)
+    compilation_cache.use_workdir_cache(config.train.compilation_cache, workdir)  # one for every fold
     summary, per_fold, pooled = {}, {}, {}
     for name in models:
         folds = []

@@ -37,7 +37,8 @@ from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError, ConfigError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, convex_fit, perf, profiling, sharding, steps, workdir_lock
+from autorad_jax.train import (checkpointing, compilation_cache, convex_fit, perf, profiling, sharding, steps,
+                               workdir_lock)
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.metrics import scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
@@ -345,6 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     is_main = jax.process_index() == 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
+    compilation_cache.use_workdir_cache(config.train.compilation_cache, workdir)
     with workdir_lock.hold(workdir, active=is_main), contextlib.ExitStack() as closing:
         return _train_and_evaluate(config, workdir, closing)
 

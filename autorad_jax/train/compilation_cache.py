@@ -1,0 +1,24 @@
+"""A persistent XLA compilation cache in the workdir: a resumed run (after preemption, say) loads its compiled init,
+train and eval programs from there instead of compiling them again."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+FOLDER = "compilation_cache"
+
+
+def use_workdir_cache(enabled: bool, workdir: str) -> str | None:
+    """Keeps this process's compiled programs in <workdir>/compilation_cache when `enabled`, unless a cache folder is
+    already set: JAX_COMPILATION_CACHE_DIR, or an earlier call in this process (cross-validation and the demo make
+    one cache for all their runs). Returns the folder in use, or None."""
+    current = jax.config.jax_compilation_cache_dir
+    if current or not enabled:
+        return current or None
+    folder = os.path.join(os.path.abspath(workdir), FOLDER)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    logging.info("Compiled programs are cached in %s", folder)
+    return folder

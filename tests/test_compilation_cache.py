@@ -1,0 +1,36 @@
+"""The workdir's compilation cache: a resumed run loads its compiled train step instead of compiling it again."""
+
+import os
+import shutil
+
+import jax
+
+from autorad_jax.train import checkpointing, compilation_cache
+from fault_checks import cli
+
+
+def test_a_cache_set_in_the_environment_is_kept(tmp_path):
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"]  # conftest's session cache
+    assert compilation_cache.use_workdir_cache(True, str(tmp_path)) == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_resumed_run_reads_the_train_step_from_the_workdir_cache(lidc_data, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, however fast it compiled
+    workdir = tmp_path / "run"
+    cache = workdir / compilation_cache.FOLDER
+
+    def train() -> set[str]:
+        proc = cli("train", f"--workdir={workdir}", f"--data_dir={lidc_data}", "--config.train.num_steps=2",
+                   "--config.train.checkpoint_every=1", "--config.data.batch_size=8", cwd=tmp_path, env=env)
+        assert proc.returncode == 0, proc.stderr
+        return {name for name in os.listdir(cache) if name.startswith(("jit_train_step", "jit_eval_step"))}
+
+    first = train()
+    assert {name.split("-")[0] for name in first} == {"jit_train_step", "jit_eval_step"}
+    last = os.path.join(checkpointing.checkpoint_dir(str(workdir)), "2")
+    shutil.rmtree(last)  # as if preempted after step 1
+    assert train() == first  # the resumed run's steps had the same cache keys: loaded, not compiled and added
+    assert os.path.isdir(last)  # it did run step 2
