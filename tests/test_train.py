@@ -283,6 +283,19 @@ def test_lock_of_another_host_is_refused(trained, tmp_path):
     assert os.listdir(workdir) == [workdir_lock.LOCK_NAME]
 
 
+def test_refused_input_leaves_no_workdir_it_made_and_keeps_one_it_found(tmp_path):
+    config = train_config(str(tmp_path / "no_dataset_here"))
+    made = tmp_path / "first"
+    with pytest.raises(pipeline.DatasetError, match="no_dataset_here"):
+        trainer.train_and_evaluate(config, str(made))
+    assert not made.exists()
+    found = tmp_path / "existing"
+    found.mkdir()
+    with pytest.raises(pipeline.DatasetError):
+        trainer.train_and_evaluate(config, str(found))
+    assert found.is_dir() and os.listdir(found) == []
+
+
 def test_diverged_run_continues_as_its_message_says_logging_each_step_once(trained, tmp_path):
     config, original, _ = trained
     workdir = copy_run(trained, tmp_path)

@@ -344,11 +344,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
+    created = is_main and not os.path.isdir(workdir)
     if is_main:
         os.makedirs(workdir, exist_ok=True)
     compilation_cache.use_workdir_cache(config.train.compilation_cache, workdir)
-    with workdir_lock.hold(workdir, active=is_main), contextlib.ExitStack() as closing:
-        return _train_and_evaluate(config, workdir, closing)
+    try:
+        with workdir_lock.hold(workdir, active=is_main), contextlib.ExitStack() as closing:
+            return _train_and_evaluate(config, workdir, closing)
+    except AutoradError:
+        if created:  # refused input leaves no empty workdir behind
+            _remove_empty_folders(workdir)
+        raise
+
+
+def _remove_empty_folders(root: str) -> None:
+    """Removes `root` and the folders under it that hold no file."""
+    for folder, _, _ in os.walk(root, topdown=False):
+        if not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing: contextlib.ExitStack) -> dict:
