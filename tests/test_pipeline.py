@@ -21,11 +21,13 @@ def test_views_are_centre_slices():
     np.testing.assert_array_equal(v[..., 2], ct[:, :, 4])
 
 
-def test_resize_matches_jax_image_resize():
-    images = np.random.default_rng(1).random((2, 32, 32, 3)).astype(np.float32)
-    for size in (56, 224, 32, 20):
-        expected = jax.image.resize(images, (2, size, size, 3), method="linear", antialias=False)
-        np.testing.assert_allclose(preprocess.resize(images, size), np.asarray(expected), atol=1e-5)
+@pytest.mark.parametrize("n_in,size", [(32, 56), (32, 224), (64, 224), (32, 32), (32, 20), (33, 56)])
+def test_resize_matches_jax_image_resize(n_in, size):
+    """Strided-slice phases (7 for 32 -> 56, 64 -> 224; 5 for 32 -> 20) and, past MAX_PHASES (56 for 33 -> 56), the
+    matmul: both equal jax.image.resize's linear kernel."""
+    images = np.random.default_rng(1).random((2, n_in, n_in, 3)).astype(np.float32)
+    expected = jax.image.resize(images, (2, size, size, 3), method="linear", antialias=False)
+    np.testing.assert_allclose(preprocess.resize(images, size), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("view", ["2.5d", "planes"])
@@ -51,31 +53,48 @@ def test_example_to_inputs_and_device_preprocessing_match_numpy(lidc_data, view)
 
 def test_augmentation_is_keyed_and_keeps_shape_and_range():
     windowed = np.random.default_rng(2).random((8, 32, 32, 3)).astype(np.float32)
-    out = np.asarray(jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 5, 8)))
+    out = np.asarray(jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 5, 8)))
     assert out.shape == windowed.shape and out.min() >= 0 and out.max() <= 1
     assert all(not np.allclose(o, w) for o, w in zip(out, windowed))
-    again = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 5, 8))
+    again = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 5, 8))
     np.testing.assert_array_equal(again, out)
-    other_step = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_keys(0, 6, 8))
+    other_step = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 6, 8))
     assert not np.allclose(other_step, out)
+
+
+def test_augmentation_parameters_are_uniform_over_their_documented_ranges():
+    """Over 8192 samples each parameter takes exactly its documented values, each about equally often (within 5
+    binomial standard deviations), and the jitters are uniform on [-1, 1) (mean and variance of U(-1, 1))."""
+    n, size = 8192, 32
+    m = int(round(preprocess.SHIFT_FRACTION * size))
+    draws = preprocess.augmentation_draws(3, 11, n)
+    flip_x, flip_y, k, dy, dx, contrast, brightness = (np.asarray(v) for v in jax.vmap(
+        preprocess.augmentation_parameters, (0, None))(draws, size))
+    for values, support in ((flip_x, [False, True]), (flip_y, [False, True]), (k, range(4)),
+                            (dy, range(-m, m + 1)), (dx, range(-m, m + 1))):
+        counts = np.array([(values == v).sum() for v in support])
+        p = 1 / len(support)
+        assert counts.sum() == n and np.all(np.abs(counts - n * p) < 5 * np.sqrt(n * p * (1 - p))), counts
+    for jitter in (contrast, brightness):
+        assert jitter.min() >= -1 and jitter.max() < 1
+        assert abs(jitter.mean()) < 5 * np.sqrt(1 / 3 / n) and abs(jitter.var() - 1 / 3) < 0.02
 
 
 def test_augmentation_is_the_documented_steps_in_order():
     """The one-gather augmentation equals flip left-right, flip up-down, np.rot90 k times, shift with air, jitter,
-    applied one after another in numpy with the same random draws."""
+    applied one after another in numpy with the same parameters."""
     image = np.random.default_rng(4).random((20, 20, 3)).astype(np.float32)
     m = int(round(preprocess.SHIFT_FRACTION * 20))
-    for key in preprocess.augmentation_keys(2, 7, 24):
-        flip_x, flip_y, turn, shift, jitter = jax.random.split(key, 5)
-        x = image[:, ::-1] if jax.random.bernoulli(flip_x) else image
-        x = x[::-1] if jax.random.bernoulli(flip_y) else x
-        x = np.rot90(x, int(jax.random.randint(turn, (), 0, 4)), axes=(0, 1))
-        dy, dx = np.asarray(jax.random.randint(shift, (2,), -m, m + 1))
+    for draws in preprocess.augmentation_draws(2, 7, 24):
+        flip_x, flip_y, k, dy, dx, contrast, brightness = (np.asarray(v) for v in
+                                                           preprocess.augmentation_parameters(draws, 20))
+        x = image[:, ::-1] if flip_x else image
+        x = x[::-1] if flip_y else x
+        x = np.rot90(x, int(k), axes=(0, 1))
         x = np.pad(x, ((m, m), (m, m), (0, 0)))[m - dy:m - dy + 20, m - dx:m - dx + 20]
-        contrast, brightness = np.asarray(jax.random.uniform(jitter, (2,), minval=-1.0, maxval=1.0))
         expected = np.clip(x * (1 + preprocess.CONTRAST_JITTER * contrast) + preprocess.BRIGHTNESS_JITTER * brightness,
                            0, 1)
-        np.testing.assert_allclose(np.asarray(preprocess.augment(image, key)), expected, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(preprocess.augment(image, draws)), expected, atol=1e-6)
 
 
 def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
@@ -83,8 +102,8 @@ def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
     the documented fraction (zeros filling in): found by brute force over the 8 transforms and all shifts."""
     image = np.random.default_rng(3).random((16, 16, 1)).astype(np.float32) * 0.5 + 0.25
     m = int(round(preprocess.SHIFT_FRACTION * 16))
-    for key in preprocess.augmentation_keys(1, 0, 6):
-        out = np.asarray(preprocess.augment(image, key))[..., 0]
+    for draws in preprocess.augmentation_draws(1, 0, 6):
+        out = np.asarray(preprocess.augment(image, draws))[..., 0]
         matches = 0
         for flip in (False, True):
             for k in range(4):
