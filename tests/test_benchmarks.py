@@ -58,3 +58,11 @@ def test_step_gap_script_traces_the_chosen_steps_of_a_training_run(lidc_data, tm
     row = next(line for line in out.splitlines() if line.startswith("| 2-4 |"))
     span, busy = float(row.split("|")[2]), float(row.split("|")[4])
     assert 0 < busy <= span
+
+
+def test_preprocessing_cost_script_times_both_steps():
+    out = _run("preprocessing_cost.py", "--config", "configs/autorad_lung.py:tiny", "--config.data.batch_size=8",
+               "--modes", "prompt", "--rounds", "2", "--calls", "1")
+    row = next(line for line in out.splitlines() if line.startswith("| prompt | 8 |"))
+    inside, fed = float(row.split("|")[3]), float(row.split("|")[4])
+    assert inside > 0 and fed > 0
