@@ -9,13 +9,14 @@ import sys
 import jax
 import pytest
 
+from fault_checks import environment
 from lidc_testdata import read_split
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(environment(1), PYTHONPATH=ROOT)
     result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], capture_output=True,
                             text=True, cwd=ROOT, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

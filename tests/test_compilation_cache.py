@@ -6,7 +6,7 @@ import shutil
 import jax
 
 from autorad_jax.train import checkpointing, compilation_cache
-from fault_checks import cli
+from fault_checks import cli, environment
 
 
 def test_a_cache_set_in_the_environment_is_kept(tmp_path):
@@ -17,7 +17,7 @@ def test_a_cache_set_in_the_environment_is_kept(tmp_path):
 
 
 def test_resumed_run_reads_the_train_step_from_the_workdir_cache(lidc_data, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {k: v for k, v in environment(1).items() if k != "JAX_COMPILATION_CACHE_DIR"}
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # every program, however fast it compiled
     workdir = tmp_path / "run"
     cache = workdir / compilation_cache.FOLDER

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from fault_checks import environment
 from lidc_testdata import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,8 +19,7 @@ NUM_STEPS = 4
 def test_two_processes_train_together(lidc_data, tmp_path):
     import portpicker
     port = portpicker.pick_unused_port()
-    xla_flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")  # conftest's, 2 devices each
-    env = {**os.environ, "XLA_FLAGS": xla_flags, "JAX_PLATFORMS": "cpu",
+    env = {**environment(2), "JAX_PLATFORMS": "cpu",  # 2 devices each
            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
     workdir = str(tmp_path / "workdir")
     procs = [subprocess.Popen([sys.executable, __file__, lidc_data, workdir, str(i), str(port)], env=env, cwd=ROOT,
