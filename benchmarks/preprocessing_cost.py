@@ -69,10 +69,12 @@ def main(argv):
         inside, fed = _step_runner(config, False), _step_runner(config, True)
         t_inside, t_fed, ratios = [], [], []
         for r in range(_ROUNDS.value):
-            order = (inside, fed) if r % 2 else (fed, inside)
-            times = {id(run): _fastest_call(run, _CALLS.value) for run in order}
-            t_inside.append(times[id(inside)])
-            t_fed.append(times[id(fed)])
+            if r % 2:  # which step runs first alternates
+                t_inside.append(_fastest_call(inside, _CALLS.value))
+                t_fed.append(_fastest_call(fed, _CALLS.value))
+            else:
+                t_fed.append(_fastest_call(fed, _CALLS.value))
+                t_inside.append(_fastest_call(inside, _CALLS.value))
             ratios.append(t_inside[-1] / t_fed[-1])
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         print(f"| {mode} | {config.data.batch_size} | {statistics.median(t_inside) * 1e3:.2f} | "

@@ -7,6 +7,7 @@ file). Each step runs inside a `jax.profiler.StepTraceAnnotation`, so the viewer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -36,7 +37,8 @@ class StepProfiler:
         if self._first and step == self._first:
             jax.profiler.start_trace(self._dir)
             self._tracing = True
-        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+        # Outside a trace an annotation records nothing: the untraced steps skip it.
+        return jax.profiler.StepTraceAnnotation("train", step_num=step) if self._tracing else contextlib.nullcontext()
 
     def finished(self, step: int, outputs) -> None:
         """After `step` was dispatched: at the last traced step, waits for `outputs` and writes the trace."""
