@@ -37,7 +37,8 @@ config_flags.DEFINE_config_file(
     "Experiment config file:variant.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "workdir/demo", "Checkpoints, metrics and reports go here.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded from TCIA (prepare).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "TFDS data dir; overrides config.data.data_dir.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None,
+                                 "TFDS data dir; overrides config.data.data_dir (eval: else the training's).")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes writing demo scans (synth) or the dataset (prepare).")
 _OUT = flags.DEFINE_string("out", None, "Output folder (synth, export, compare).")
@@ -83,6 +84,11 @@ def _config():
     if _DATA_DIR.value:
         config.data.data_dir = _DATA_DIR.value
     return config
+
+
+def _data_dir_given() -> str | None:
+    """The data_dir of --data_dir or --config.data.data_dir, None when neither was given."""
+    return _DATA_DIR.value or config_flags.get_override_values(flags.FLAGS["config"]).get("data.data_dir")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -137,7 +143,8 @@ def _run(command: str, args: list[str]):
         if command == "train":
             return train.train_and_evaluate(_config(), _WORKDIR.value)
         if command == "eval":
-            return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value)
+            return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value,
+                                  data_dir=_data_dir_given())
         from autorad_jax.train import cv
         return cv.cross_validate(_config(), _WORKDIR.value)
     if command == "compare":

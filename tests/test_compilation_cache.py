@@ -23,8 +23,9 @@ def test_resumed_run_reads_the_train_step_from_the_workdir_cache(lidc_data, tmp_
     cache = workdir / compilation_cache.FOLDER
 
     def train() -> set[str]:
-        proc = cli("train", f"--workdir={workdir}", f"--data_dir={lidc_data}", "--config.train.num_steps=2",
-                   "--config.train.checkpoint_every=1", "--config.data.batch_size=8", cwd=tmp_path, env=env)
+        proc = cli("train", f"--workdir={workdir}", f"--data_dir={os.path.relpath(lidc_data, tmp_path)}",
+                   "--config.train.num_steps=2", "--config.train.checkpoint_every=1", "--config.data.batch_size=8",
+                   cwd=tmp_path, env=env)
         assert proc.returncode == 0, proc.stderr
         return {name for name in os.listdir(cache) if name.startswith(("jit_train_step", "jit_eval_step"))}
 
@@ -34,3 +35,6 @@ def test_resumed_run_reads_the_train_step_from_the_workdir_cache(lidc_data, tmp_
     shutil.rmtree(last)  # as if preempted after step 1
     assert train() == first  # the resumed run's steps had the same cache keys: loaded, not compiled and added
     assert os.path.isdir(last)  # it did run step 2
+    with checkpointing.open_manager(str(workdir), read_only=True) as manager:
+        saved_config, _, _ = checkpointing.restore_meta(manager, 2)
+    assert saved_config["data"]["data_dir"] == lidc_data  # given relative to the run's directory, saved absolute

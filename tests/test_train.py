@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from sklearn.metrics import accuracy_score
 
 from autorad_jax import cli as cli_lib
 from autorad_jax import modeling
@@ -127,8 +128,14 @@ def test_checkpoint_from_eight_devices_restores_on_one(trained):
     assert all(len(x.sharding.device_set) == 1 for x in leaves)
     for a, b in zip(leaves, saved_state(workdir, 6)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    one.data.data_dir = "no_dataset_here"  # eval reads the dataset where the training read it
     metrics = trainer.evaluate(one, workdir, split="test", step=6)
-    assert 0.0 <= metrics["accuracy"] <= 1.0
+    with open(os.path.join(workdir, "reports", "test_step6", "predictions.csv")) as f:
+        rows = list(csv.DictReader(f))
+    labels = pipeline.records(config.data, "test").labels
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    predicted = [np.argmax([float(v) for k, v in r.items() if k.startswith("prob_")]) for r in rows]
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
 
 
 def test_incompatible_workdir_names_the_mismatch(trained):

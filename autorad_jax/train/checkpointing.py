@@ -119,10 +119,14 @@ def pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) ->
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter, stats_json: dict,
          config: ml_collections.ConfigDict, spec: ModelSpec, metrics: dict | None = None) -> None:
-    """Starts an async save of one step (`metrics`: validation metrics, when evaluated at this step)."""
+    """Starts an async save of one step (`metrics`: validation metrics, when evaluated at this step). A local
+    data_dir is saved as an absolute path, so that `eval` and `export` find the dataset from any directory."""
+    saved = config.to_dict()
+    if "://" not in saved["data"]["data_dir"]:
+        saved["data"]["data_dir"] = os.path.abspath(saved["data"]["data_dir"])
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data_iter=grain.PyGrainCheckpointSave(data_iter),
-        radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(config.to_dict()),
+        radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(saved),
         model_spec=ocp.args.JsonSave(spec.to_json())),
         metrics=metrics, force=True)
 

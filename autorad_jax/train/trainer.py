@@ -235,15 +235,15 @@ def _restore_checkpoint(workdir: str, step: int | None, data: dict | None = None
     return exp, state, Restored(model, config, spec, pipeline.RadiomicsStats.from_json(stats_json), step)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None) -> dict:
+def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None, *,
+             data_dir: str | None = None) -> dict:
     """Metrics of a checkpoint of `workdir` (default: the best by validation AUC) on `split`, with its report.
 
-    The model and its data settings come from the checkpoint; `config` gives only where the dataset is
-    (data.data_dir), the eval batch size and the mesh.
+    The model and its data settings come from the checkpoint, the dataset from where its training read it unless
+    `data_dir` says where it is now; `config` gives only the eval batch size and the mesh.
     """
-    exp, state, restored = _restore_checkpoint(
-        workdir, step, data=dict(data_dir=config.data.data_dir, eval_batch_size=config.data.eval_batch_size),
-        mesh=dict(config.mesh))
+    data = dict(eval_batch_size=config.data.eval_batch_size) | (dict(data_dir=data_dir) if data_dir else {})
+    exp, state, restored = _restore_checkpoint(workdir, step, data=data, mesh=dict(config.mesh))
     _check_dataset(restored.spec, exp.config.data, workdir)
     recs = pipeline.records(exp.config.data, split)
     metrics = evaluate_records(exp, state, recs, restored.stats, split=split, step=restored.step, workdir=workdir)
