@@ -24,6 +24,7 @@ from autorad_jax.models.baselines import RadiomicsLogReg
 from autorad_jax.train import checkpointing, convex_fit, cv, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 import test_export as export_test
+from compiled import forward
 from lidc_testdata import tiny_config
 from test_model_baselines import BATCH, CLASS_NAMES, NUM_RADIOMICS, build, spec_of
 from test_model_baselines import tiny_config as tiny_model_config
@@ -73,23 +74,27 @@ def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
 def test_cocoop_prompts_follow_the_normalised_image_feature_not_the_radiomics():
     model = build(tiny_model_config(name="cocoop"))
     images, radiomics = inputs()
-    logits, aux = model(images, radiomics)
-    image = l2_normalize(model.aimv2.get_image_features(images))
-    learner = model.prompt_learner
-    shift = learner.meta_net.linear2(jax.nn.relu(learner.meta_net.linear1(image)))
-    prompts = learner.construct_prompts(learner.ctx[...][None] + shift[:, None])
-    text = l2_normalize(model.text_features(prompts))
+    logits, aux = forward(model, images, radiomics)
+
+    @nnx.jit
+    def class_features(model, images):
+        image = l2_normalize(model.aimv2.get_image_features(images))
+        learner = model.prompt_learner
+        shift = learner.meta_net.linear2(jax.nn.relu(learner.meta_net.linear1(image)))
+        return l2_normalize(model.text_features(learner.construct_prompts(learner.ctx[...][None] + shift[:, None])))
+
+    text = class_features(model, images)
     np.testing.assert_allclose(aux["text_features"], text, atol=1e-5)
     assert np.abs(np.diff(np.asarray(text), axis=0)).max() > 1e-4  # each image has its own class features
-    np.testing.assert_allclose(model(images, radiomics * 10.0 + 3.0)[0], logits, atol=0)
-    assert learner.meta_net.linear1.in_features == model.aimv2.config.projection_dim
+    np.testing.assert_allclose(forward(model, images, radiomics * 10.0 + 3.0)[0], logits, atol=0)
+    assert model.prompt_learner.meta_net.linear1.in_features == model.aimv2.config.projection_dim
 
 
 def test_late_fusion_is_one_linear_layer_on_vision_features_and_radiomics():
     model = build(tiny_model_config(name="late_fusion"))
     images, radiomics = inputs()
-    logits, aux = model(images, radiomics)
-    pooled = np.asarray(model.vision_model(images).pooler_output)
+    logits, aux = forward(model, images, radiomics)
+    pooled = np.asarray(forward(model.vision_model, images).pooler_output)
     np.testing.assert_allclose(aux["image_features"], pooled, atol=1e-6)
     fused = np.concatenate([pooled, np.asarray(radiomics)], axis=1)
     expected = fused @ np.asarray(model.classifier.kernel[...]) + np.asarray(model.classifier.bias[...])

@@ -12,6 +12,7 @@ from flax import nnx
 
 from autorad_jax.models import aimv2
 from autorad_jax.weights.hf_aimv2 import load_pretrained
+from compiled import forward
 
 TEXT_LEN = 16
 
@@ -74,7 +75,7 @@ def lit_model(lit):
 
 @pytest.fixture(scope="module")
 def lit_out(lit, lit_model):
-    return lit_model(**lit["inputs"])
+    return forward(lit_model, **lit["inputs"])
 
 
 def test_lit_vision_parity(lit, lit_out):

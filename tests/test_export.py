@@ -18,6 +18,7 @@ from autorad_jax.weights import hf_aimv2
 from autorad_jax.weights.name_map import WeightsMismatchError
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import AutoRadLungTorch, ExportFolderError
+from compiled import forward
 from configs import autorad_lung
 
 NUM_RADIOMICS = 7
@@ -67,12 +68,12 @@ def test_tiny_export_gives_the_jax_logits_in_pytorch_and_back(tmp_path, model_kw
     if image_size:
         config.data.image_size = image_size
     images, raw, stats = inputs(config, batch=3)
-    expected, _ = model(images, stats.apply(raw))
+    expected, _ = forward(model, images, stats.apply(raw))
     out = export.export_model(model, config, spec, stats, str(tmp_path))
 
     assert_relative(torch_logits(out, images, raw), expected, 1e-4)
     reloaded, export_config = export.load_export(out)
-    np.testing.assert_allclose(reloaded(images, stats.apply(raw))[0], expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(forward(reloaded, images, stats.apply(raw))[0], expected, rtol=1e-6, atol=1e-6)
     assert export_config["radiomics"]["feature_names"] == list(FEATURES)
     assert export_config["class_names"] == list(config.model.class_names)
     assert export_config["preprocessing"]["image_size"] == config.data.image_size
@@ -83,7 +84,7 @@ def test_transformers_loads_the_exported_towers_and_reproduces_the_vision_tower(
     images, raw, stats = inputs(config, batch=2)
     export.export_model(model, config, spec, stats, str(tmp_path))
     pixel_values = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
-    jax_vision = model.aimv2.vision_model(images)
+    jax_vision = forward(model.aimv2.vision_model, images)
 
     for cls, folder in ((Aimv2Model, "aimv2"), (Aimv2VisionModel, "aimv2_vision")):
         hf, info = cls.from_pretrained(str(tmp_path / folder), output_loading_info=True)
@@ -104,7 +105,7 @@ def test_large_towers_export_gives_the_jax_logits(tmp_path):
     at full depth are compared with transformers in test_aimv2.py)."""
     config, spec, model = build("large", vision=dict(num_hidden_layers=4), text=dict(num_hidden_layers=2))
     images, raw, stats = inputs(config, batch=1)
-    expected, _ = model(images, stats.apply(raw))
+    expected, _ = forward(model, images, stats.apply(raw))
     export.export_model(model, config, spec, stats, str(tmp_path))
     del model
     assert_relative(torch_logits(str(tmp_path), images, raw), expected, 1e-4)
@@ -139,7 +140,7 @@ def test_version_one_export_reads_as_untransformed_radiomics_and_a_newer_one_is_
         del export_config["radiomics"][key]
     with open(folder / "autorad_lung.json", "w") as f:
         json.dump({**export_config, "format_version": 1}, f)
-    expected, _ = model(images, stats.apply(raw))
+    expected, _ = forward(model, images, stats.apply(raw))
     assert_relative(torch_logits(str(folder), images, raw), expected, 1e-4)
     with open(folder / "autorad_lung.json", "w") as f:
         json.dump({**export_config, "format_version": 3}, f)

@@ -10,6 +10,7 @@ from flax import nnx
 from autorad_jax import modeling
 from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.models import Model, trainable_filter
+from compiled import forward
 from configs import autorad_lung as experiment
 
 NUM_RADIOMICS, BATCH, EOS = 6, 3, 49407
@@ -32,11 +33,6 @@ def spec_of(config, num_radiomics: int = NUM_RADIOMICS):
 
 def build(config, seed: int = 0):
     return Model(config, spec_of(config), rngs=nnx.Rngs(seed))
-
-
-@nnx.jit
-def forward(model, images, radiomics):
-    return model(images, radiomics)
 
 
 def loss_fn(model, images, radiomics, labels):

@@ -9,6 +9,7 @@ from flax import nnx
 
 from autorad_jax import modeling
 from autorad_jax.models import Model, trainable_filter
+from compiled import forward
 from configs import autorad_lung as experiment
 
 NUM_RADIOMICS, BATCH = 6, 3
@@ -82,9 +83,9 @@ def test_radiomics_baselines_compute_what_they_say(batch):
 def test_linear_probe_reads_pooled_vision_features(pooling, batch):
     images, radiomics, _ = batch
     model = build(tiny_config(name="linear_probe", pooling=pooling))
-    out = model.vision_model(images)
+    out = forward(model.vision_model, images)
     features = out.pooler_output if pooling == "head" else out.last_hidden_state.mean(axis=1)
-    logits, aux = model(images, radiomics)
+    logits, aux = forward(model, images, radiomics)
     np.testing.assert_allclose(aux["image_features"], features, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(logits, model.classifier(features), rtol=1e-6, atol=1e-6)
 

@@ -10,6 +10,12 @@ import pytest
 from autorad_jax.data import pipeline, preprocess
 from lidc_testdata import read_split, tiny_config
 
+# Jitted: called eagerly, each of their operations would compile on its own (most of these tests' time).
+resize = jax.jit(preprocess.resize, static_argnums=1)
+images_of = jax.jit(preprocess.images, static_argnums=1)
+augment = jax.jit(preprocess.augment)
+augment_batch = jax.jit(jax.vmap(preprocess.augment))
+
 
 def test_views_are_centre_slices():
     ct = np.random.default_rng(0).integers(-1000, 400, (9, 9, 9)).astype(np.int16)
@@ -27,7 +33,7 @@ def test_resize_matches_jax_image_resize(n_in, size):
     matmul: both equal jax.image.resize's linear kernel."""
     images = np.random.default_rng(1).random((2, n_in, n_in, 3)).astype(np.float32)
     expected = jax.image.resize(images, (2, size, size, 3), method="linear", antialias=False)
-    np.testing.assert_allclose(preprocess.resize(images, size), np.asarray(expected), atol=1e-5)
+    np.testing.assert_allclose(resize(images, size), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("view", ["2.5d", "planes"])
@@ -46,19 +52,19 @@ def test_example_to_inputs_and_device_preprocessing_match_numpy(lidc_data, view)
     resized = np.asarray(jax.image.resize(windowed, (56, 56, 3), method="linear", antialias=False))
     expected = (resized - np.array([0.48145466, 0.4578275, 0.40821073])) / np.array(
         [0.26862954, 0.26130258, 0.27577711])
-    image = preprocess.images(out["view"][None], preprocess.Preprocessing.from_config(config.data))[0]
+    image = images_of(out["view"][None], preprocess.Preprocessing.from_config(config.data))[0]
     assert image.shape == (56, 56, 3) and image.dtype == np.float32
     np.testing.assert_allclose(image, expected, atol=1e-5)
 
 
 def test_augmentation_is_keyed_and_keeps_shape_and_range():
     windowed = np.random.default_rng(2).random((8, 32, 32, 3)).astype(np.float32)
-    out = np.asarray(jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 5, 8)))
+    out = np.asarray(augment_batch(windowed, preprocess.augmentation_draws(0, 5, 8)))
     assert out.shape == windowed.shape and out.min() >= 0 and out.max() <= 1
     assert all(not np.allclose(o, w) for o, w in zip(out, windowed))
-    again = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 5, 8))
+    again = augment_batch(windowed, preprocess.augmentation_draws(0, 5, 8))
     np.testing.assert_array_equal(again, out)
-    other_step = jax.vmap(preprocess.augment)(windowed, preprocess.augmentation_draws(0, 6, 8))
+    other_step = augment_batch(windowed, preprocess.augmentation_draws(0, 6, 8))
     assert not np.allclose(other_step, out)
 
 
@@ -94,7 +100,7 @@ def test_augmentation_is_the_documented_steps_in_order():
         x = np.pad(x, ((m, m), (m, m), (0, 0)))[m - dy:m - dy + 20, m - dx:m - dx + 20]
         expected = np.clip(x * (1 + preprocess.CONTRAST_JITTER * contrast) + preprocess.BRIGHTNESS_JITTER * brightness,
                            0, 1)
-        np.testing.assert_allclose(np.asarray(preprocess.augment(image, draws)), expected, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(augment(image, draws)), expected, atol=1e-6)
 
 
 def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
@@ -103,7 +109,7 @@ def test_augmentation_moves_pixels_as_a_flip_turn_and_shift():
     image = np.random.default_rng(3).random((16, 16, 1)).astype(np.float32) * 0.5 + 0.25
     m = int(round(preprocess.SHIFT_FRACTION * 16))
     for draws in preprocess.augmentation_draws(1, 0, 6):
-        out = np.asarray(preprocess.augment(image, draws))[..., 0]
+        out = np.asarray(augment(image, draws))[..., 0]
         matches = 0
         for flip in (False, True):
             for k in range(4):

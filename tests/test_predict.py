@@ -21,6 +21,7 @@ from autorad_jax.data import pipeline, preprocess
 from autorad_jax.predict import PredictInputError, predict, read_ct
 from autorad_jax.train import checkpointing, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
+from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_split
 from test_train import train_config
@@ -339,7 +340,7 @@ def test_top_radiomic_attributions_are_gradient_times_input_of_named_features(tr
     np.testing.assert_allclose(exp.probabilities, reference[scan[2][0]][0], atol=1e-5)
 
     def logit(z):  # the predicted class's logit by a plain forward pass
-        logits, _ = predictor.jax_model(image[None], z[None].astype(np.float32))
+        logits, _ = forward(predictor.jax_model, image[None], z[None].astype(np.float32))
         return float(np.asarray(logits)[0, exp.predicted])
 
     z, h = predictor.stats.apply(raw).astype(np.float64), 1e-2

@@ -20,6 +20,7 @@ from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, trainer, workdir_lock
+from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_split, tiny_config
 
@@ -242,7 +243,7 @@ def test_load_model_predicts_what_evaluation_saw(trained):
     inputs = [pipeline.example_to_inputs(ex, saved_config.data, stats) for ex in examples]
     images = preprocess.images(np.stack([i["view"] for i in inputs]), preprocess.Preprocessing.from_config(
         saved_config.data))
-    logits, _ = model(images, np.stack([i["radiomics"] for i in inputs]))
+    logits, _ = forward(model, images, np.stack([i["radiomics"] for i in inputs]))
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     saved = json.load(open(os.path.join(workdir, "reports", f"test_step{step}", "metrics.json")))
     assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == [i["label"] for i in inputs]))
