@@ -69,12 +69,9 @@ def main(argv):
         inside, fed = _step_runner(config, False), _step_runner(config, True)
         t_inside, t_fed, ratios = [], [], []
         for r in range(_ROUNDS.value):
-            if r % 2:  # which step runs first alternates
-                t_inside.append(_fastest_call(inside, _CALLS.value))
-                t_fed.append(_fastest_call(fed, _CALLS.value))
-            else:
-                t_fed.append(_fastest_call(fed, _CALLS.value))
-                t_inside.append(_fastest_call(inside, _CALLS.value))
+            pairs = ((inside, t_inside), (fed, t_fed))
+            for run, times in pairs if r % 2 else pairs[::-1]:  # which step runs first alternates
+                times.append(_fastest_call(run, _CALLS.value))
             ratios.append(t_inside[-1] / t_fed[-1])
         q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         print(f"| {mode} | {config.data.batch_size} | {statistics.median(t_inside) * 1e3:.2f} | "

@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: reading the generated datasets back, tiny configs."""
+"""Helpers shared by the tests: reading the generated datasets and a run's predictions back, tiny configs."""
+import csv
 import os
 import sys
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -33,3 +35,11 @@ def tiny_config(data_dir: str, **data):
 def read_split(data_dir: str, split: str) -> list[dict]:
     source = tfds.data_source("lidc_idri/crop32_1mm", data_dir=data_dir, split=split, download=False)
     return [source[i] for i in range(len(source))]
+
+
+def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(labels [N], class probabilities [N, C]) of a report's predictions.csv."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    probs = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
+    return np.array([int(r["label"]) for r in rows]), probs

@@ -1,7 +1,6 @@
 """The ablations (cocoop, late_fusion, zero_shot) and the convex logistic regression: what each computes, and each
 through train, eval and cross-validation."""
 
-import csv
 import dataclasses
 import json
 import os
@@ -25,7 +24,7 @@ from autorad_jax.train import checkpointing, convex_fit, cv, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 import test_export as export_test
 from compiled import forward
-from lidc_testdata import tiny_config
+from lidc_testdata import read_predictions, tiny_config
 from test_model_baselines import BATCH, CLASS_NAMES, NUM_RADIOMICS, build, spec_of
 from test_model_baselines import tiny_config as tiny_model_config
 
@@ -60,13 +59,6 @@ def macro_auc_of(labels: np.ndarray, probs: np.ndarray) -> float:
     if any(not 0 < np.sum(labels == k) < len(labels) for k in range(probs.shape[1])):
         return float("nan")
     return float(np.mean([roc_auc_score(labels == k, probs[:, k]) for k in range(probs.shape[1])]))
-
-
-def read_predictions(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    probs = np.array([[float(v) for k, v in r.items() if k.startswith("prob_")] for r in rows])
-    return np.array([int(r["label"]) for r in rows]), probs
 
 
 # ---- What each model computes -------------------------------------------------------------------------------------

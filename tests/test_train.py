@@ -22,7 +22,7 @@ from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, trainer, workdir_lock
 from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
-from lidc_testdata import read_split, tiny_config
+from lidc_testdata import read_predictions, read_split, tiny_config
 
 
 def train_config(data_dir: str, num_steps: int = 6, **model):
@@ -131,12 +131,10 @@ def test_checkpoint_from_eight_devices_restores_on_one(trained):
         np.testing.assert_array_equal(np.asarray(a), b)
     one.data.data_dir = "no_dataset_here"  # eval reads the dataset where the training read it
     metrics = trainer.evaluate(one, workdir, split="test", step=6)
-    with open(os.path.join(workdir, "reports", "test_step6", "predictions.csv")) as f:
-        rows = list(csv.DictReader(f))
+    written, probs = read_predictions(os.path.join(workdir, "reports", "test_step6", "predictions.csv"))
     labels = pipeline.records(config.data, "test").labels
-    assert [int(r["label"]) for r in rows] == labels.tolist()
-    predicted = [np.argmax([float(v) for k, v in r.items() if k.startswith("prob_")]) for r in rows]
-    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, predicted))
+    assert written.tolist() == labels.tolist()
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(labels, probs.argmax(1)))
 
 
 def test_incompatible_workdir_names_the_mismatch(trained):
