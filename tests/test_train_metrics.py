@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,3 +94,29 @@ def test_mfu_uses_the_device_peak_only_when_known():
     assert perf.peak_flops(Device("cpu")) is None
     assert perf.throughput(2e12, 0.5, 989e12) == pytest.approx({"tflops_per_device": 4.0, "mfu": 4e12 / 989e12})
     assert perf.throughput(2e12, 0.5, None) == pytest.approx({"tflops_per_device": 4.0})
+
+
+def read_scalars(events_dir) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value of the scalar summaries in a TensorBoard events file, read record by record (8-byte length,
+    its CRC, the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+    (name,) = os.listdir(events_dir)
+    data, scalars, pos = open(os.path.join(events_dir, name), "rb").read(), {}, 0
+    while pos < len(data):
+        length = int.from_bytes(data[pos:pos + 8], "little")
+        event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+        pos += 16 + length
+        for value in event.summary.value:
+            scalars[value.tag, event.step] = value.simple_value
+    return scalars
+
+
+def test_metric_writer_logs_scalars_without_importing_pytorch(tmp_path):
+    code = ("import sys; from autorad_jax.train.reports import MetricWriter; "
+            "w = MetricWriter(sys.argv[1], True); w.write(3, {'loss': 0.25, 'auc': float('nan')}, prefix='train', "
+            "jsonl='train'); w.write(4, {'loss': 0.125}, prefix='train'); w.close(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    assert read_scalars(tmp_path / "tensorboard") == {("train/loss", 3): 0.25, ("train/loss", 4): 0.125}
+    assert [json.loads(line)["loss"] for line in open(tmp_path / "train.jsonl")] == [0.25]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import matplotlib
@@ -100,6 +101,21 @@ def write_report(out_dir: str, metrics: dict, labels: np.ndarray, probs: np.ndar
     _plot_confusion(np.asarray(metrics["confusion_matrix"]), names, os.path.join(out_dir, "confusion.png"))
 
 
+def _summary_writer_class():
+    """tensorboardX's SummaryWriter, imported without PyTorch where PyTorch is not loaded yet: tensorboardX imports
+    torch when it can (to accept torch tensors, which nothing here passes), about 3 s of a training run's start-up.
+    A None entry in sys.modules makes that `import torch` raise the ImportError tensorboardX expects without it."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars to TensorBoard (`workdir/tensorboard`) and to `workdir/<name>.jsonl`; a no-op off process 0."""
 
@@ -107,8 +123,7 @@ class MetricWriter:
         self._workdir = workdir
         self._tb = None
         if active:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float], *, prefix: str, jsonl: str | None = None) -> None:
         """Logs `scalars` at `step` under `prefix/` in TensorBoard and, with `jsonl`, as one line of <jsonl>.jsonl."""
