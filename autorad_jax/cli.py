@@ -139,12 +139,12 @@ def _run(command: str, args: list[str]):
                                  builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value,
                                  overwrite=_OVERWRITE.value)
     if command in ("train", "eval", "cv"):
-        from autorad_jax import train
+        from autorad_jax.train import trainer
         if command == "train":
-            return train.train_and_evaluate(_config(), _WORKDIR.value)
+            return trainer.train_and_evaluate(_config(), _WORKDIR.value)
         if command == "eval":
-            return train.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value,
-                                  data_dir=_data_dir_given())
+            return trainer.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value,
+                                    data_dir=_data_dir_given())
         from autorad_jax.train import cv
         return cv.cross_validate(_config(), _WORKDIR.value)
     if command == "compare":

@@ -32,7 +32,7 @@ from autorad_jax.modeling import TOKENIZER_DIR
 from autorad_jax.models.aimv2 import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
 from autorad_jax.models.spec import ModelSpec, PromptTokens
-from autorad_jax.train import checkpointing, trainer
+from autorad_jax.train import checkpointing, experiment
 from autorad_jax.weights import hf_aimv2
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
@@ -129,7 +129,7 @@ def export(workdir: str, out_dir: str, step: Optional[int] = None, *, overwrite:
     """
     out_dir = os.path.abspath(out_dir)
     _check_target(out_dir, overwrite)
-    restored = trainer.load_model(workdir, step)
+    restored = experiment.load_model(workdir, step)
     check_exportable(restored.model, restored.config)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

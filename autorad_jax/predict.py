@@ -95,13 +95,13 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
     """
     from autorad_jax.data import preprocess
-    from autorad_jax.train import checkpointing, trainer
+    from autorad_jax.train import checkpointing, experiment
     if backend not in BACKENDS:
         raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
     if (workdir is None) == (export_dir is None):
         raise PredictInputError("give either a workdir (--workdir) or an export folder (--export), not both.")
     if workdir is not None:
-        restored = trainer.load_model(workdir)
+        restored = experiment.load_model(workdir)
         config = restored.config
         if backend == "torch":  # export_model refuses the baselines before writing anything
             from autorad_jax import export

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
-from autorad_jax.train import perf, trainer
+from autorad_jax.train import experiment, perf
 from autorad_jax.weights import hf_aimv2, torch_model
 from autorad_jax.weights.prompt_learner import prompt_learner_state
 
@@ -58,14 +58,14 @@ def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def jax_experiment(config: ml_collections.ConfigDict) -> tuple[trainer.Experiment, nnx.State]:
-    """The trainer's experiment (mesh, shardings, jitted steps) for `config` and its freshly initialised state."""
+def jax_experiment(config: ml_collections.ConfigDict) -> tuple[experiment.Experiment, nnx.State]:
+    """The training experiment (mesh, shardings, jitted steps) for `config` and its freshly initialised state."""
     spec = modeling.resolve_spec(config, tuple(f"feature_{i}" for i in range(NUM_RADIOMICS)))
-    exp = trainer.make_experiment(config, spec)
+    exp = experiment.make_experiment(config, spec)
     return exp, exp.init_state()
 
 
-def torch_model_like(exp: trainer.Experiment, state: nnx.State, device: str) -> torch_model.AutoRadLungTorch:
+def torch_model_like(exp: experiment.Experiment, state: nnx.State, device: str) -> torch_model.AutoRadLungTorch:
     """The PyTorch AutoRad-Lung (transformers' AIMv2 + our prompt learner) with the JAX model's weights."""
     model, _ = nnx.merge(exp.graphdef, state)
     aimv2 = transformers.Aimv2Model(transformers.Aimv2Config(**model.aimv2.config.to_hf_dict()))
@@ -107,7 +107,7 @@ class Shapes:
     per_sample_prompts: bool  # False for CoOp: one set of class prompts for the whole batch
 
 
-def shapes(exp: trainer.Experiment, state: nnx.State) -> Shapes:
+def shapes(exp: experiment.Experiment, state: nnx.State) -> Shapes:
     model, _ = nnx.merge(exp.graphdef, state)
     c = model.aimv2.config
     return Shapes(c.vision_config, c.text_config, c.projection_dim, exp.config.data.batch_size,

@@ -2,7 +2,7 @@ r"""Start-up cost of a training run: model init, trace, XLA compile, first step 
 
 For each config variant, trainable mode (`full`: vision tower trains; `prompt`: prompt learner only) and layout
 (`unrolled` blocks or `scanned` stacked blocks, config.model.scan_layers), in a fresh process each:
-  init        the trainer's `Experiment.init_state()` (random init in the shardings; with --pretrained also the load
+  init        the `Experiment.init_state()` of training (random init in the shardings; with --pretrained also the load
               of a folder written here by transformers' `save_pretrained`)
   trace       `jax.jit(train_step).trace(state, batch)`
   compile     `.lower().compile()` of that trace
@@ -48,7 +48,7 @@ def run_case(variant: str, mode: str, layout: str, batch_size: int, steps: int, 
     from benchmarks.common import NUM_RADIOMICS, random_batch
     from autorad_jax import modeling
     from autorad_jax.data import pipeline
-    from autorad_jax.train import trainer
+    from autorad_jax.train import experiment
     from configs import autorad_lung
 
     config = autorad_lung.get_config(variant)
@@ -61,7 +61,7 @@ def run_case(variant: str, mode: str, layout: str, batch_size: int, steps: int, 
             _pretrained_folder(config, folder)
             config.model.aimv2_dir = folder
         spec = modeling.resolve_spec(config, tuple(f"feature_{i}" for i in range(NUM_RADIOMICS)))
-        exp = trainer.make_experiment(config, spec)
+        exp = experiment.make_experiment(config, spec)
         state, init = _timed(lambda: jax.block_until_ready(exp.init_state()))
     batch = pipeline.to_global(random_batch(config, len(spec.class_names)), exp.batch_sharding)
     traced, trace = _timed(lambda: exp.train_step.trace(state, batch))

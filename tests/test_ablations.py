@@ -20,7 +20,7 @@ from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.autorad_lung import l2_normalize
 from autorad_jax.models.baselines import RadiomicsLogReg
-from autorad_jax.train import checkpointing, convex_fit, cv, trainer
+from autorad_jax.train import checkpointing, convex_fit, cv, experiment, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 import test_export as export_test
 from compiled import forward
@@ -173,7 +173,7 @@ def test_zero_shot_run_saves_its_untouched_initial_state_at_step_zero(trained):
     assert result["train_loss"] == [] and result["best_step"] == 0
     with checkpointing.open_manager(workdir, read_only=True) as manager:
         assert list(manager.all_steps()) == [0]
-    restored = trainer.load_model(workdir)
+    restored = experiment.load_model(workdir)
     fresh = models.Model(config.model, restored.spec, rngs=nnx.Rngs(config.seed))
     for a, b in zip(jax.tree.leaves(nnx.state(restored.model)), jax.tree.leaves(nnx.state(fresh))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)  # jitted vs eager init
@@ -196,7 +196,7 @@ def test_logreg_is_sklearns_fit_with_the_c_of_lowest_validation_log_loss(trained
     np.testing.assert_allclose(info["grid"], grid)
     np.testing.assert_allclose(info["log_loss"], scores, rtol=1e-6)
     assert info["C"] == pytest.approx(grid[int(np.argmin(scores))])
-    model = trainer.load_model(workdir).model
+    model = experiment.load_model(workdir).model
     logits, _ = model(None, jnp.asarray(xv, jnp.float32))
     expected = refit(info["C"]).predict_proba(xv)
     np.testing.assert_allclose(np.asarray(jax.nn.softmax(logits))[:, classes], expected, atol=1e-5)
@@ -207,7 +207,7 @@ def test_logreg_in_cross_validation_ignores_the_held_out_fold(lidc_data, tmp_pat
         config = run_config(lidc_data, "radiomics_logreg")
         config.data.cv_fold = 1
         trainer.train_and_evaluate(config, workdir)
-        return np.asarray(trainer.load_model(workdir).model.classifier.kernel[...])
+        return np.asarray(experiment.load_model(workdir).model.classifier.kernel[...])
 
     kernel = fit(str(tmp_path / "a"))
     assert json.load(open(tmp_path / "a" / "convex_fit.json"))["selection"].startswith("patient-grouped")

@@ -19,7 +19,7 @@ from autorad_jax import export
 from autorad_jax import predict as predict_lib
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.predict import PredictInputError, predict, read_ct
-from autorad_jax.train import checkpointing, trainer
+from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
@@ -50,7 +50,7 @@ def reference(trained, lidc_data):
     step = checkpointing.best_step(manager)
     _, stats_json, spec = checkpointing.restore_meta(manager, step)
     stats = pipeline.RadiomicsStats.from_json(stats_json)
-    exp = trainer.make_experiment(config, spec)
+    exp = experiment.make_experiment(config, spec)
     state = checkpointing.restore_state(manager, step, exp.abstract_state)
     out = {}
     for split in pipeline.SPLITS:

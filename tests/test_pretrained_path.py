@@ -19,7 +19,7 @@ from autorad_jax import export, modeling
 from autorad_jax.data import pipeline
 from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.predict import predict
-from autorad_jax.train import checkpointing, trainer
+from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights import hf_aimv2
 from test_train import train_config
 
@@ -52,7 +52,7 @@ def pretrained(tmp_path_factory):
     return joint, joint_weights, vision, vision_weights
 
 
-def _towers(restored: trainer.Restored) -> dict[str, np.ndarray]:
+def _towers(restored: experiment.Restored) -> dict[str, np.ndarray]:
     model = restored.model
     return hf_aimv2.nnx_to_hf_state(model.aimv2 if hasattr(model, "aimv2") else model.vision_model)
 
@@ -92,7 +92,7 @@ def prompt_config(lidc_data, aimv2_dir: str, num_steps: int):
 def test_a_fresh_run_reads_the_pretrained_weights_once_and_trains_on_them(prompt_run):
     config, workdir, result, weights, reads = prompt_run
     assert len(reads) == 1 and result["step"] == 4
-    restored = trainer.load_model(workdir)
+    restored = experiment.load_model(workdir)
     assert restored.spec.class_names == ("benign lung nodule", "malignant lung nodule")
     towers = _towers(restored)
     assert set(towers) == set(weights)
@@ -134,7 +134,7 @@ def test_vision_training_from_the_joint_folder(pretrained, lidc_data, options, a
     joint, weights, _, _ = pretrained
     config = train_config(lidc_data, aimv2_dir=joint, **options)
     config.optim.grad_accum_steps = accum
-    exp = trainer.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
+    exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
     assert exp.mesh.devices.size == 8
     recs = pipeline.records(config.data, "train")
     batches = iter(pipeline.train_loader(config.data, recs, pipeline.RadiomicsStats.fit(recs.radiomics), seed=0))
@@ -158,7 +158,7 @@ def test_linear_probe_from_a_vision_only_folder(pretrained, lidc_data, tmp_path,
     folder = _copy(vision, tmp_path_factory)
     trainer.train_and_evaluate(train_config(lidc_data, aimv2_dir=folder, name="linear_probe"), str(tmp_path))
     shutil.rmtree(folder)
-    towers = _towers(trainer.load_model(str(tmp_path)))
+    towers = _towers(experiment.load_model(str(tmp_path)))
     for key, value in weights.items():
         np.testing.assert_array_equal(towers[key], value, err_msg=key)
 

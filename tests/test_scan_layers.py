@@ -11,15 +11,15 @@ from autorad_jax import modeling
 from autorad_jax.data import pipeline
 from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.models import trainable_filter
-from autorad_jax.train import checkpointing, steps, trainer
+from autorad_jax.train import checkpointing, experiment, steps
 from autorad_jax.weights import hf_aimv2
-from configs import autorad_lung as experiment
+from configs import autorad_lung
 
 BATCH, NUM_RADIOMICS = 8, 5
 
 
 def _config(scan: bool, mesh: dict):
-    config = experiment.get_config("tiny")
+    config = autorad_lung.get_config("tiny")
     config.model.vision.image_size = 28
     config.model.update(trainable="last_k", trainable_last_k=1, scan_layers=scan)
     config.data.batch_size = config.data.eval_batch_size = BATCH
@@ -28,7 +28,7 @@ def _config(scan: bool, mesh: dict):
 
 
 def _spec(config):
-    return modeling.model_spec(config.model, experiment.CLASS_NAMES, tuple(f"f{i}" for i in range(NUM_RADIOMICS)))
+    return modeling.model_spec(config.model, autorad_lung.CLASS_NAMES, tuple(f"f{i}" for i in range(NUM_RADIOMICS)))
 
 
 def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
@@ -49,7 +49,7 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
 
     # The scanned model, on a data x fsdp x tensor mesh, starting from the same weights.
     scanned = _config(True, dict(data=2, fsdp=2, tensor=2))
-    exp = trainer.make_experiment(scanned, spec)
+    exp = experiment.make_experiment(scanned, spec)
     model_s, optimizer_s = steps.build(scanned, spec)
     hf_aimv2.hf_state_to_nnx(model_s.aimv2, before)
     nnx.update(model_s.prompt_learner, nnx.state(model_u.prompt_learner))
@@ -81,9 +81,9 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
 
 
 def test_checkpoint_of_the_other_layout_names_it(tmp_path):
-    saved = experiment.get_config("tiny")
+    saved = autorad_lung.get_config("tiny")
     saved.model.scan_layers = False
-    config = experiment.get_config("tiny")
+    config = autorad_lung.get_config("tiny")
     config.model.scan_layers = True
     with pytest.raises(checkpointing.IncompatibleCheckpointError, match="model.scan_layers is False in the checkpoint"):
         checkpointing.check_compatible(saved.to_dict(), config, str(tmp_path))

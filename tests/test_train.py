@@ -19,7 +19,7 @@ from autorad_jax import cli as cli_lib
 from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, trainer, workdir_lock
+from autorad_jax.train import checkpointing, experiment, trainer, workdir_lock
 from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_predictions, read_split, tiny_config
@@ -84,7 +84,7 @@ def test_mesh_gives_the_same_loss_curve_as_one_device(lidc_data, mesh):
 
     def run(shape):
         config.mesh.update(data=shape[0], fsdp=shape[1], tensor=shape[2])
-        exp = trainer.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
+        exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
         state, curve = exp.init_state(), []
         for b in batches:
             state, m = exp.train_step(state, pipeline.to_global(b, exp.batch_sharding))
@@ -122,7 +122,7 @@ def test_checkpoint_from_eight_devices_restores_on_one(trained):
     config, workdir, _ = trained
     one = config.copy_and_resolve_references()
     one.mesh.update(data=1, fsdp=1, tensor=1)
-    exp = trainer.make_experiment(one, modeling.resolve_spec(one, pipeline.radiomics_names(one.data)))
+    exp = experiment.make_experiment(one, modeling.resolve_spec(one, pipeline.radiomics_names(one.data)))
     manager = checkpointing.make_manager(workdir, 3, read_only=True)
     state = checkpointing.restore_state(manager, 6, exp.abstract_state)
     leaves = jax.tree.leaves(state)
@@ -235,7 +235,7 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
 
 def test_load_model_predicts_what_evaluation_saw(trained):
     config, workdir, result = trained
-    model, saved_config, _, stats, step = trainer.load_model(workdir)
+    model, saved_config, _, stats, step = experiment.load_model(workdir)
     assert step == result["best_step"] and saved_config.model.name == config.model.name
     examples = read_split(config.data.data_dir, "test")
     inputs = [pipeline.example_to_inputs(ex, saved_config.data, stats) for ex in examples]

@@ -1,5 +1,2 @@
-"""Training and evaluation (see trainer.py for the workdir layout); cross-validation is `autorad_jax.train.cv`."""
-
-from autorad_jax.train.trainer import evaluate, train_and_evaluate
-
-__all__ = ["evaluate", "train_and_evaluate"]
+"""Training and evaluation: `trainer` (train_and_evaluate, evaluate; see it for the workdir layout), `experiment`
+(mesh, shardings, jitted steps, a checkpoint's model), `cv` (cross-validation) and their parts."""

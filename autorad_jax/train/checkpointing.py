@@ -152,6 +152,17 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, dat
     return manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
 
+def restore_model_state(step_dir: str, abstract_model_state):
+    """Restores only the model's part of a step's 'state' item (item 0 of the (model, optimiser) pair) onto the
+    shardings of `abstract_model_state`: what prediction and export need, without reading the optimiser's moments
+    (twice the trainable parameters)."""
+    item = {0: abstract_model_state}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+    restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True))
+    return restored[0]
+
+
 def best_step(manager: ocp.CheckpointManager) -> int | None:
     """The kept step with the highest validation macro AUC (the latest step when none was evaluated)."""
     steps = manager.all_steps()
