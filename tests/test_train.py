@@ -1,6 +1,7 @@
 """Trainer on generator data: learning, mesh equivalence, bitwise resume, cross-mesh restore, faults."""
 
 import csv
+import glob
 import json
 import os
 import re
@@ -245,6 +246,21 @@ def test_load_model_predicts_what_evaluation_saw(trained):
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     saved = json.load(open(os.path.join(workdir, "reports", f"test_step{step}", "metrics.json")))
     assert saved["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == [i["label"] for i in inputs]))
+
+
+def test_eval_whose_saved_dataset_has_moved_says_to_give_data_dir(trained, tmp_path):
+    workdir = copy_run(trained, tmp_path)
+    moved = str(tmp_path / "moved_away")
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "config", "metadata")):
+        with open(path) as f:
+            saved = json.load(f)
+        saved["data"]["data_dir"] = moved
+        with open(path, "w") as f:
+            json.dump(saved, f)
+    with pytest.raises(pipeline.DatasetError, match=rf"not found in {re.escape(moved)} .* \({re.escape(moved)} is "
+                                                    rf"where the training of {re.escape(workdir)} read its dataset.*"
+                                                    rf"--data_dir"):
+        trainer.evaluate(trained[0], workdir)
 
 
 # ------------------------------------------------------------------------------------------------------------------

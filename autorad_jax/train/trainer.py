@@ -122,8 +122,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test
     """
     data = dict(eval_batch_size=config.data.eval_batch_size) | (dict(data_dir=data_dir) if data_dir else {})
     exp, state, restored = restore_checkpoint(workdir, step, data=data, mesh=dict(config.mesh))
-    _check_dataset(restored.spec, exp.config.data, workdir)
-    recs = pipeline.records(exp.config.data, split)
+    try:
+        _check_dataset(restored.spec, exp.config.data, workdir)
+        recs = pipeline.records(exp.config.data, split)
+    except pipeline.DatasetError as e:
+        if data_dir:
+            raise
+        raise pipeline.DatasetError(f"{e} ({exp.config.data.data_dir} is where the training of {workdir} read its "
+                                    f"dataset; if the dataset has moved, say where it is now with --data_dir.)") from e
     metrics = evaluate_records(exp, state, recs, restored.stats, split=split, step=restored.step, workdir=workdir)
     if split == "test":
         _publish(workdir, split, restored.step)
