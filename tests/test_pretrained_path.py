@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -122,6 +123,29 @@ def test_without_the_pretrained_folder_resume_eval_export_and_predict_work(promp
         np.testing.assert_allclose(p, probs[0], atol=1e-4)
 
     assert trainer.train_and_evaluate(prompt_config(lidc_data, config.model.aimv2_dir, 6), workdir)["step"] == 6
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init_does(pretrained, lidc_data,
+                                                                                      scan_layers):
+    joint, weights, _, _ = pretrained
+    config = train_config(lidc_data, aimv2_dir=joint, trainable="full", scan_layers=scan_layers)
+    exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
+    state = exp.init_state()
+    random_config = config.copy_and_resolve_references()
+    random_config.model.aimv2_dir = ""
+    random_state = experiment.make_experiment(random_config, exp.spec).init_state()
+    assert hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2).keys() == weights.keys()
+    assert all(np.array_equal(v, weights[k]) for k, v in
+               hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2).items())
+    leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    drawn = [(path, leaf) for path, leaf in leaves if "aimv2" not in jax.tree_util.keystr(path)]
+    assert 0 < len(drawn) < len(leaves)
+    for (path, leaf), expected in zip(leaves, jax.tree.leaves(random_state)):
+        if "aimv2" not in jax.tree_util.keystr(path):
+            # the same draws; another compiled program may round a scaled draw differently (1 ulp)
+            np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
+    assert [leaf.sharding for _, leaf in leaves] == jax.tree.leaves(exp.shardings)
 
 
 @pytest.mark.parametrize("options,accum", [

@@ -41,14 +41,28 @@ class Experiment:
     loss_options: steps.LossOptions = steps.LossOptions()  # class-imbalance constants of the training loss
 
     def init_state(self) -> nnx.State:
-        """Fresh state, random-init directly in its shardings; then, when config.model.aimv2_dir is set, the pretrained
-        towers read once on the host and placed into the same shardings."""
-        state = jax.jit(lambda: nnx.split(steps.build(self.config, self.spec))[1], out_shardings=self.shardings)()
+        """Fresh state, random-init directly in its shardings. When config.model.aimv2_dir is set, the pretrained
+        towers are read once on the host and placed into those shardings, and only the other leaves are drawn: the
+        jitted init returns those alone, so XLA drops the towers' random draws (most of the init's compile and run
+        time); the other leaves get the draws a full random init gives them (equal up to float32 rounding)."""
+        def build() -> nnx.State:
+            return nnx.split(steps.build(self.config, self.spec))[1]
+
         if not self.config.model.aimv2_dir:
-            return state
-        model, optimizer = nnx.merge(self.graphdef, state)  # optimiser moments start at zero, whatever the weights
+            return jax.jit(build, out_shardings=self.shardings)()
+        model, optimizer = nnx.merge(self.graphdef, self.abstract_state)
         modeling.load_pretrained(model, self.config.model)
-        return jax.device_put(nnx.state((model, optimizer)), self.shardings)
+        leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
+        shardings = jax.tree.leaves(self.shardings)
+        drawn = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
+        def draw() -> list[jax.Array]:
+            built = jax.tree.leaves(build())
+            return [built[i] for i in drawn]
+
+        values = jax.jit(draw, out_shardings=[shardings[i] for i in drawn])()
+        for i, value in zip(drawn, values):
+            leaves[i] = value
+        return jax.device_put(jax.tree.unflatten(treedef, leaves), self.shardings)
 
     @functools.cached_property
     def train_step(self):
