@@ -55,6 +55,7 @@ class Experiment:
         leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
         shardings = jax.tree.leaves(self.shardings)
         drawn = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
+
         def draw() -> list[jax.Array]:
             built = jax.tree.leaves(build())
             return [built[i] for i in drawn]
@@ -117,7 +118,7 @@ def _axes(spec_entry) -> tuple[str, ...]:
 
 
 def restore(manager, step: int, exp: Experiment, workdir: str, data_iter=None, *,
-             model_only: bool = False) -> nnx.State:
+            model_only: bool = False) -> nnx.State:
     """The checkpoint's (model, optimizer) state; with `model_only` the model's alone (the optimiser's not read)."""
     step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(step))
     checkpointing.check_state_shapes(checkpointing.state_shapes(manager.item_metadata(step)["state"]),
@@ -142,7 +143,7 @@ class Restored(NamedTuple):
 
 
 def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None, mesh: dict | None = None, *,
-                        model_only: bool = False) -> tuple[Experiment, nnx.State, Restored]:
+                       model_only: bool = False) -> tuple[Experiment, nnx.State, Restored]:
     """The experiment and state of `workdir`'s checkpoint `step` (default: the best by validation macro AUC), rebuilt
     from what the checkpoint holds alone; `data` and `mesh` override the saved config.data / config.mesh keys
     (where the dataset is now, batch sizes, devices). With `model_only` the state is the model's alone."""
