@@ -365,6 +365,9 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     With `report_dir`, a picture per nodule (views, saliency, radiomic attributions) and an index.html go there.
     Raises PredictInputError naming what is wrong with the CT (see read_ct), the nodule or the model.
     """
+    if workdir is not None:  # a mistyped workdir is said before the CT is read
+        from autorad_jax.train import checkpointing
+        checkpointing.require_checkpoint_dir(workdir)
     image, series = read_ct(ct, hu_range)
     nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml, xml_matches_ct=xml_matches_ct)
     masks = None if xml is not None else nodule_masks(image, series, **nodules, consensus_level=0.0)  # fail early

@@ -186,6 +186,8 @@ def test_incomplete_checkpoint_is_named(trained, tmp_path, scan):
     shutil.rmtree(workdir / "checkpoints")
     with pytest.raises(FileNotFoundError, match="No checkpoint folder"):
         predict(ct=scan[0], xml=scan[1], workdir=str(workdir))
+    with pytest.raises(FileNotFoundError, match="No checkpoint folder"):  # said before the CT (not a CT) is read
+        predict(ct=str(tmp_path), center=["0", "0", "5000"], diameter=6.0, workdir=str(workdir))
 
 
 def test_checkpoint_of_another_model_is_refused(trained, tmp_path):

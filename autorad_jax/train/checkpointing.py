@@ -90,12 +90,18 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.Che
                        "model_spec": ocp.JsonCheckpointHandler()})
 
 
+def require_checkpoint_dir(workdir: str) -> None:
+    """MissingCheckpointError unless `workdir` has a checkpoint folder."""
+    if not os.path.isdir(checkpoint_dir(workdir)):
+        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (python run.py "
+                                     f"train --workdir {workdir}).")
+
+
 @contextlib.contextmanager
 def open_manager(workdir: str, *, read_only: bool = True, keep: int = 1) -> Iterator[ocp.CheckpointManager]:
     """`make_manager` that is closed on every path (its async machinery must stop before the process ends)."""
-    if read_only and not os.path.isdir(checkpoint_dir(workdir)):
-        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (python run.py "
-                                     f"train --workdir {workdir}).")
+    if read_only:
+        require_checkpoint_dir(workdir)
     manager = make_manager(workdir, keep, read_only=read_only)
     try:
         yield manager
