@@ -17,8 +17,9 @@ from absl import logging
 
 from autorad_jax import models
 from autorad_jax.data import pipeline
-from autorad_jax.train import compare, compilation_cache, train_and_evaluate
+from autorad_jax.train import compare, compilation_cache
 from autorad_jax.train.bootstrap import format_value
+from autorad_jax.train.trainer import train_and_evaluate
 
 DEMO_SCANS = 150  # about 200 nodules
 DEMO_MODELS = ("autorad_lung", "radiomics_logreg")

@@ -1,11 +1,18 @@
 """The installable package: a wheel built from the checkout, installed without dependencies into a folder outside
-it, runs `autorad` and restores configs from the packaged files alone."""
+it, runs `autorad` and restores configs from the packaged files alone; every module of the checkout imports."""
 
 import glob
+import importlib
 import os
+import pkgutil
 import shutil
 import subprocess
 import sys
+
+import pytest
+
+import autorad_jax
+import tfds_lidc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,3 +44,13 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     config_file, params, name, n_ctx, view = out.stdout.split()
     assert config_file.startswith(str(site)) and params.startswith(str(site)) and os.path.isfile(params)
     assert (name, n_ctx, view) == ("coop", "7", "2.5d")
+
+
+@pytest.mark.parametrize("package", [autorad_jax, tfds_lidc], ids=lambda p: p.__name__)
+def test_every_module_imports(package):
+    """A name moved from one module to another breaks, at import time, every module that imports it there."""
+    names = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
+             if not m.name.endswith(".__main__")]
+    assert names
+    for name in names:
+        importlib.import_module(name)
