@@ -164,8 +164,9 @@ def restore_model_state(step_dir: str, abstract_model_state):
     (twice the trainable parameters)."""
     item = {0: abstract_model_state}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
-    restored = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(os.path.join(step_dir, "state"), args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
     return restored[0]
 
 
