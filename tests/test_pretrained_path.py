@@ -135,16 +135,17 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
     random_config = config.copy_and_resolve_references()
     random_config.model.aimv2_dir = ""
     random_state = experiment.make_experiment(random_config, exp.spec).init_state()
-    assert hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2).keys() == weights.keys()
-    assert all(np.array_equal(v, weights[k]) for k, v in
-               hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2).items())
+    towers = hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
+    assert towers.keys() == weights.keys()
+    assert all(np.array_equal(v, weights[k]) for k, v in towers.items())
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-    drawn = [(path, leaf) for path, leaf in leaves if "aimv2" not in jax.tree_util.keystr(path)]
+    drawn = [(jax.tree_util.keystr(path), leaf, expected)
+             for (path, leaf), expected in zip(leaves, jax.tree.leaves(random_state))
+             if "aimv2" not in jax.tree_util.keystr(path)]
     assert 0 < len(drawn) < len(leaves)
-    for (path, leaf), expected in zip(leaves, jax.tree.leaves(random_state)):
-        if "aimv2" not in jax.tree_util.keystr(path):
-            # the same draws; another compiled program may round a scaled draw differently (1 ulp)
-            np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0, err_msg=jax.tree_util.keystr(path))
+    for name, leaf, expected in drawn:
+        # the same draws; another compiled program may round a scaled draw differently (1 ulp)
+        np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0, err_msg=name)
     assert [leaf.sharding for _, leaf in leaves] == jax.tree.leaves(exp.shardings)
 
 

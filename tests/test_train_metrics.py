@@ -10,6 +10,7 @@ import pytest
 
 from autorad_jax.train.metrics import classification_metrics
 from autorad_jax.train.reports import write_report
+from fault_checks import ROOT
 
 
 def pairwise_auc(positive: np.ndarray, scores: np.ndarray) -> float:
@@ -116,7 +117,6 @@ def test_metric_writer_logs_scalars_without_importing_pytorch(tmp_path):
             "w = MetricWriter(sys.argv[1], True); w.write(3, {'loss': 0.25, 'auc': float('nan')}, prefix='train', "
             "jsonl='train'); w.write(4, {'loss': 0.125}, prefix='train'); w.close(); "
             "assert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))))
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT)
     assert read_scalars(tmp_path / "tensorboard") == {("train/loss", 3): 0.25, ("train/loss", 4): 0.125}
     assert [json.loads(line)["loss"] for line in open(tmp_path / "train.jsonl")] == [0.25]

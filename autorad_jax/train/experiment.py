@@ -156,7 +156,8 @@ def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None,
         exp = make_experiment(config, spec)
         state = restore(manager, step, exp, workdir, model_only=model_only)
     if model_only:
-        model = nnx.merge(nnx.graphdef(nnx.merge(exp.graphdef, exp.abstract_state)[0]), state)
+        model, _ = nnx.merge(exp.graphdef, exp.abstract_state)
+        nnx.update(model, state)
     else:
         model, _ = nnx.merge(exp.graphdef, state)
     return exp, state, Restored(model, config, spec, pipeline.RadiomicsStats.from_json(stats_json), step)
