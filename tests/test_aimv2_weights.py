@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -172,6 +173,9 @@ def test_bad_folders_fail_with_names(folders, tmp_path):
 
     with pytest.raises(hf_aimv2.PretrainedFolderError, match="config.json does not exist"):
         hf_aimv2.load_pretrained(tmp_path)
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match=re.escape(f"{path / 'model.safetensors'} is a file: "
+                       f"give the folder that holds it, config.json and the weights ({path}?)")):
+        hf_aimv2.load_pretrained(path / "model.safetensors")
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf_aimv2.PretrainedFolderError, match="no model.safetensors"):
         hf_aimv2.load_pretrained(tmp_path)

@@ -183,6 +183,9 @@ def read_json(file: str) -> dict:
 def read_config(path: str) -> Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Config]:
     """The config dataclass for ``path/config.json``, chosen by its ``model_type``."""
     file = os.path.join(path, CONFIG_NAME)
+    if os.path.isfile(path):
+        raise PretrainedFolderError(f"AIMv2 folder {path} is a file: give the folder that holds it, {CONFIG_NAME} "
+                                    f"and the weights ({os.path.dirname(os.path.abspath(path))}?).")
     if not os.path.isdir(path):
         raise PretrainedFolderError(f"AIMv2 folder {path} does not exist.")
     d = read_json(file)
