@@ -261,6 +261,16 @@ def test_zero_nifti_spacing_is_refused(scan, tmp_path):
         read_ct(str(ct))
 
 
+def test_patient_folder_as_ct_names_the_series_folders_below_it(scan, tmp_path):
+    patient = os.path.dirname(os.path.dirname(scan[0]))  # <patient>/<study>/<series>, the TCIA layout
+    with pytest.raises(PredictInputError, match=re.escape(f"unreadable CT {patient}: no DICOM files in the folder "
+                                                          f"itself; give one series folder as --ct: {scan[0]}.")):
+        read_ct(patient)
+    with pytest.raises(PredictInputError, match=re.escape(f"unreadable CT {tmp_path}: no DICOM (.dcm) files in it "
+                                                          "or in its subfolders.")):
+        read_ct(str(tmp_path))
+
+
 def test_implausible_diameter_or_mask_volume_is_refused(scan, exported, tmp_path):
     image, series = read_ct(scan[0])
     centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
