@@ -21,6 +21,7 @@ from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, experiment, trainer, workdir_lock
+from configs import autorad_lung
 from compiled import forward
 from fault_checks import assert_one_line_error, cli, snapshot
 from lidc_testdata import read_predictions, read_split, tiny_config
@@ -144,6 +145,20 @@ def test_incompatible_workdir_names_the_mismatch(trained):
     other.model.n_ctx = 6
     with pytest.raises(checkpointing.IncompatibleCheckpointError, match=r"model\.n_ctx is 4 .* but 6 now"):
         trainer.train_and_evaluate(other, workdir)
+
+
+def test_resume_may_change_what_does_not_shape_the_checkpoint_and_is_told_what(tmp_path):
+    config, workdir = autorad_lung.get_config("tiny"), str(tmp_path)
+    saved = config.to_dict()
+    other = config.copy_and_resolve_references()
+    other.data.batch_size *= 2
+    other.optim.learning_rate /= 10
+    other.model.dtype = "bfloat16"  # compute-only
+    assert checkpointing.check_compatible(saved, other, workdir) == {
+        "data.batch_size": (config.data.batch_size, other.data.batch_size),
+        "model.dtype": (config.model.dtype, "bfloat16"),
+        "optim.learning_rate": (config.optim.learning_rate, other.optim.learning_rate)}
+    assert checkpointing.check_compatible(saved, config, workdir) == {}
 
 
 def read_csv(path) -> list[dict]:

@@ -191,17 +191,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+def check_compatible(saved: dict, config: ml_collections.ConfigDict, workdir: str) -> dict[str, tuple]:
     """Raises IncompatibleCheckpointError naming every structural key whose value differs from the checkpoint's
-    (keys only one of the two configs has, from another version of the config file, are not compared)."""
+    (keys only one of the two configs has, from another version of the config file, are not compared); returns the
+    other changes, {key: (checkpoint's value, value now)}, which a resumed run takes."""
     old, new = _flatten(saved), _flatten(config.to_dict())
-    keys = sorted(k for k in set(old) & set(new)
-                  if k.startswith(_STRUCTURAL_PREFIXES) and k not in _FREE_KEYS and old.get(k) != new.get(k))
-    if keys:
-        diffs = "; ".join(f"{k} is {old.get(k)!r} in the checkpoint but {new.get(k)!r} now" for k in keys)
+    changed = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    structural = [k for k in changed if k.startswith(_STRUCTURAL_PREFIXES) and k not in _FREE_KEYS]
+    if structural:
+        diffs = "; ".join(f"{k} is {old[k]!r} in the checkpoint but {new[k]!r} now" for k in structural)
         raise IncompatibleCheckpointError(
             f"{checkpoint_dir(workdir)} holds a checkpoint from an incompatible config: {diffs}. "
             f"Use another --workdir, or the config that wrote it.")
+    return {k: (old[k], new[k]) for k in changed}
 
 
 def saved_config(saved: dict) -> ml_collections.ConfigDict:

@@ -255,7 +255,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     start = manager.latest_step()
     if start is not None:
         saved, stats_json, spec = checkpointing.restore_meta(manager, start)
-        checkpointing.check_compatible(saved, config, workdir)
+        changes = checkpointing.check_compatible(saved, config, workdir)
+        if changes:  # the next checkpoint records the new values only
+            logging.warning("Resuming %s at step %d with config changes: %s.", workdir, start,
+                            "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
         _check_dataset(spec, config.data, workdir)
         stats = pipeline.RadiomicsStats.from_json(stats_json)
     else:  # the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in init_state)
