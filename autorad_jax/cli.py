@@ -61,8 +61,8 @@ _HU_RANGE = flags.DEFINE_list(
 _EXPORT = flags.DEFINE_string("export", None, "An exported model folder instead of --workdir (predict).")
 _BACKEND = flags.DEFINE_enum("backend", "jax", ["jax", "torch"], "Which model runs (predict).")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Replace what is there: a non-empty --out folder, whole (export); a dataset in --data_dir built "
-    "from other series (prepare).")
+    "overwrite", False, "Replace what is there: an earlier export in --out (export); a dataset in --data_dir built from "
+    "other series (prepare).")
 _REPORT = flags.DEFINE_string("report", None, "Folder for a report picture per nodule and an index.html (predict).")
 _NODULES = flags.DEFINE_string("nodules", None, "CSV with one nodule per row, e.g. LUNA16's annotations.csv (predict).")
 _CT_ROOT = flags.DEFINE_string("ct_root", None, "Folder holding the CSV's <seriesuid>.mhd files or DICOM series folders "

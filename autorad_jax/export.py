@@ -6,8 +6,9 @@ learner through its name map, and a JSON config with class names, tokenised prom
 the preprocessing and the training config, and a model card (README.md, autorad_jax/model_card.py). `load_export`
 reads such a folder back into the JAX model. Weights are safetensors only.
 
-An export never destroys what it did not write: a non-empty `out_dir` is refused unless `overwrite`; the new export is
-written beside it and swapped in whole, so a failed export leaves the old one as it was.
+An export never destroys what it did not write: a non-empty `out_dir` is refused unless it holds an earlier export
+(its files alone) and `overwrite` is given; the new export is written beside it and swapped in whole, so a failed
+export leaves the old one as it was.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPOR
 
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 EXPORT_MODELS = ("autorad_lung", "coop", "cocoop")  # models with a learned context, read by AutoRadLungTorch
+EXPORT_ENTRIES = (EXPORT_TOWERS, EXPORT_VISION, EXPORT_WEIGHTS, EXPORT_CONFIG, model_card.CARD_NAME)  # what it writes
 
 
 class ExportTargetError(AutoradError, FileExistsError):
@@ -114,18 +116,28 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
 
 
 def _check_target(out_dir: str, overwrite: bool) -> None:
+    """ExportTargetError unless `out_dir` is new, empty, or (with `overwrite`) an earlier export and nothing else."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ExportTargetError(f"--out {out_dir} is a file, not a folder: give a new or empty folder.")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ExportTargetError(f"--out {out_dir} is not empty: give a new or empty folder, or add --overwrite to "
-                                f"replace it whole with the new export.")
+    entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    if not entries:
+        return
+    foreign = [name for name in entries if name not in EXPORT_ENTRIES]
+    if foreign or EXPORT_CONFIG not in entries:
+        shown = foreign or entries
+        listing = ", ".join(shown[:5]) + (f" and {len(shown) - 5} more" if len(shown) > 5 else "")
+        raise ExportTargetError(f"--out {out_dir} holds what an export does not write ({listing}): give a new or "
+                                f"empty folder (--overwrite replaces only an earlier export).")
+    if not overwrite:
+        raise ExportTargetError(f"--out {out_dir} holds an earlier export: add --overwrite to replace it, or give a "
+                                f"new or empty folder.")
 
 
 def export(workdir: str, out_dir: str, step: Optional[int] = None, *, overwrite: bool = False) -> str:
     """Exports the best (or step `step`) checkpoint of `workdir` to `out_dir`; returns `out_dir`.
 
-    The export is written into a new folder beside `out_dir` and moved into place when complete; with `overwrite`, a
-    non-empty `out_dir` is replaced whole only then.
+    The export is written into a new folder beside `out_dir` and moved into place when complete; with `overwrite`, an
+    earlier export in `out_dir` is replaced only then. A folder holding anything else is refused.
     """
     out_dir = os.path.abspath(out_dir)
     _check_target(out_dir, overwrite)

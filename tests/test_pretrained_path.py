@@ -5,6 +5,7 @@ predict from the workdir alone."""
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -203,23 +204,35 @@ def test_models_import_neither_transformers_nor_the_tokenizer():
     assert out.stdout.strip() == "[]"
 
 
-def test_export_refuses_a_non_empty_folder_and_a_file_and_overwrites_whole(prompt_run, tmp_path):
+def test_export_refuses_a_file_and_a_folder_of_other_files_and_overwrites_only_an_export(prompt_run, tmp_path):
     _, workdir, _, _, _ = prompt_run
     target = tmp_path / "out"
     target.mkdir()
-    (target / "notes.txt").write_text("mine")
-    with pytest.raises(export.ExportTargetError, match="not empty"):
-        export.export(workdir, str(target))
-    assert os.listdir(target) == ["notes.txt"]
+    (target / "README.md").write_text("mine")  # a name an export writes, in a folder that holds no export
+    for overwrite in (False, True):
+        with pytest.raises(export.ExportTargetError, match=re.escape(f"{target} holds what an export does not write "
+                                                                     "(README.md)")):
+            export.export(workdir, str(target), overwrite=overwrite)
+    assert os.listdir(target) == ["README.md"]
     (tmp_path / "file").write_text("x")
     with pytest.raises(export.ExportTargetError, match="is a file"):
         export.export(workdir, str(tmp_path / "file"))
+    os.remove(target / "README.md")
+    export.export(workdir, str(target))
+    written = sorted(os.listdir(target))
+    assert written == ["README.md", "aimv2", "aimv2_vision", "autorad_lung.json", "autorad_lung.safetensors"]
+    with pytest.raises(export.ExportTargetError, match="holds an earlier export: add --overwrite"):
+        export.export(workdir, str(target))
+    (target / "autorad_lung.json").write_text("{}")  # to tell the earlier export from the new one
     with pytest.raises(checkpointing.MissingCheckpointError):  # a failed export leaves the old folder as it was
         export.export(workdir, str(target), step=12345, overwrite=True)
-    assert os.listdir(target) == ["notes.txt"]
+    assert (target / "autorad_lung.json").read_text() == "{}"
     export.export(workdir, str(target), overwrite=True)
-    assert sorted(os.listdir(target)) == ["README.md", "aimv2", "aimv2_vision", "autorad_lung.json",
-                                          "autorad_lung.safetensors"]
+    assert sorted(os.listdir(target)) == written
     assert sorted(os.listdir(tmp_path)) == ["file", "out"]  # nothing left beside it
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(export.ExportTargetError, match=r"holds what an export does not write \(notes\.txt\)"):
+        export.export(workdir, str(target), overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine"
     config = json.loads((target / "autorad_lung.json").read_text())
     assert config["class_names"] == ["benign lung nodule", "malignant lung nodule"]
