@@ -167,8 +167,30 @@ def test_symlinked_folders_build_the_same_dataset_as_copies(store, cohorts, tmp_
     for key, ex in copied.items():
         for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold', 'patient_id'):
             np.testing.assert_array_equal(linked[key][name], ex[name])
-    skipped = _report(data_dir)['series_skipped']
-    assert [s['patient_id'] for s in skipped] == ['LIDC-IDRI-0998'] and 'XML without DICOM' in skipped[0]['reason']
+    skipped = {s['series_dir']: s['reason'] for s in _report(data_dir)['series_skipped']}
+    assert skipped == {'LIDC-IDRI-0998/xml': 'reader XML without DICOM slices (its series folder holds no .dcm files)',
+                       f'{UNEVEN}/loop': 'a folder already read, reached again through a symlink: the manual_dir itself'}
+
+
+def test_a_series_reached_twice_is_read_once_and_reported(store, cohorts, tmp_path):
+    manual = tmp_path / 'manual'
+    shutil.copytree(os.path.join(store, MISSING_SLICE), manual / MISSING_SLICE)
+    shutil.copytree(os.path.join(store, MISSING_SLICE), manual / f'{MISSING_SLICE} (1)')  # a patient copied twice
+    os.symlink(manual / MISSING_SLICE, manual / f'{MISSING_SLICE}-link')                 # and linked again
+    data_dir = str(tmp_path / 'data')
+    tfds_lidc.prepare(str(manual), data_dir, CONFIG)
+    once, alone = read_all(data_dir), read_all(cohorts[1][1])  # cohort 1: that patient alone
+    assert once.keys() == alone.keys()
+    for key, ex in alone.items():
+        for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold', 'patient_id'):
+            np.testing.assert_array_equal(once[key][name], ex[name])
+    series = os.path.relpath(_series_dirs(str(manual / MISSING_SLICE))[0], manual)
+    uid = os.path.basename(series)  # the generated series folders are named by their SeriesInstanceUID
+    skipped = {s['series_dir']: s['reason'] for s in _report(data_dir)['series_skipped']}
+    assert skipped == {
+        series.replace(MISSING_SLICE, f'{MISSING_SLICE} (1)', 1): f'a copy of a series already read '
+                                                                  f'(SeriesInstanceUID {uid}): {series}',
+        f'{MISSING_SLICE}-link': f'a folder already read, reached again through a symlink: {MISSING_SLICE}'}
 
 
 def test_rebuilds_say_what_they_do(cohorts, capsys):

@@ -10,30 +10,36 @@ _PATIENT_RE = re.compile(r'LIDC-IDRI-\d+')
 
 @dataclasses.dataclass(frozen=True)
 class Folder:
-    """A folder holding DICOM slices (a series) or reader XML only."""
+    """A folder holding DICOM slices (a series) or reader XML only, or one reached again through a symlink."""
     rel: str               # relative to manual_dir, as the user laid it out (symlinks not resolved)
     patient_id: str        # LIDC-IDRI-NNNN from the path, else its first component
     has_dicom: bool
+    same_as: str = ''      # for a folder reached again: the path it was read at (not read twice)
 
 
 def discover(manual_dir: str) -> list[Folder]:
     """Every folder under `manual_dir` holding .dcm or .xml files, sorted by path.
 
-    Symlinked folders are followed; a folder reached twice (a symlink loop, or two links to one folder under
-    one patient) is read once, at its first path in sorted order.
+    Symlinked folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is read once,
+    at its first path in sorted order, and listed at the others with `same_as`.
     """
-    found, seen = [], set()
+    found, seen = [], {}
     for root, dirs, files in os.walk(manual_dir, followlinks=True):
+        rel = os.path.relpath(root, manual_dir)
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
+            found.append(Folder(rel, _patient_id(rel), False, same_as=seen[real]))
             continue
-        seen.add(real)
+        seen[real] = rel
         dirs.sort()
         names = [f.lower() for f in files]
         has_dicom = any(f.endswith('.dcm') for f in names)
         if has_dicom or any(f.endswith('.xml') for f in names):
-            rel = os.path.relpath(root, manual_dir)
-            match = _PATIENT_RE.search(rel)
-            found.append(Folder(rel, match.group(0) if match else rel.split(os.sep)[0], has_dicom))
+            found.append(Folder(rel, _patient_id(rel), has_dicom))
     return sorted(found, key=lambda f: f.rel)
+
+
+def _patient_id(rel: str) -> str:
+    match = _PATIENT_RE.search(rel)
+    return match.group(0) if match else rel.split(os.sep)[0]

@@ -32,7 +32,8 @@ Place them in `manual_dir` in the TCIA layout, one folder per patient and one fo
 
 Every folder that holds .dcm files is one series; its reader XML must sit next to its slices (as in the
 TCIA download; the XML archive "LIDC-XML-only" can be unpacked into the matching series folders).
-Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds.
+Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds;
+a series met twice (linked or copied twice) is read once.
 Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
 For a small local demo in the same layout: `python run.py synth --out DIR --num_scans N`.
 """
@@ -59,10 +60,29 @@ def _with_progress(results: Iterable[dict], total: int) -> Iterator[dict]:
             yield entry
 
 
-def _xml_only_entry(folder: discover.Folder) -> dict:
+def _unread_entry(folder: discover.Folder) -> dict:
+    """The report entry of a folder holding reader XML only, or reached again through a symlink."""
+    first = 'the manual_dir itself' if folder.same_as == '.' else folder.same_as
+    reason = (f'a folder already read, reached again through a symlink: {first}' if folder.same_as
+              else 'reader XML without DICOM slices (its series folder holds no .dcm files)')
     return {'series_dir': folder.rel, 'patient_id': folder.patient_id, 'series_uid': '', 'status': 'skipped',
-            'reason': 'reader XML without DICOM slices (its series folder holds no .dcm files)',
-            'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+            'reason': reason, 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+
+
+def _skip_repeated_series(entries: list[dict]) -> list[dict]:
+    """The entries in path order (by folder names, as the walk met them), a series read from two folders (a patient
+    folder copied twice, say) kept at its first path and skipped at the others: its nodules would otherwise be written
+    twice under the same keys."""
+    first, out = {}, []
+    for entry in sorted(entries, key=lambda e: e['series_dir'].split(os.sep)):
+        uid = entry['series_uid']
+        if entry['status'] == 'read' and uid in first:
+            entry = dict(entry, status='skipped', nodules_written=[], nodules_skipped=[], issues=[],
+                         reason=f'a copy of a series already read (SeriesInstanceUID {uid}): {first[uid]}')
+        elif entry['status'] == 'read':
+            first[uid] = entry['series_dir']
+        out.append(entry)
+    return out
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
@@ -123,7 +143,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     def series_tasks(self, manual_dir: str, cache_dir: str) -> tuple[list[series_examples.SeriesTask],
                                                                       list[discover.Folder]]:
-        """(a task per DICOM series folder of `manual_dir`, folders holding reader XML only)."""
+        """(a task per DICOM series folder of `manual_dir`, the folders not read: reader XML only, or reached again
+        through a symlink)."""
         cfg = self.builder_config
         folders = discover.discover(manual_dir)
         tasks = [series_examples.SeriesTask(
@@ -152,17 +173,18 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)  # TFDS raises, with the instructions, if missing or empty
         cache_dir = self.series_cache_dir(os.fspath(dl_manager.download_dir))
-        tasks, xml_only = self.series_tasks(manual_dir, cache_dir)
+        tasks, unread = self.series_tasks(manual_dir, cache_dir)
         if not tasks:
             raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
                              f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
-        entries = [_xml_only_entry(f) for f in xml_only]
+        entries = [_unread_entry(f) for f in unread]
         try:
             entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
         finally:
-            if len(entries) < len(tasks) + len(xml_only):  # interrupted: report the series done so far
+            if len(entries) < len(tasks) + len(unread):  # interrupted: report the series done so far
                 self.report = dict(report.build(entries, {}, {}, '', manual_dir), interrupted=True)
                 self.report_paths = report.write(self.report, cache_dir)
+        entries = _skip_repeated_series(entries)
         with_nodules = sorted({e['patient_id'] for e in entries if e['nodules_written']})
         assignment, empty = splits_lib.plan(with_nodules, [e['patient_id'] for e in entries])
         fingerprint = series_cache.fingerprint(e['series_key'] for e in entries if 'series_key' in e)
