@@ -92,6 +92,10 @@ def _no_nodules(d):
     open(_xml(d), 'w').write(text)
 
 
+def _second_xml(d):
+    shutil.copy(_xml(d), os.path.join(d, 'zz-second.xml'))
+
+
 VARIANTS = {
     'LIDC-IDRI-9001': (_corrupt, 'corrupt or truncated DICOM'),
     'LIDC-IDRI-9004': (_bad_xml, 'reader XML does not parse'),
@@ -99,7 +103,8 @@ VARIANTS = {
 }
 # Read, with a note in the report: interpolated onto a regular grid, or a duplicate slice dropped.
 NOTED = {'LIDC-IDRI-9002': (_missing_slice, 'interpolated'), 'LIDC-IDRI-9003': (_uneven, 'interpolated'),
-         'LIDC-IDRI-9009': (_duplicate, 'duplicate slice')}
+         'LIDC-IDRI-9009': (_duplicate, 'duplicate slice'),
+         'LIDC-IDRI-9011': (_second_xml, 'zz-second.xml not read (the same file content)')}
 
 
 def test_missing_or_empty_manual_dir_fails_with_instructions(tmp_path):
@@ -145,7 +150,7 @@ def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable
     assert written['LIDC-IDRI-9005']
     assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
     assert not written['LIDC-IDRI-9006']
-    assert rep['series_read'] == 6 and not rep['errors']
+    assert rep['series_read'] == 7 and not rep['errors']
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name

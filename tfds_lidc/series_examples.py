@@ -46,9 +46,10 @@ def _xml_paths(directory: str) -> list[str]:
     return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.xml'))
 
 
-def _reader_xml(directory: str, series_uid: str) -> xml_reader.ReaderXml:
-    """The folder's first reader XML for `series_uid` (or naming no series); raises `XmlError` when there is none
-    or when any of the folder's XML files does not parse."""
+def _reader_xml(directory: str, series_uid: str) -> tuple[xml_reader.ReaderXml, list[str]]:
+    """The folder's first reader XML for `series_uid` (or naming no series), and a report note naming the others
+    for it, which are not read; raises `XmlError` when there is none or when any of the folder's XML files does not
+    parse."""
     paths = _xml_paths(directory)
     if not paths:
         raise xml_reader.XmlError('no reader XML in the series folder')
@@ -58,10 +59,22 @@ def _reader_xml(directory: str, series_uid: str) -> xml_reader.ReaderXml:
             parsed.append(xml_reader.parse_reader_xml(path))
         except xml_reader.XmlError as e:
             raise xml_reader.XmlError(f'{os.path.basename(path)}: {e}') from e
-    matching = [x for x in parsed if x.series_uid in (None, series_uid)]
+    matching = [(path, x) for path, x in zip(paths, parsed) if x.series_uid in (None, series_uid)]
     if not matching:
         raise xml_reader.XmlError('reader XML is for another series')
-    return matching[0]
+    (used, reader_xml), others = matching[0], [path for path, _ in matching[1:]]
+    notes = []
+    if others:
+        same = all(_read_bytes(path) == _read_bytes(used) for path in others)
+        notes.append(f'{len(matching)} reader XML files for this series: {os.path.basename(used)} read, '
+                     f'{", ".join(os.path.basename(p) for p in others)} not read '
+                     f'({"the same file content" if same else "other content"})')
+    return reader_xml, notes
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, 'rb') as f:
+        return f.read()
 
 
 def process_series(task: SeriesTask) -> dict:
@@ -97,7 +110,8 @@ def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict
     series = ct_series.load_ct_series(directory)
     entry['series_uid'] = series.series_uid
     entry['issues'].extend(series.notes)
-    reader_xml = _reader_xml(directory, series.series_uid)
+    reader_xml, notes = _reader_xml(directory, series.series_uid)
+    entry['issues'].extend(notes)
     annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
                                                         float(np.median(np.diff(series.positions))))
     entry['issues'].extend(issues)
