@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 
 import tfds_lidc
 from tfds_lidc import ct_series, nodules, radiomics_features, report, series_examples, xml_reader
@@ -151,6 +152,36 @@ def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable
     assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
     assert not written['LIDC-IDRI-9006']
     assert rep['series_read'] == 7 and not rep['errors']
+
+
+def test_slices_without_extension_are_read_and_a_dicomdir_left_out(good, tmp_path):  # pylint: disable=redefined-outer-name
+    series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-0001')
+    bare = tmp_path / 'bare'
+    bare.mkdir()
+    for i, path in enumerate(ct_series.dicom_files(series_dir)):
+        shutil.copy(path, bare / f'IM{i:05d}')
+    shutil.copy(_middle(series_dir), bare / 'DICOMDIR')  # an index file beside the slices (a real one is no image)
+    (bare / 'notes.txt').write_text('not DICOM')
+    ours, reference = ct_series.load_ct_series(str(bare)), ct_series.load_ct_series(series_dir)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(ours.image), sitk.GetArrayFromImage(reference.image))
+    assert (ours.image.GetOrigin(), ours.image.GetSpacing()) == (reference.image.GetOrigin(),
+                                                                 reference.image.GetSpacing())
+    assert ours.sop_uids == reference.sop_uids and ours.notes == reference.notes == []
+
+
+def test_two_series_in_one_folder_are_refused_naming_both(good, tmp_path):  # pylint: disable=redefined-outer-name
+    series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-0001')
+    files = ct_series.dicom_files(series_dir)
+    other = pydicom.uid.generate_uid()
+    for i, path in enumerate(files[:3]):  # three slices of another series copied in
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = other
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(os.path.join(series_dir, f'other-{i}.dcm'))
+    uid = pydicom.dcmread(files[0]).SeriesInstanceUID
+    with pytest.raises(ct_series.SeriesError, match=re.escape(f'2 series in one folder (SeriesInstanceUID: {uid} with '
+                                                              f'{len(files)} slices, {other} with 3 slices)')):
+        ct_series.load_ct_series(series_dir)
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name

@@ -1,6 +1,7 @@
 """Loads one CT series (a folder of slice DICOM files) into a SimpleITK image in HU."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 
@@ -31,8 +32,19 @@ class CtSeries:
 
 
 def dicom_files(directory: str) -> list[str]:
-    """Sorted paths of the folder's .dcm files."""
-    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.dcm'))
+    """Sorted paths of the folder's .dcm files; without any, of its files with the DICOM preamble (exports from
+    scanners and PACS often name slices without an extension), DICOMDIR left out."""
+    files = sorted(os.path.join(directory, f) for f in os.listdir(directory))
+    named = [f for f in files if f.lower().endswith('.dcm')]
+    if named:
+        return named
+    return [f for f in files if os.path.basename(f).upper() != 'DICOMDIR' and os.path.isfile(f) and _has_preamble(f)]
+
+
+def _has_preamble(path: str) -> bool:
+    """A DICOM Part 10 file: 128 bytes, then 'DICM'."""
+    with open(path, 'rb') as f:
+        return f.read(132)[128:] == b'DICM'
 
 
 def _read_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -119,6 +131,11 @@ def load_ct_series(directory: str) -> CtSeries:
     if not files:
         raise SeriesError('no DICOM files')
     slices = [_read_slice(f) for f in files]
+    uids = collections.Counter(str(getattr(ds, 'SeriesInstanceUID', '')) for ds, _ in slices)
+    if len(uids) > 1:
+        raise SeriesError(f'{len(uids)} series in one folder (SeriesInstanceUID: '
+                          f'{", ".join(f"{uid} with {n} slices" for uid, n in uids.most_common())}): '
+                          f'one folder must hold one series')
     first = slices[0][0]
     if str(getattr(first, 'Modality', 'CT')) != 'CT':
         raise SeriesError(f'not a CT series (modality {first.Modality})')
