@@ -3,6 +3,7 @@
 import json
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -176,6 +177,12 @@ def test_bad_folders_fail_with_names(folders, tmp_path):
     with pytest.raises(hf_aimv2.PretrainedFolderError, match=re.escape(f"{path / 'model.safetensors'} is a file: "
                        f"give the folder that holds it, config.json and the weights ({path}?)")):
         hf_aimv2.load_pretrained(path / "model.safetensors")
+    snapshot = tmp_path / "models--apple--aimv2" / "snapshots" / "0123abcd"
+    shutil.copytree(path, snapshot)
+    with pytest.raises(hf_aimv2.PretrainedFolderError, match=re.escape(
+            f"{snapshot.parent.parent} is a Hugging Face cache folder, not a model folder: give one of its "
+            f"snapshots ({snapshot}).")):
+        hf_aimv2.load_pretrained(snapshot.parent.parent)
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(hf_aimv2.PretrainedFolderError, match="no model.safetensors"):
         hf_aimv2.load_pretrained(tmp_path)

@@ -188,6 +188,11 @@ def read_config(path: str) -> Union[Aimv2VisionConfig, Aimv2TextConfig, Aimv2Con
                                     f"and the weights ({os.path.dirname(os.path.abspath(path))}?).")
     if not os.path.isdir(path):
         raise PretrainedFolderError(f"AIMv2 folder {path} does not exist.")
+    snapshots = os.path.join(path, "snapshots")
+    if not os.path.isfile(file) and os.path.isdir(snapshots):  # huggingface_hub's cache: blobs/, refs/, snapshots/
+        found = ", ".join(os.path.join(snapshots, name) for name in sorted(os.listdir(snapshots))) or "none yet"
+        raise PretrainedFolderError(f"{path} is a Hugging Face cache folder, not a model folder: give one of its "
+                                    f"snapshots ({found}).")
     d = read_json(file)
     model_type = d.get("model_type")
     if model_type not in _MODELS:
