@@ -111,7 +111,7 @@ def _picture(path: str, predictor: Predictor, inputs: NoduleInputs, nodule: dict
             color=["C3" if a > 0 else "C0" for a in exp.attributions[top]])
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(f"radiomics: gradient × input on the '{nodule['label']}' logit", fontsize=10)
+    ax.set_title(f"radiomics: gradient × input\non the '{nodule['label']}' logit", fontsize=10)
     fig.suptitle(f"{title}: {nodule['label']} — diameter {nodule['diameter_mm']:.1f} mm, centroid "
                  f"{', '.join(f'{v:.1f}' for v in nodule['centroid_mm'])} mm", fontsize=11)
     fig.text(0.01, 0.01, f"Probabilities by the {predictor.source['backend']} backend; saliency (|∂ logit / ∂ pixel|) "
