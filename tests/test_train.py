@@ -289,6 +289,15 @@ def copy_run(trained, tmp_path) -> str:
     return str(workdir)
 
 
+def test_refused_start_leaves_no_folder_it_made(tmp_path):
+    config = autorad_lung.get_config("tiny")
+    config.data.data_dir = str(tmp_path / "no_dataset_here")
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(pipeline.DatasetError, match="no_dataset_here"):
+        trainer.train_and_evaluate(config, str(tmp_path / "runs" / "new" / "run1"))
+    assert sorted(os.walk(tmp_path)) == [(str(tmp_path), ["runs"], []), (str(tmp_path / "runs"), [], [])]
+
+
 def test_second_train_on_a_locked_workdir_is_refused_naming_the_holder(trained, tmp_path):
     config = trained[0]
     workdir = copy_run(trained, tmp_path)

@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
-    created = is_main and not os.path.isdir(workdir)
+    created = _outermost_missing(workdir) if is_main else None
     if is_main:
         os.makedirs(workdir, exist_ok=True)
     compilation_cache.use_workdir_cache(config.train.compilation_cache, workdir)
@@ -227,9 +227,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with workdir_lock.hold(workdir, active=is_main), contextlib.ExitStack() as closing:
             return _train_and_evaluate(config, workdir, closing)
     except AutoradError:
-        if created:  # refused input leaves no empty workdir behind
-            _remove_empty_folders(workdir)
+        if created:  # refused input leaves no empty workdir (nor the folders made for it) behind
+            _remove_empty_folders(created)
         raise
+
+
+def _outermost_missing(path: str) -> str | None:
+    """The first folder of `path`, from the root down, that does not exist (what makedirs creates first); None if
+    `path` exists."""
+    missing = None
+    while not os.path.isdir(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
 
 
 def _remove_empty_folders(root: str) -> None:
