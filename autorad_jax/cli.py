@@ -40,10 +40,11 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded f
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                  "TFDS data dir; overrides config.data.data_dir (eval: else the training's).")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
-_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes writing demo scans (synth) or the dataset (prepare).")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes writing demo scans (synth) or the dataset (prepare).",
+                                     lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Output folder (synth, export, compare).")
 _WORKDIRS = flags.DEFINE_list("workdirs", None, "Workdirs to compare, the first is A (compare).")
-_NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).")
+_NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (synth).", lower_bound=1)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval).")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (eval, export); default: the best.")
