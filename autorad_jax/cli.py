@@ -218,6 +218,9 @@ def main(argv):
         advice = f" Run: {rerun_command(sys.argv, e.overrides)}" if getattr(e, "overrides", None) else ""
         sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}{advice}")
     _show(command, result)
+    if command == "predict" and _NODULES.value and result["errors"]:  # written, but a script must not take it as done
+        sys.exit(f"{_PROG} predict: {result['errors']} of {result['rows']} rows could not be predicted; each "
+                 f"row's error is in {result['csv']}.")
 
 
 def run() -> None:
