@@ -9,10 +9,9 @@ import sys
 import jax
 import pytest
 
-from fault_checks import environment
+from fault_checks import ROOT, environment
 from lidc_testdata import read_split
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script: str, *args: str) -> str:

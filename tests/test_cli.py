@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fault_checks import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import autorad_lung  # noqa: E402

@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 from autorad_jax.train import bootstrap, compare
 from autorad_jax.train.metrics import classification_metrics, weighted_metrics
 from autorad_jax.train.reports import write_predictions
+from fault_checks import ROOT
 
 NAMES3 = ["benign", "unsure", "malignant"]
 
@@ -213,9 +214,8 @@ def test_compare_command(tmp_path):
     labels, probs = random_case(20, 2, seed=6)
     a = write_run(tmp_path, "a", labels, probs, np.arange(20) // 2)
     b = write_run(tmp_path, "b", labels, probs[:, ::-1], np.arange(20) // 2)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ok = subprocess.run([sys.executable, "run.py", "compare", a, "--workdirs", b, "--out", str(tmp_path / "out")],
-                        capture_output=True, text=True, cwd=root, timeout=120)
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert ok.returncode == 0, ok.stderr
     auc = skm.roc_auc_score(labels, probs[:, 1])
     assert f"| a | b | auc_macro | {auc:.3f} | {1 - auc:.3f} | {1 - 2 * auc:+.3f} |" in ok.stdout

@@ -13,8 +13,7 @@ import pytest
 
 import autorad_jax
 import tfds_lidc
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from fault_checks import ROOT
 
 
 def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):

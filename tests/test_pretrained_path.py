@@ -23,6 +23,7 @@ from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights import hf_aimv2
+from fault_checks import ROOT
 from test_train import train_config
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
@@ -199,8 +200,7 @@ def test_a_joint_model_cannot_start_from_a_vision_only_folder(pretrained, lidc_d
 def test_models_import_neither_transformers_nor_the_tokenizer():
     code = ("import sys, autorad_jax.models; "
             "print(sorted(m for m in sys.modules if m.startswith('transformers') or m.endswith('tokenizer')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
 
 

@@ -16,6 +16,7 @@ from pylidc.utils import consensus
 
 import tfds_lidc
 from autorad_jax.data import pipeline
+from fault_checks import ROOT
 from lidc_testdata import CONFIG, read_all, tiny_config
 from tfds_lidc import ct_series, nodule_sample, report, series_examples
 
@@ -230,11 +231,10 @@ def test_unexpected_error_is_recorded_and_fails_the_build_at_its_end(cohorts, tm
 
 def test_killed_build_resumes_to_the_same_dataset(manual_dir, built, tmp_path):
     """A build killed (SIGKILL) after its first series, run again, gives the uninterrupted build's dataset."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     data_dir = str(tmp_path / 'data')
     cache = tfds_lidc.Builder(data_dir=data_dir, config=CONFIG).series_cache_dir(os.path.join(data_dir, 'downloads'))
     proc = subprocess.Popen([sys.executable, 'run.py', 'prepare', f'--manual_dir={manual_dir}',
-                             f'--data_dir={data_dir}', f'--builder_config={CONFIG}'], cwd=root,
+                             f'--data_dir={data_dir}', f'--builder_config={CONFIG}'], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
