@@ -158,7 +158,9 @@ def _run(command: str, args: list[str]):
             raise app.UsageError("export needs --out.")
         from autorad_jax import export
         return export.export(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value, overwrite=_OVERWRITE.value)
-    model = dict(workdir=None if _EXPORT.value else _WORKDIR.value, export_dir=_EXPORT.value, backend=_BACKEND.value)
+    explicit_workdir = flags.FLAGS["workdir"].present  # its default is not meant when --export is given
+    model = dict(workdir=_WORKDIR.value if explicit_workdir or not _EXPORT.value else None, export_dir=_EXPORT.value,
+                 backend=_BACKEND.value)
     if _NODULES.value:
         from autorad_jax import batch_predict
         return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,

@@ -87,6 +87,16 @@ def _torch_probabilities(export_dir: str) -> Callable:
     return run
 
 
+def _check_model_source(workdir: Optional[str], export_dir: Optional[str]) -> None:
+    """PredictInputError unless exactly one of a workdir and an export folder is given; a workdir must hold
+    checkpoints (said before a CT is read)."""
+    if (workdir is None) == (export_dir is None):
+        raise PredictInputError("give either a workdir (--workdir) or an export folder (--export), not both.")
+    if workdir is not None:
+        from autorad_jax.train import checkpointing
+        checkpointing.require_checkpoint_dir(workdir)
+
+
 def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] = None,
                    backend: str = "jax") -> Predictor:
     """The model of `workdir` (best checkpoint) or of `export_dir`, run by `backend` ('jax' | 'torch').
@@ -98,8 +108,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     from autorad_jax.train import checkpointing, experiment
     if backend not in BACKENDS:
         raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
-    if (workdir is None) == (export_dir is None):
-        raise PredictInputError("give either a workdir (--workdir) or an export folder (--export), not both.")
+    _check_model_source(workdir, export_dir)
     if workdir is not None:
         restored = experiment.load_model(workdir)
         config = restored.config
@@ -377,9 +386,7 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     With `report_dir`, a picture per nodule (views, saliency, radiomic attributions) and an index.html go there.
     Raises PredictInputError naming what is wrong with the CT (see read_ct), the nodule or the model.
     """
-    if workdir is not None:  # a mistyped workdir is said before the CT is read
-        from autorad_jax.train import checkpointing
-        checkpointing.require_checkpoint_dir(workdir)
+    _check_model_source(workdir, export_dir)  # a mistyped workdir is said before the CT is read
     image, series = read_ct(ct, hu_range)
     nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml, xml_matches_ct=xml_matches_ct)
     masks = None if xml is not None else nodule_masks(image, series, **nodules, consensus_level=0.0)  # fail early

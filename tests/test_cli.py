@@ -71,3 +71,22 @@ def test_absl_info_lines_are_off_unless_verbosity_asks_and_bad_input_is_one_line
     assert f"nodule table {missing}" in quiet.stderr and "No such file" in quiet.stderr
     info = _run("predict", "--nodules", missing, "--export", str(tmp_path), "--verbosity=0")
     assert "cli.py" in info.stderr and "] run.py predict" in info.stderr  # absl's INFO line, only when asked
+
+
+def test_predict_refuses_a_workdir_and_an_export_given_together(tmp_path, monkeypatch):
+    from absl import flags
+    from autorad_jax import cli as cli_lib, console
+    monkeypatch.setattr(console, "quiet_third_party", lambda: None)  # process-wide filters, not for a test worker
+    ct = tmp_path / "ct.nii.gz"
+    refusals = []
+    for argv in (["run.py", "predict", f"--workdir={tmp_path}", f"--export={tmp_path}"],
+                 ["run.py", "predict", f"--export={tmp_path}"]):  # with the default workdir, which is not meant
+        try:
+            with pytest.raises(SystemExit) as stop:
+                cli_lib.main(cli_lib._parse_flags([*argv, f"--ct={ct}", "--center=0,0,0", "--diameter=8"]))
+        finally:
+            flags.FLAGS.unparse_flags()
+        refusals.append(stop.value.code)
+    assert refusals == [f"{cli_lib._PROG} predict: PredictInputError: give either a workdir (--workdir) or an export "
+                        f"folder (--export), not both.",
+                        f"{cli_lib._PROG} predict: PredictInputError: CT {ct} does not exist."]
