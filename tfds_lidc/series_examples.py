@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import filecmp
 import os
 import traceback
 
@@ -65,16 +66,11 @@ def _reader_xml(directory: str, series_uid: str) -> tuple[xml_reader.ReaderXml, 
     (used, reader_xml), others = matching[0], [path for path, _ in matching[1:]]
     notes = []
     if others:
-        same = all(_read_bytes(path) == _read_bytes(used) for path in others)
+        same = all(filecmp.cmp(path, used, shallow=False) for path in others)
         notes.append(f'{len(matching)} reader XML files for this series: {os.path.basename(used)} read, '
                      f'{", ".join(os.path.basename(p) for p in others)} not read '
                      f'({"the same file content" if same else "other content"})')
     return reader_xml, notes
-
-
-def _read_bytes(path: str) -> bytes:
-    with open(path, 'rb') as f:
-        return f.read()
 
 
 def process_series(task: SeriesTask) -> dict:
