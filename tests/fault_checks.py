@@ -1,8 +1,11 @@
-"""What the fault tests of several modules share: a command-line run, its one-line error, a folder's snapshot."""
+"""What the fault tests of several modules share: a command-line run (in a subprocess or in this process), its
+one-line error, a folder's snapshot."""
 
 import os
 import subprocess
 import sys
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +32,20 @@ def cli(*args: str, cwd, env: dict[str, str] | None = None) -> subprocess.Comple
     env = {**(os.environ if env is None else env), "JAX_PLATFORMS": "cpu"}
     return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
+
+
+def cli_exit(monkeypatch, *args: str):
+    """`run.py ARGS` in this process (a subprocess spends seconds importing), for a command that must end with
+    SystemExit: its code (a message means exit status 1)."""
+    from absl import flags
+    from autorad_jax import cli as cli_lib, console
+    monkeypatch.setattr(console, "quiet_third_party", lambda: None)  # process-wide filters, not for a test worker
+    try:
+        with pytest.raises(SystemExit) as stop:
+            cli_lib.main(cli_lib._parse_flags(["run.py", *args]))
+    finally:
+        flags.FLAGS.unparse_flags()
+    return stop.value.code
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *parts: str) -> None:

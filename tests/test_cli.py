@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from fault_checks import ROOT
+from fault_checks import ROOT, cli_exit
 
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
@@ -74,19 +74,11 @@ def test_absl_info_lines_are_off_unless_verbosity_asks_and_bad_input_is_one_line
 
 
 def test_predict_refuses_a_workdir_and_an_export_given_together(tmp_path, monkeypatch):
-    from absl import flags
-    from autorad_jax import cli as cli_lib, console
-    monkeypatch.setattr(console, "quiet_third_party", lambda: None)  # process-wide filters, not for a test worker
+    from autorad_jax import cli as cli_lib
     ct = tmp_path / "ct.nii.gz"
-    refusals = []
-    for argv in (["run.py", "predict", f"--workdir={tmp_path}", f"--export={tmp_path}"],
-                 ["run.py", "predict", f"--export={tmp_path}"]):  # with the default workdir, which is not meant
-        try:
-            with pytest.raises(SystemExit) as stop:
-                cli_lib.main(cli_lib._parse_flags([*argv, f"--ct={ct}", "--center=0,0,0", "--diameter=8"]))
-        finally:
-            flags.FLAGS.unparse_flags()
-        refusals.append(stop.value.code)
+    refusals = [cli_exit(monkeypatch, "predict", *models, f"--ct={ct}", "--center=0,0,0", "--diameter=8")
+                for models in ([f"--workdir={tmp_path}", f"--export={tmp_path}"],
+                               [f"--export={tmp_path}"])]  # with the default workdir, which is not meant
     assert refusals == [f"{cli_lib._PROG} predict: PredictInputError: give either a workdir (--workdir) or an export "
                         f"folder (--export), not both.",
                         f"{cli_lib._PROG} predict: PredictInputError: CT {ct} does not exist."]

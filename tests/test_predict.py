@@ -22,7 +22,7 @@ from autorad_jax.predict import PredictInputError, predict, read_ct
 from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 from compiled import forward
-from fault_checks import assert_one_line_error, cli, snapshot
+from fault_checks import assert_one_line_error, cli, cli_exit, snapshot
 from lidc_testdata import read_split
 from test_train import train_config
 
@@ -407,21 +407,12 @@ def test_luna16_csv_predicts_as_one_at_a_time_and_a_bad_row_keeps_its_error(expo
 
 def test_nodule_table_with_a_row_in_error_ends_the_command_with_status_1_after_writing_all(exported, tmp_path,
                                                                                           monkeypatch):
-    from absl import flags
-    from autorad_jax import cli as cli_lib, console
+    from autorad_jax import cli as cli_lib
     (tmp_path / "nodules.csv").write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3.404,1,2,3,8\n")
     table = tmp_path / "out" / "predictions.csv"
-    argv = ["run.py", "predict", f"--nodules={tmp_path / 'nodules.csv'}", f"--ct_root={tmp_path}",
-            f"--export={exported}", f"--out={tmp_path / 'out'}"]
-    monkeypatch.setattr(console, "quiet_third_party", lambda: None)  # process-wide filters, not for a test worker
-    try:  # in this process: a subprocess would spend most of its time importing
-        with pytest.raises(SystemExit) as stop:
-            cli_lib.main(cli_lib._parse_flags(argv))
-    finally:
-        flags.FLAGS.unparse_flags()
-    # SystemExit with a message: printed to stderr, exit status 1
-    assert stop.value.code == (f"{cli_lib._PROG} predict: 1 of 1 rows could not be predicted; each row's error is "
-                               f"in {table}.")
+    code = cli_exit(monkeypatch, "predict", f"--nodules={tmp_path / 'nodules.csv'}", f"--ct_root={tmp_path}",
+                    f"--export={exported}", f"--out={tmp_path / 'out'}")
+    assert code == f"{cli_lib._PROG} predict: 1 of 1 rows could not be predicted; each row's error is in {table}."
     with open(table) as f:
         (row,) = csv.DictReader(f)
     assert "1.2.3.404 is not under --ct_root" in row["error"]
