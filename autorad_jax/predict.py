@@ -66,7 +66,8 @@ def _jax_probabilities(model, stats: pipeline.RadiomicsStats, data_config) -> Ca
 
     @jax.jit  # the weights are an argument, not constants of the program
     def probabilities(state: nnx.State, views: jax.Array, radiomics: jax.Array) -> jax.Array:
-        logits, _ = nnx.merge(graphdef, state)(preprocess.images(views, prep), radiomics)
+        logits, _ = nnx.merge(graphdef, state)(preprocess.model_inputs(views, prep), radiomics,
+                                               image_size=prep.image_size)
         return jax.nn.softmax(logits.astype(jax.numpy.float32), axis=-1)
 
     def run(view: np.ndarray, radiomics: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
-r"""What preprocessing inside the train step costs: the step as it runs (int16 views in; window, augmentation, resize
-and normalisation in the step) against the same step fed float32 images preprocessed beforehand (what a host
-pipeline would ship; `preprocess.images` replaced by the identity while that step is traced).
+r"""What preprocessing inside the train step costs: the step as it runs (int16 views in; window, augmentation,
+normalisation and, in the vision tower, the resize) against the same step fed float32 images preprocessed beforehand
+(what a host pipeline would ship; `preprocess.model_inputs` replaced by the identity while that step is traced, so the
+images arrive at the model's size and are not resized).
 
 Both steps are compiled in one process and timed in alternation, `--calls` calls each per round (fastest call kept),
 so both see the same machine state; the figure is the median over `--rounds` rounds of the ratio of the two.
@@ -40,13 +41,13 @@ def _step_runner(config, fed_images: bool):
         holder["state"], metrics = exp.train_step(holder["state"], batch)
         jax.block_until_ready((holder["state"], metrics))
 
-    images = preprocess.images
+    model_inputs = preprocess.model_inputs
     if fed_images:
-        preprocess.images = lambda views, prep, step=None: views
+        preprocess.model_inputs = lambda views, prep, step=None: views
     try:
         run()  # traces and compiles
     finally:
-        preprocess.images = images
+        preprocess.model_inputs = model_inputs
     return run
 
 

@@ -11,7 +11,6 @@ from autorad_jax.data import pipeline, preprocess
 from lidc_testdata import read_split, tiny_config
 
 # Jitted: called eagerly, each of their operations would compile on its own (most of these tests' time).
-resize = jax.jit(preprocess.resize, static_argnums=1)
 images_of = jax.jit(preprocess.images, static_argnums=1)
 augment = jax.jit(preprocess.augment)
 augment_batch = jax.jit(jax.vmap(preprocess.augment))
@@ -25,15 +24,6 @@ def test_views_are_centre_slices():
     np.testing.assert_array_equal(v[..., 0], ct[4])
     np.testing.assert_array_equal(v[..., 1], ct[:, 4, :])
     np.testing.assert_array_equal(v[..., 2], ct[:, :, 4])
-
-
-@pytest.mark.parametrize("n_in,size", [(32, 56), (32, 224), (64, 224), (32, 32), (32, 20), (33, 56)])
-def test_resize_matches_jax_image_resize(n_in, size):
-    """Strided-slice phases (7 for 32 -> 56, 64 -> 224; 5 for 32 -> 20) and, past MAX_PHASES (56 for 33 -> 56), the
-    matmul: both equal jax.image.resize's linear kernel."""
-    images = np.random.default_rng(1).random((2, n_in, n_in, 3)).astype(np.float32)
-    expected = jax.image.resize(images, (2, size, size, 3), method="linear", antialias=False)
-    np.testing.assert_allclose(resize(images, size), np.asarray(expected), atol=1e-5)
 
 
 @pytest.mark.parametrize("view", ["2.5d", "planes"])

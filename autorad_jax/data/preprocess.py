@@ -8,7 +8,10 @@
                                       with align_corners=False)
                                    -> AIMv2 normalisation
 
-The host ships the stored int16 slices (a few KB per nodule) and the train and eval steps run this on the devices.
+The host ships the stored int16 slices (a few KB per nodule) and the train and eval steps run this on the devices:
+`model_inputs` the steps up to the resize, and the vision tower the resize (`models.resize`), folded into its patch
+convolution where the sizes allow (32 -> 56 and 64 -> 224 with 14-pixel patches): the resized image is never made.
+`images` is the whole chain, resize included.
 The augmentation's random words come from the config's seed and the optimiser step, one row per position in the global
 batch, so a resumed run draws what an uninterrupted one would and a sharded run what a one-device run would. Here the
 normalisation runs before the resize, which is the same map (the interpolation weights sum to one) on fewer pixels.
@@ -18,8 +21,6 @@ Prediction and the exported PyTorch model (`AutoRadLungTorch.preprocess`) take t
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -28,6 +29,7 @@ import ml_collections
 import numpy as np
 
 from autorad_jax.data import pipeline
+from autorad_jax.models import resize
 
 AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
 AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
@@ -68,64 +70,10 @@ def description(data_config: ml_collections.ConfigDict) -> dict:
             "pixel_layout": "NCHW (PyTorch) / NHWC (JAX)"}
 
 
-@functools.lru_cache(maxsize=16)
-def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """[n_out, n_in] weights of linear interpolation with half-pixel centres and clamped edges, no antialiasing."""
-    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
-    lo = np.floor(x).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), lo), 1.0 - (x - lo))
-    np.add.at(m, (np.arange(n_out), hi), x - lo)
-    return m.astype(np.float32)
-
-
 def window(hu: jax.Array, window_hu: Sequence[float]) -> jax.Array:
     """Linear CT window: HU in [lo, hi] -> [0, 1], clipped outside."""
     lo, hi = window_hu
     return jnp.clip((hu.astype(jnp.float32) - lo) / (hi - lo), 0.0, 1.0)
-
-
-def resize(images: jax.Array, size: int) -> jax.Array:
-    """Bilinear resize of [B, H, W, C] images to [B, size, size, C] (the weights of `linear_resize_matrix`): as
-    strided slices (element-wise work, about 3x faster on a CPU than the matmul by those weights), or past
-    MAX_PHASES as that matmul."""
-    _, h, w, _ = images.shape
-    if (h, w) == (size, size):
-        return images
-    if max(_phases(h, size), _phases(w, size)) > MAX_PHASES:
-        rows, cols = linear_resize_matrix(h, size), linear_resize_matrix(w, size)
-        return jnp.einsum("yh,bhwc,xw->byxc", rows, images, cols, precision=jax.lax.Precision.HIGHEST)
-    return _resize_axis(_resize_axis(images, 2, size), 1, size)
-
-
-MAX_PHASES = 32  # beyond, the strided slices below compile slowly (33 -> 224: 224 phases, 7.7 s) and a matmul is used
-
-
-def _phases(n_in: int, n_out: int) -> int:
-    return n_out // math.gcd(n_in, n_out)
-
-
-def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
-    """Linear interpolation along `axis` as p phases of strided slices, where n_out / n_in = p / q in lowest terms:
-    output p*k + r reads inputs q*k + lo_r and q*k + lo_r + 1 with the same weights for every k."""
-    n_in = x.shape[axis]
-    groups = math.gcd(n_in, n_out)
-    p, q = n_out // groups, n_in // groups
-    padding = [(0, 0)] * x.ndim
-    padding[axis] = (1, 1)
-    padded = jnp.pad(x, padding, mode="edge")  # the clamped edges: index -1 reads pixel 0, index n_in pixel n_in - 1
-    phases = []
-    for r in range(p):
-        source = (r + 0.5) * q / p - 0.5  # half-pixel centres
-        lo = math.floor(source)
-        frac = source - lo
-        below, above = (jax.lax.slice_in_dim(padded, lo + 1 + d, lo + 2 + d + q * (groups - 1), q, axis)
-                        for d in (0, 1))
-        phases.append(below + frac * (above - below))
-    shape = list(x.shape)
-    shape[axis] = n_out
-    return jnp.stack(phases, axis + 1).reshape(shape)
 
 
 def augment(image: jax.Array, draws: jax.Array) -> jax.Array:
@@ -169,11 +117,18 @@ def augmentation_parameters(draws: jax.Array, size: int) -> tuple[jax.Array, ...
     return flip_x, flip_y, k, dy, dx, contrast, brightness
 
 
-def images(views: jax.Array, prep: Preprocessing, step: jax.Array | None = None) -> jax.Array:
-    """[B, S, S, 3] HU views -> [B, size, size, 3] normalised float32 images; augmented at `step` when `prep.augment`."""
+def model_inputs(views: jax.Array, prep: Preprocessing, step: jax.Array | None = None) -> jax.Array:
+    """[B, S, S, 3] HU views -> [B, S, S, 3] windowed, normalised float32 images at the views' resolution, augmented at
+    `step` when `prep.augment`: what the train and eval steps feed the models, with `image_size=prep.image_size` (the
+    vision tower resizes, folded into its patch convolution where it can)."""
     x = window(views, prep.window_hu)
     if prep.augment:
         if step is None:
             raise ValueError("augmentation needs the step its random draws derive from")
         x = jax.vmap(augment)(x, augmentation_draws(prep.seed, step, x.shape[0]))
-    return resize((x - AIMV2_MEAN) / AIMV2_STD, prep.image_size)  # normalising first: see the module docstring
+    return (x - AIMV2_MEAN) / AIMV2_STD  # normalising before the resize: see the module docstring
+
+
+def images(views: jax.Array, prep: Preprocessing, step: jax.Array | None = None) -> jax.Array:
+    """[B, S, S, 3] HU views -> [B, size, size, 3] normalised float32 images; augmented at `step` when `prep.augment`."""
+    return resize.resize(model_inputs(views, prep, step), prep.image_size)

@@ -6,7 +6,8 @@ This package imports jax, flax and numpy only: it reads no file. Pretrained weig
 Names: autorad_lung (radiomics-conditioned prompts), coop (learned context, no meta-network), cocoop (image-conditioned
 prompts), zero_shot (fixed prompts "<ctx_init> <class>.", nothing learned), radiomics_logreg, radiomics_mlp,
 linear_probe, late_fusion (vision features + radiomics, one linear layer). All share
-`__call__(images, radiomics, *, train=False) -> (logits [B, C], aux)`. The trainer runs no steps for NO_STEP_MODELS:
+`__call__(images, radiomics, *, train=False, image_size=None) -> (logits [B, C], aux)` (`image_size`: resize the
+images to it first, in the vision tower). The trainer runs no steps for NO_STEP_MODELS:
 the logistic regression is fitted as a convex problem (autorad_jax.train.convex_fit), zero-shot has nothing to fit.
 
 Trainable parameters by config.model.trainable (the text tower, text projection and logit scale never train):

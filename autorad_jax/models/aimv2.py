@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from autorad_jax.models import resize
+
 Array = jax.Array
 _INIT_STD = 0.02
 
@@ -393,8 +395,16 @@ class Aimv2VisionEmbeddings(nnx.Module):
             self.grid_size[0] * self.grid_size[1], d, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs,
             embedding_init=_init((None, "embed")))
 
-    def __call__(self, pixel_values: Array) -> Array:
-        x = self.patch_embed(pixel_values.astype(self.dtype))
+    def __call__(self, pixel_values: Array, image_size: Optional[int] = None) -> Array:
+        """Patch tokens of `pixel_values` [B, H, W, C], resized bilinearly to `image_size` first when given."""
+        h, w = pixel_values.shape[1:3]
+        if image_size is None or (h, w) == (image_size, image_size):
+            x = self.patch_embed(pixel_values.astype(self.dtype))
+        elif all(resize.folds_into_patches(n, image_size, self.patch_size) for n in (h, w)):
+            x = resize.resized_patch_conv(pixel_values, self.patch_embed.kernel[...], self.patch_embed.bias[...],
+                                          image_size, self.dtype)
+        else:
+            x = self.patch_embed(resize.resize(pixel_values, image_size).astype(self.dtype))
         b, gh, gw, d = x.shape
         x = self.rms_norm(x.reshape(b, gh * gw, d)).astype(jnp.float32)
         return x + interpolate_position_embedding(self.position_embedding.embedding[...], self.grid_size, (gh, gw))
@@ -429,7 +439,8 @@ class Aimv2VisionModel(nnx.Module):
     ``last_hidden_state`` [B, N, D] is the final-RMSNorm output. ``pooler_output`` [B, D] is the attention-pooling head
     output when ``config.use_head``; otherwise the mean over tokens of ``last_hidden_state`` (transformers returns None
     there). ``H`` and ``W`` may differ from ``config.image_size``: the position embedding is then resized with
-    ``interpolate_position_embedding``. ``scan_layers``/``scan_split``: the blocks' layout (see ``Aimv2Encoder``).
+    ``interpolate_position_embedding``. With ``image_size``, the pixels are first resized bilinearly to that size
+    (``autorad_jax.models.resize``; folded into the patch convolution where the sizes allow). ``scan_layers``/``scan_split``: the blocks' layout (see ``Aimv2Encoder``).
     """
 
     def __init__(self, config: Aimv2VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
@@ -443,8 +454,8 @@ class Aimv2VisionModel(nnx.Module):
         self.rms_norm = Aimv2RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.head = Aimv2AttentionPoolingHead(config, dtype=dtype, rngs=rngs) if config.use_head else None
 
-    def __call__(self, pixel_values: Array) -> BaseModelOutputWithPooling:
-        x = self.rms_norm(self.encoder(self.embeddings(pixel_values)))
+    def __call__(self, pixel_values: Array, image_size: Optional[int] = None) -> BaseModelOutputWithPooling:
+        x = self.rms_norm(self.encoder(self.embeddings(pixel_values, image_size)))
         pooled = self.head(x) if self.head is not None else jnp.mean(x, axis=1)
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
 

@@ -63,14 +63,16 @@ def build_aimv2(model_config, towers: Aimv2Config, *, rngs: nnx.Rngs) -> Aimv2Mo
     return Aimv2Model(towers, rngs=rngs, scan_split=split, **tower_options(model_config))
 
 
-def pooled_image_features(vision_model, images: Array, pooling: str) -> Array:
-    """Vision tower output pooled by the attention-pool head ('head', when the tower has one) or token mean ('mean')."""
-    out = vision_model(images)
+def pooled_image_features(vision_model, images: Array, pooling: str, image_size: int | None = None) -> Array:
+    """Vision tower output pooled by the attention-pool head ('head', when the tower has one) or token mean ('mean');
+    `images` resized to `image_size` first when given."""
+    out = vision_model(images, image_size)
     return out.pooler_output if pooling == "head" else jnp.mean(out.last_hidden_state, axis=1)
 
 
 class AutoRadLung(nnx.Module):
-    """AIMv2 towers + prompt learner. `__call__(images [B,H,W,3], radiomics [B,F]) -> (logits [B, C], aux)`.
+    """AIMv2 towers + prompt learner. `__call__(images [B,H,W,3], radiomics [B,F]) -> (logits [B, C], aux)`; with
+    `image_size`, the images are resized to it first (in the vision tower's patch convolution where it can).
 
     `aux`: `image_features` [B, P] and `text_features` [B, C, P] (both L2-normalised), `logit_scale` (scalar).
     A prompt learner without a meta-network gives CoOp; `condition_on='image'` gives CoCoOp.
@@ -88,9 +90,10 @@ class AutoRadLung(nnx.Module):
         self.pooling = pooling
         self.prompt_chunk_size = int(prompt_chunk_size)
 
-    def image_features(self, images: Array) -> Array:
+    def image_features(self, images: Array, image_size: int | None = None) -> Array:
         """Projected (not normalised) image features [B, P]."""
-        return self.aimv2.visual_projection(pooled_image_features(self.aimv2.vision_model, images, self.pooling))
+        return self.aimv2.visual_projection(
+            pooled_image_features(self.aimv2.vision_model, images, self.pooling, image_size))
 
     def text_features(self, prompts: Array) -> Array:
         """Projected (not normalised) class features [B, C, P] of prompt embeddings [B, C, L, D]."""
@@ -117,9 +120,10 @@ class AutoRadLung(nnx.Module):
         feats = jax.lax.map(jax.checkpoint(encode), (embeds, ids))
         return feats.reshape(n + pad, -1)[:n]
 
-    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False,
+                 image_size: int | None = None) -> tuple[Array, dict[str, Any]]:
         del train  # no dropout or batch statistics
-        image = l2_normalize(self.image_features(images))
+        image = l2_normalize(self.image_features(images, image_size))
         cond = image if self.condition_on == "image" else radiomics
         text = l2_normalize(self.text_features(self.prompt_learner(cond)))
         text = jnp.broadcast_to(text, (image.shape[0], *text.shape[1:]))  # CoOp: one set of class features

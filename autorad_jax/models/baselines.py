@@ -1,4 +1,5 @@
-"""Baselines with AutoRad-Lung's call signature: `__call__(images, radiomics, *, train=False) -> (logits, aux)`.
+"""Baselines with AutoRad-Lung's call signature: `__call__(images, radiomics, *, train=False, image_size=None) ->
+(logits, aux)`.
 
   RadiomicsLogReg  one linear layer on the standardised radiomics (logistic regression through softmax cross-entropy);
   RadiomicsMLP     Linear -> ReLU blocks on the radiomics, then a linear classifier;
@@ -39,8 +40,9 @@ class RadiomicsLogReg(nnx.Module):
         self.dtype = dtype
         self.classifier = _dense(num_radiomics, num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
-        del images, train
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False,
+                 image_size: int | None = None) -> tuple[Array, dict[str, Any]]:
+        del images, train, image_size
         return self.classifier(radiomics.astype(self.dtype)).astype(jnp.float32), {}
 
 
@@ -54,8 +56,9 @@ class RadiomicsMLP(nnx.Module):
         self.hidden = nnx.List([_dense(a, b, dtype=dtype, rngs=rngs) for a, b in zip(dims[:-1], dims[1:])])
         self.classifier = _dense(dims[-1], num_classes, dtype=dtype, rngs=rngs)
 
-    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
-        del images, train
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False,
+                 image_size: int | None = None) -> tuple[Array, dict[str, Any]]:
+        del images, train, image_size
         x = radiomics.astype(self.dtype)
         for layer in self.hidden:
             x = jax.nn.relu(layer(x))
@@ -84,9 +87,10 @@ class LinearProbe(nnx.Module):
         del radiomics
         return features
 
-    def __call__(self, images: Array, radiomics: Array, *, train: bool = False) -> tuple[Array, dict[str, Any]]:
+    def __call__(self, images: Array, radiomics: Array, *, train: bool = False,
+                 image_size: int | None = None) -> tuple[Array, dict[str, Any]]:
         del train
-        features = pooled_image_features(self.vision_model, images, self.pooling)
+        features = pooled_image_features(self.vision_model, images, self.pooling, image_size)
         logits = self.classifier(self.classifier_input(features, radiomics))
         return logits.astype(jnp.float32), {"image_features": features}
 

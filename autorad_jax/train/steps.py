@@ -73,10 +73,10 @@ def make_train_step(graphdef: nnx.GraphDef, trainable: nnx.filterlib.Filter, pre
 
     def train_step(state: nnx.State, batch: dict[str, jax.Array]):
         model, optimizer = nnx.merge(graphdef, state)
-        images = preprocess.images(batch["view"], prep, step=optimizer.step[...])
+        images = preprocess.model_inputs(batch["view"], prep, step=optimizer.step[...])
 
         def loss_fn(model):
-            logits, _ = model(images, batch["radiomics"], train=True)
+            logits, _ = model(images, batch["radiomics"], train=True, image_size=prep.image_size)
             return loss_and_metrics(logits, batch["label"], options)
 
         grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable), has_aux=True)
@@ -94,7 +94,8 @@ def make_eval_step(graphdef: nnx.GraphDef, prep: Preprocessing) -> Callable:
 
     def eval_step(state: nnx.State, batch: dict[str, jax.Array]):
         model, _ = nnx.merge(graphdef, state)
-        logits, _ = model(preprocess.images(batch["view"], prep), batch["radiomics"], train=False)
+        logits, _ = model(preprocess.model_inputs(batch["view"], prep), batch["radiomics"], train=False,
+                          image_size=prep.image_size)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["index"]
 
     return eval_step
