@@ -21,7 +21,7 @@ import SimpleITK as sitk
 from autorad_jax import image_checks
 from autorad_jax.data import pipeline
 from autorad_jax.errors import AutoradError
-from tfds_lidc import ct_series, nodule_sample, radiomics_features, xml_reader
+from tfds_lidc import ct_series, discover, nodule_sample, radiomics_features, xml_reader
 from tfds_lidc import nodules as nodules_lib
 
 BACKENDS = ("jax", "torch")
@@ -199,7 +199,8 @@ def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE
 def _no_series_message(path: str) -> str:
     """Why a folder without DICOM files is not a CT, naming the series folders below it (a patient or study folder
     of the TCIA layout holds them)."""
-    below = sorted(folder for folder, _, _ in os.walk(path) if folder != path and ct_series.dicom_files(folder))
+    below = sorted(folder for folder, _, same_as in discover.walk_folders(path)
+                   if folder != path and not same_as and ct_series.dicom_files(folder))
     if not below:
         return f"unreadable CT {path}: no DICOM files in it or in its subfolders."
     return (f"unreadable CT {path}: no DICOM files in the folder itself; give one series folder as --ct: "

@@ -269,6 +269,12 @@ def test_patient_folder_as_ct_names_the_series_folders_below_it(scan, tmp_path):
     with pytest.raises(PredictInputError, match=re.escape(f"unreadable CT {tmp_path}: no DICOM files in it or in "
                                                           "its subfolders.")):
         read_ct(str(tmp_path))
+    linked = tmp_path / "linked_patient" / "study"  # a patient folder whose series are symlinks, one to itself too
+    linked.mkdir(parents=True)
+    os.symlink(scan[0], linked / "series")
+    os.symlink(linked, linked / "loop")
+    with pytest.raises(PredictInputError, match=re.escape(f"give one series folder as --ct: {linked / 'series'}.")):
+        read_ct(str(tmp_path / "linked_patient"))
 
 
 def test_implausible_diameter_or_mask_volume_is_refused(scan, exported, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Iterator
 
 _PATIENT_RE = re.compile(r'LIDC-IDRI-\d+')
 
@@ -23,21 +24,33 @@ def discover(manual_dir: str) -> list[Folder]:
     Symlinked folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is read once,
     at its first path in sorted order, and listed at the others with `same_as`.
     """
-    found, seen = [], {}
-    for root, dirs, files in os.walk(manual_dir, followlinks=True):
+    found = []
+    for root, files, same_as in walk_folders(manual_dir):
         rel = os.path.relpath(root, manual_dir)
-        real = os.path.realpath(root)
-        if real in seen:
-            dirs[:] = []
-            found.append(Folder(rel, _patient_id(rel), False, same_as=seen[real]))
+        if same_as:
+            found.append(Folder(rel, _patient_id(rel), False, same_as=os.path.relpath(same_as, manual_dir)))
             continue
-        seen[real] = rel
-        dirs.sort()
         names = [f.lower() for f in files]
         has_dicom = any(f.endswith('.dcm') for f in names)
         if has_dicom or any(f.endswith('.xml') for f in names):
             found.append(Folder(rel, _patient_id(rel), has_dicom))
     return sorted(found, key=lambda f: f.rel)
+
+
+def walk_folders(top: str) -> Iterator[tuple[str, list[str], str]]:
+    """(folder, its file names, '') for `top` and every folder below it, subfolders in name order, symlinked folders
+    followed; a folder met again (through a symlink loop, or a second link) as (path, [], the path it was met at) and
+    not entered."""
+    seen = {}
+    for root, dirs, files in os.walk(top, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            yield root, [], seen[real]
+            continue
+        seen[real] = root
+        dirs.sort()
+        yield root, files, ''
 
 
 def _patient_id(rel: str) -> str:
