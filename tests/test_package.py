@@ -53,3 +53,11 @@ def test_every_module_imports(package):
     assert names
     for name in names:
         importlib.import_module(name)
+
+
+def test_training_starts_without_the_evaluation_libraries():
+    """scikit-learn and matplotlib (about 2 s of imports) load at the first evaluation, not before the first step."""
+    code = ("import sys, autorad_jax.train.trainer; "
+            "print(*sorted({m.split('.')[0] for m in sys.modules} & {'sklearn', 'matplotlib', 'scipy'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split() == ["scipy"]  # scipy.special, for the radiomics transform

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn import metrics as skm
 
 ECE_BINS = 15  # equal-width bins (i/15, (i+1)/15] of the top-class confidence
 SPECIFICITIES = (0.90, 0.95)  # sensitivity (malignant vs the rest) is reported at these specificities
@@ -166,7 +165,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, names: Sequenc
             subset = labels[masks[band]] if band else labels
             notes.append(f"{key} is undefined: {_why_undefined(key, subset, names)}"
                          + (f" (diameter band {band})" if band else "") + ".")
-    out["confusion_matrix"] = skm.confusion_matrix(labels, probs.argmax(1), labels=range(len(names))).tolist()
+    k = len(names)
+    out["confusion_matrix"] = np.bincount(labels * k + probs.argmax(1), minlength=k * k).reshape(k, k).tolist()
     out["notes"] = notes
     return out
 

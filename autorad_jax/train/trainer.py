@@ -32,12 +32,12 @@ from autorad_jax.data import pipeline
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, compilation_cache, convex_fit, perf, profiling, steps, workdir_lock
+from autorad_jax.train import checkpointing, compilation_cache, perf, profiling, steps, workdir_lock
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.experiment import Experiment, make_experiment, restore, restore_checkpoint
 from autorad_jax.train.metrics import scalar_metrics
 from autorad_jax.train.optim import learning_rate_schedule
-from autorad_jax.train.reports import MetricWriter, write_report
+from autorad_jax.train.metric_writer import MetricWriter
 
 
 class NonFiniteLossError(AutoradError, FloatingPointError):
@@ -79,6 +79,7 @@ def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, 
                      split: str, step: int, workdir: str, writer: MetricWriter | None = None) -> dict:
     """Metrics of `state` on `recs` with their patient-bootstrap 95% intervals, and a report in
     workdir/reports/<split>_step<step>/ (process 0)."""
+    from autorad_jax.train.reports import write_report  # matplotlib and scikit-learn: 2 s not spent before a first step
     probs = predict_records(exp, state, recs, stats)
     names = pipeline.label_names(exp.config.data.label_scheme)
     metrics = evaluation_metrics(recs.labels, probs, names, recs.patients, recs.diameters)
@@ -194,6 +195,7 @@ def fit_without_steps(exp: Experiment, state: nnx.State, train_recs: pipeline.Re
     validation is the held-out fold), recorded in workdir/convex_fit.json; zero-shot as built."""
     if exp.config.model.name != "radiomics_logreg":
         return state
+    from autorad_jax.train import convex_fit  # scikit-learn: imported by the one model that needs it
     model, optimizer = nnx.merge(exp.graphdef, state)
     in_cv = int(exp.config.data.cv_fold) >= 0
     validation = None if in_cv else (stats.apply(val_recs.radiomics), val_recs.labels)
