@@ -16,7 +16,9 @@ import ml_collections
 import numpy as np
 import torch
 import transformers
+from absl import flags
 from flax import nnx
+from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from autorad_jax import modeling
@@ -56,6 +58,74 @@ def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:
         call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paired:
+    """Two calls timed in alternation: median seconds of each, and the median and quartiles of their per-round ratio."""
+    first_s: float
+    second_s: float
+    ratio: float
+    ratio_quartiles: tuple[float, float]
+
+    def ratio_text(self) -> str:
+        return f"{self.ratio:.3f} (quartiles {self.ratio_quartiles[0]:.3f}-{self.ratio_quartiles[1]:.3f})"
+
+
+def paired_times(first: Callable[[], None], second: Callable[[], None], rounds: int, calls: int) -> Paired:
+    """Times two calls (each blocking until its work is done) in one process, so that both see the same machine state:
+    per round the fastest of `calls` calls of each, which of the two runs first alternating between rounds."""
+    times: tuple[list[float], list[float]] = ([], [])
+    for r in range(rounds):
+        order = ((first, times[0]), (second, times[1]))
+        for call, out in order if r % 2 else order[::-1]:
+            out.append(min(_seconds(call) for _ in range(calls)))
+    ratios = [a / b for a, b in zip(*times)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+    return Paired(statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios), (q1, q3))
+
+
+def define_paired_flags(config: str, rounds: int, calls: int) -> tuple:
+    """The flags of a paired step benchmark: --config (default `config`), --modes, --rounds and --calls."""
+    return (config_flags.DEFINE_config_file("config", config, "Experiment config.", lock_config=True),
+            flags.DEFINE_list("modes", ["full", "prompt"],
+                              "full: vision tower trains too; prompt: prompt learner only."),
+            flags.DEFINE_integer("rounds", rounds, "Rounds of alternation (median ratio reported)."),
+            flags.DEFINE_integer("calls", calls, "Calls of each step per round (the fastest is kept)."))
+
+
+def print_paired_steps(config: ml_collections.ConfigDict, modes: Sequence[str],
+                       make_run: Callable[[ml_collections.ConfigDict, bool], Callable[[], None]],
+                       names: tuple[str, str], *, rounds: int, calls: int, unit: str = "ms") -> None:
+    """For each trainable mode, `make_run(config, True)` (names[0]) timed against `make_run(config, False)` (names[1])
+    by `paired_times`, printed as a table row: mode, batch, the median of each, the median ratio and its quartiles."""
+    scale = {"ms": 1e3, "s": 1.0}[unit]
+    print(f"| mode | batch | {names[0]} ({unit}) | {names[1]} ({unit}) | {names[0]} / {names[1]}, median of rounds |")
+    print("| --- | --- | --- | --- | --- |")
+    for mode in modes:
+        mode_config = config.copy_and_resolve_references()
+        mode_config.model.trainable = mode
+        t = paired_times(make_run(mode_config, True), make_run(mode_config, False), rounds, calls)
+        print(f"| {mode} | {mode_config.data.batch_size} | {t.first_s * scale:.4g} | {t.second_s * scale:.4g} | "
+              f"{t.ratio_text()} |", flush=True)
+
+
+def _seconds(call: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def train_step_runner(exp: experiment.Experiment, state: nnx.State, batch: dict) -> Callable[[], None]:
+    """A call running one train step of `exp` on the fixed `batch` (placed on the devices once), carrying the state
+    from call to call (the step donates it)."""
+    batch = pipeline.to_global(batch, exp.batch_sharding)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = exp.train_step(holder["state"], batch)
+        jax.block_until_ready((holder["state"], metrics))
+    return run
 
 
 def jax_experiment(config: ml_collections.ConfigDict) -> tuple[experiment.Experiment, nnx.State]:

@@ -60,6 +60,14 @@ def test_step_gap_script_traces_the_chosen_steps_of_a_training_run(lidc_data, tm
     assert 0 < busy <= span
 
 
+def test_layout_step_cost_script_times_both_layouts():
+    out = _run("layout_step_cost.py", "--config", "configs/autorad_lung.py:tiny", "--config.data.batch_size=8",
+               "--modes", "prompt", "--rounds", "2")
+    row = next(line for line in out.splitlines() if line.startswith("| prompt | 8 |"))
+    scanned, unrolled = float(row.split("|")[3]), float(row.split("|")[4])
+    assert scanned > 0 and unrolled > 0
+
+
 def test_preprocessing_cost_script_times_both_steps():
     out = _run("preprocessing_cost.py", "--config", "configs/autorad_lung.py:tiny", "--config.data.batch_size=8",
                "--modes", "prompt", "--rounds", "2", "--calls", "1")
