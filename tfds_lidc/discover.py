@@ -6,6 +6,8 @@ import os
 import re
 from collections.abc import Iterator
 
+from tfds_lidc import ct_series
+
 _PATIENT_RE = re.compile(r'LIDC-IDRI-\d+')
 
 
@@ -19,7 +21,8 @@ class Folder:
 
 
 def discover(manual_dir: str) -> list[Folder]:
-    """Every folder under `manual_dir` holding .dcm or .xml files, sorted by path.
+    """Every folder under `manual_dir` holding DICOM slices (`ct_series.dicom_files`: .dcm, or files with the DICOM
+    preamble) or .xml files, sorted by path.
 
     Symlinked folders are followed; a folder reached twice (a symlink loop, or two links to one folder) is read once,
     at its first path in sorted order, and listed at the others with `same_as`.
@@ -30,9 +33,8 @@ def discover(manual_dir: str) -> list[Folder]:
         if same_as:
             found.append(Folder(rel, _patient_id(rel), False, same_as=os.path.relpath(same_as, manual_dir)))
             continue
-        names = [f.lower() for f in files]
-        has_dicom = any(f.endswith('.dcm') for f in names)
-        if has_dicom or any(f.endswith('.xml') for f in names):
+        has_dicom = bool(files) and bool(ct_series.dicom_files(root))
+        if has_dicom or any(f.lower().endswith('.xml') for f in files):
             found.append(Folder(rel, _patient_id(rel), has_dicom))
     return sorted(found, key=lambda f: f.rel)
 

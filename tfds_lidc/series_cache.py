@@ -34,9 +34,10 @@ def key(directory: str, config: dict) -> str:
     """The identity of the series folder `directory` under the builder `config` (JSON-serialisable)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     h.update(_series_uid(directory).encode())
+    slices = _slice_names(directory)
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if name.lower().endswith('.dcm'):
+        if name in slices:
             h.update(f'{name}:{os.path.getsize(path)}'.encode())
         elif name.lower().endswith('.xml'):
             with open(path, 'rb') as f:
@@ -44,12 +45,16 @@ def key(directory: str, config: dict) -> str:
     return h.hexdigest()[:32]
 
 
+def _slice_names(directory: str) -> set[str]:
+    """File names of the folder's DICOM slices (`ct_series.dicom_files`: .dcm, or files with the DICOM preamble)."""
+    return {os.path.basename(path) for path in ct_series.dicom_files(directory)}
+
+
 def cache_key(directory: str, series_key: str) -> str:
     """The cache key of a series: its `key` and the modification times of its DICOM files."""
     h = hashlib.sha256(series_key.encode())
-    for name in sorted(os.listdir(directory)):
-        if name.lower().endswith('.dcm'):
-            h.update(f'{name}:{os.stat(os.path.join(directory, name)).st_mtime_ns}'.encode())
+    for name in sorted(_slice_names(directory)):
+        h.update(f'{name}:{os.stat(os.path.join(directory, name)).st_mtime_ns}'.encode())
     return h.hexdigest()[:32]
 
 

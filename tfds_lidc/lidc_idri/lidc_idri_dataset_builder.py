@@ -64,7 +64,7 @@ def _unread_entry(folder: discover.Folder) -> dict:
     """The report entry of a folder holding reader XML only, or reached again through a symlink."""
     first = 'the manual_dir itself' if folder.same_as == '.' else folder.same_as
     reason = (f'a folder already read, reached again through a symlink: {first}' if folder.same_as
-              else 'reader XML without DICOM slices (its series folder holds no .dcm files)')
+              else 'reader XML without DICOM slices (its series folder holds no DICOM files)')
     return {'series_dir': folder.rel, 'patient_id': folder.patient_id, 'series_uid': '', 'status': 'skipped',
             'reason': reason, 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
 
