@@ -22,10 +22,9 @@ ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignanc
                   'centroid_mm', 'diameter_mm')
 
 
-def _series_uid(directory: str) -> str:
-    files = ct_series.dicom_files(directory)
+def _series_uid(slices: list[str]) -> str:
     try:
-        return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+        return str(pydicom.dcmread(slices[0], stop_before_pixels=True).SeriesInstanceUID)
     except Exception:  # pylint: disable=broad-except  # unreadable: the series is read (and reported) as it is
         return ''
 
@@ -33,11 +32,12 @@ def _series_uid(directory: str) -> str:
 def key(directory: str, config: dict) -> str:
     """The identity of the series folder `directory` under the builder `config` (JSON-serialisable)."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    h.update(_series_uid(directory).encode())
-    slices = _slice_names(directory)
+    slices = ct_series.dicom_files(directory)  # listed once: without .dcm names it reads every file's preamble
+    h.update(_series_uid(slices).encode())
+    slice_names = {os.path.basename(path) for path in slices}
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if name in slices:
+        if name in slice_names:
             h.update(f'{name}:{os.path.getsize(path)}'.encode())
         elif name.lower().endswith('.xml'):
             with open(path, 'rb') as f:
@@ -45,16 +45,11 @@ def key(directory: str, config: dict) -> str:
     return h.hexdigest()[:32]
 
 
-def _slice_names(directory: str) -> set[str]:
-    """File names of the folder's DICOM slices (`ct_series.dicom_files`: .dcm, or files with the DICOM preamble)."""
-    return {os.path.basename(path) for path in ct_series.dicom_files(directory)}
-
-
 def cache_key(directory: str, series_key: str) -> str:
     """The cache key of a series: its `key` and the modification times of its DICOM files."""
     h = hashlib.sha256(series_key.encode())
-    for name in sorted(_slice_names(directory)):
-        h.update(f'{name}:{os.stat(os.path.join(directory, name)).st_mtime_ns}'.encode())
+    for path in ct_series.dicom_files(directory):  # sorted by name
+        h.update(f'{os.path.basename(path)}:{os.stat(path).st_mtime_ns}'.encode())
     return h.hexdigest()[:32]
 
 
