@@ -21,10 +21,15 @@ import numpy as np
 MAX_PHASES = 32  # beyond, the strided slices below compile slowly (33 -> 224: 224 phases, 7.7 s) and a matmul is used
 
 
+def source_positions(count: int, n_in: int, n_out: int) -> np.ndarray:
+    """Input coordinates of output pixels 0 .. count - 1 of an n_in -> n_out resize, with half-pixel centres."""
+    return (np.arange(count, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
+
+
 @functools.lru_cache(maxsize=16)
 def linear_resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     """[n_out, n_in] weights of linear interpolation with half-pixel centres and clamped edges, no antialiasing."""
-    x = np.clip((np.arange(n_out, dtype=np.float64) + 0.5) * n_in / n_out - 0.5, 0.0, n_in - 1)
+    x = np.clip(source_positions(n_out, n_in, n_out), 0.0, n_in - 1)
     lo = np.floor(x).astype(int)
     hi = np.minimum(lo + 1, n_in - 1)
     m = np.zeros((n_out, n_in))
@@ -60,10 +65,9 @@ def _resize_axis(x: jax.Array, axis: int, n_out: int) -> jax.Array:
     padding[axis] = (1, 1)
     padded = jnp.pad(x, padding, mode="edge")  # the clamped edges: index -1 reads pixel 0, index n_in pixel n_in - 1
     phases = []
-    for r in range(p):
-        source = (r + 0.5) * q / p - 0.5  # half-pixel centres
+    for source in source_positions(p, q, p):
         lo = math.floor(source)
-        frac = source - lo
+        frac = float(source - lo)
         below, above = (jax.lax.slice_in_dim(padded, lo + 1 + d, lo + 2 + d + q * (groups - 1), q, axis)
                         for d in (0, 1))
         phases.append(below + frac * (above - below))
@@ -83,7 +87,7 @@ def patch_resize_weights(n_in: int, n_out: int, patch: int) -> np.ndarray:
     """[patch, s + 2] weights by which output pixel o of any patch k reads input pixels k*s - 1 ... k*s + s (s =
     patch * n_in / n_out) of the input edge-padded by one pixel, for a resize that `folds_into_patches`."""
     stride = patch * n_in // n_out
-    source = (np.arange(patch, dtype=np.float64) + 0.5) * n_in / n_out - 0.5
+    source = source_positions(patch, n_in, n_out)
     lo = np.floor(source).astype(int)  # -1 at most once, at the first pixel: the padding holds the clamped edge
     frac = source - lo
     weights = np.zeros((patch, stride + 2))
