@@ -170,7 +170,8 @@ def test_symlinked_folders_build_the_same_dataset_as_copies(store, cohorts, tmp_
         for name in ('ct', 'mask', 'radiomics', 'ratings', 'label', 'split', 'fold', 'patient_id'):
             np.testing.assert_array_equal(linked[key][name], ex[name])
     skipped = {s['series_dir']: s['reason'] for s in _report(data_dir)['series_skipped']}
-    assert skipped == {'LIDC-IDRI-0998/xml': 'reader XML without DICOM slices (its series folder holds no DICOM files)',
+    assert skipped == {'LIDC-IDRI-0998/xml':
+                       'reader XML without DICOM slices (its series folder holds no DICOM files)',
                        f'{UNEVEN}/loop': 'a folder already read, reached again through a symlink: the manual_dir itself'}
 
 

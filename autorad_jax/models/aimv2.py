@@ -440,7 +440,8 @@ class Aimv2VisionModel(nnx.Module):
     output when ``config.use_head``; otherwise the mean over tokens of ``last_hidden_state`` (transformers returns None
     there). ``H`` and ``W`` may differ from ``config.image_size``: the position embedding is then resized with
     ``interpolate_position_embedding``. With ``image_size``, the pixels are first resized bilinearly to that size
-    (``autorad_jax.models.resize``; folded into the patch convolution where the sizes allow). ``scan_layers``/``scan_split``: the blocks' layout (see ``Aimv2Encoder``).
+    (``autorad_jax.models.resize``; folded into the patch convolution where the sizes allow).
+    ``scan_layers``/``scan_split``: the blocks' layout (see ``Aimv2Encoder``).
     """
 
     def __init__(self, config: Aimv2VisionConfig, *, dtype=jnp.float32, rngs: nnx.Rngs,
