@@ -30,8 +30,9 @@ Place them in `manual_dir` in the TCIA layout, one folder per patient and one fo
   ...
   <manual_dir>/LIDC-IDRI-1012/...
 
-Every folder that holds .dcm files is one series; its reader XML must sit next to its slices (as in the
-TCIA download; the XML archive "LIDC-XML-only" can be unpacked into the matching series folders).
+Every folder that holds DICOM slices (.dcm files, or files without an extension that begin as DICOM files do) is
+one series; its reader XML must sit next to its slices (as in the TCIA download; the XML archive "LIDC-XML-only" can
+be unpacked into the matching series folders).
 Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds;
 a series met twice (linked or copied twice) is read once.
 Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
