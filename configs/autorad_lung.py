@@ -75,7 +75,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         # autorad_lung | coop | cocoop | zero_shot | radiomics_logreg | radiomics_mlp | linear_probe | late_fusion
         name="autorad_lung",
-            aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
+        aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         attention_implementation="",  # '' (XLA) | 'cudnn' (fused attention on NVIDIA GPUs)
         remat="none",  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
