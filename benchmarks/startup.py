@@ -7,6 +7,8 @@ For each config variant, trainable mode (`full`: vision tower trains; `prompt`: 
   trace       `jax.jit(train_step).trace(state, batch)`
   compile     `.lower().compile()` of that trace
   first step  the first call of the compiled step; steady: median of the next --steps calls
+Init, trace and compile run with Python's cyclic garbage collector paused, as in the trainer (autorad_jax/train/
+collector.py).
 With --restart each case runs twice with one fresh persistent compilation cache (what `config.train.compilation_cache`
 gives a training run in its workdir): a first start, which fills it, and a restart, which reads it.
 
@@ -48,7 +50,7 @@ def run_case(variant: str, mode: str, layout: str, batch_size: int, steps: int, 
     from benchmarks.common import NUM_RADIOMICS, random_batch
     from autorad_jax import modeling
     from autorad_jax.data import pipeline
-    from autorad_jax.train import experiment
+    from autorad_jax.train import collector, experiment
     from configs import autorad_lung
 
     config = autorad_lung.get_config(variant)
@@ -62,10 +64,12 @@ def run_case(variant: str, mode: str, layout: str, batch_size: int, steps: int, 
             config.model.aimv2_dir = folder
         spec = modeling.resolve_spec(config, tuple(f"feature_{i}" for i in range(NUM_RADIOMICS)))
         exp = experiment.make_experiment(config, spec)
-        state, init = _timed(lambda: jax.block_until_ready(exp.init_state()))
+        with collector.paused():  # as the trainer does
+            state, init = _timed(lambda: jax.block_until_ready(exp.init_state()))
     batch = pipeline.to_global(random_batch(config, len(spec.class_names)), exp.batch_sharding)
-    traced, trace = _timed(lambda: exp.train_step.trace(state, batch))
-    compiled, compile_s = _timed(lambda: traced.lower().compile())
+    with collector.paused():
+        traced, trace = _timed(lambda: exp.train_step.trace(state, batch))
+        compiled, compile_s = _timed(lambda: traced.lower().compile())
     (state, _), first = _timed(lambda: jax.block_until_ready(compiled(state, batch)))
     times = []
     for _ in range(steps):

@@ -32,7 +32,7 @@ from autorad_jax.data import pipeline
 from autorad_jax.data.prefetch import prefetch_to_device
 from autorad_jax.errors import AutoradError
 from autorad_jax.models.spec import ModelSpec
-from autorad_jax.train import checkpointing, compilation_cache, perf, profiling, steps, workdir_lock
+from autorad_jax.train import checkpointing, collector, compilation_cache, perf, profiling, steps, workdir_lock
 from autorad_jax.train.bootstrap import evaluation_metrics, format_value
 from autorad_jax.train.experiment import Experiment, make_experiment, restore, restore_checkpoint
 from autorad_jax.train.metrics import scalar_metrics
@@ -285,11 +285,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
     # the batches it has handed out.
     train_iter = prefetch_to_device(iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed)),
                                     exp.batch_sharding)
-    if start is not None:
-        state = restore(manager, start, exp, workdir, data_iter=train_iter)
-        logging.info("Resumed from step %d of %s", start, checkpointing.checkpoint_dir(workdir))
-    else:
-        state = exp.init_state()
+    with collector.paused():
+        if start is not None:
+            state = restore(manager, start, exp, workdir, data_iter=train_iter)
+            logging.info("Resumed from step %d of %s", start, checkpointing.checkpoint_dir(workdir))
+        else:
+            state = exp.init_state()
     step = start or 0
     no_steps = config.model.name in models.NO_STEP_MODELS
     val_metrics = None
@@ -336,7 +337,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing
         while step < num_steps:
             batch = next(train_iter)
             if compiled is None:
-                compiled = train_step.lower(state, batch).compile()
+                with collector.paused():
+                    compiled = train_step.lower(state, batch).compile()
                 flops = perf.compiled_flops(compiled)
             with profiler.step(step + 1):
                 state, metrics = compiled(state, batch)
