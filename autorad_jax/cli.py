@@ -177,6 +177,11 @@ def _show(command: str, result) -> None:
     from autorad_jax import console
     if _JSON.value or (command == "predict" and not _NODULES.value):
         print(console.to_json(result, indent=2))
+    elif command == "train":
+        import jax
+        from autorad_jax.train.trainer import training_summary
+        if jax.process_index() == 0:
+            print(training_summary(result, os.path.abspath(_WORKDIR.value)))
     elif command == "export":
         print(f"Exported to {result} (model card: {os.path.join(result, 'README.md')})")
     elif command == "predict":

@@ -73,6 +73,15 @@ def test_tiny_training_lowers_the_loss_and_writes_reports(lidc_data, tmp_path):
     saved = json.load(open(tmp_path / "metrics.json"))
     assert saved["bootstrap"]["patients"] == len(set(recs.patients)) and "accuracy" in saved["ci95"]
     assert os.listdir(tmp_path / "tensorboard")
+    # What `run.py train` prints last: the test line's accuracy is the predictions' (scikit-learn), at the best step.
+    summary = trainer.training_summary(result, str(tmp_path)).splitlines()
+    probs = np.array([[float(r[k]) for k in r if k.startswith("prob_")] for r in predictions])
+    test_line = re.fullmatch(r"test split, step (\d+): accuracy ([\d.]+) .*", summary[2])
+    best = result["best_step"]
+    assert int(test_line[1]) == best and summary[1].startswith("validation split, step 20: accuracy ")
+    assert float(test_line[2]) == round(accuracy_score(recs.labels, probs.argmax(1)), 3)
+    assert summary[3] == f"Report: {tmp_path / 'reports' / f'test_step{best}'}"
+    assert os.path.isdir(summary[3].removeprefix("Report: "))
 
 
 # data x fsdp x tensor (2, 2, 2) training is compared with one device in tests/test_scan_layers.py.

@@ -75,6 +75,10 @@ def predict_records(exp: Experiment, state: nnx.State, recs: pipeline.Records,
     return probs
 
 
+def _report_dir(workdir: str, split: str, step: int) -> str:
+    return os.path.join(workdir, "reports", f"{split}_step{step}")
+
+
 def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, stats: pipeline.RadiomicsStats, *,
                      split: str, step: int, workdir: str, writer: MetricWriter | None = None) -> dict:
     """Metrics of `state` on `recs` with their patient-bootstrap 95% intervals, and a report in
@@ -84,7 +88,7 @@ def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, 
     names = pipeline.label_names(exp.config.data.label_scheme)
     metrics = evaluation_metrics(recs.labels, probs, names, recs.patients, recs.diameters)
     if jax.process_index() == 0:
-        out = os.path.join(workdir, "reports", f"{split}_step{step}")
+        out = _report_dir(workdir, split, step)
         write_report(out, metrics, recs.labels, probs, names, recs.patients,
                      info={"split": split, "step": step, "model": exp.config.model.name,
                            "cv_fold": int(exp.config.data.cv_fold)})
@@ -99,7 +103,7 @@ def _publish(workdir: str, split: str, step: int) -> None:
     """Copies a report to the workdir's top level (the run's headline metrics.json, predictions.csv, PNGs)."""
     if jax.process_index() != 0:
         return
-    src = os.path.join(workdir, "reports", f"{split}_step{step}")
+    src = _report_dir(workdir, split, step)
     for name in ("metrics.json", "metrics.csv", "predictions.csv", "roc.png", "confusion.png", "reliability.png"):
         shutil.copyfile(os.path.join(src, name), os.path.join(workdir, name))
 
@@ -135,11 +139,30 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test
     if split == "test":
         _publish(workdir, split, restored.step)
     if jax.process_index() == 0:
-        print(f"{split} split, step {restored.step}: " + ", ".join(
-            f"{k} {format_value(metrics, k)}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro",
-                                                         "brier", "ece")) + " (patient-bootstrap 95% intervals)" +
-              f"\nReport: {os.path.join(workdir, 'reports', f'{split}_step{restored.step}')}")
+        print(metrics_line(split, restored.step, metrics) + f"\nReport: {_report_dir(workdir, split, restored.step)}")
     return metrics
+
+
+def metrics_line(split: str, step: int, metrics: dict) -> str:
+    """The headline metrics of `split` at checkpoint `step`, with their patient-bootstrap intervals, on one line."""
+    return f"{split} split, step {step}: " + ", ".join(
+        f"{k} {format_value(metrics, k)}" for k in ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro", "brier",
+                                                     "ece")) + " (patient-bootstrap 95% intervals)"
+
+
+def training_summary(result: dict, workdir: str) -> str:
+    """What `train_and_evaluate` returned for `workdir`, as the lines `run.py train` prints last."""
+    if result.get("preempted"):
+        return f"Stopped at step {result['step']} by SIGTERM, its checkpoint saved in {workdir}: run again to resume."
+    auc = result["validation"]["auc_macro"]
+    picked = ("validation macro AUC undefined, so the latest checkpoint" if auc is None or np.isnan(auc)
+              else "best checkpoint by validation macro AUC")
+    lines = [f"Trained to step {result['step']} in {workdir}; {picked}: step {result['best_step']}.",
+             metrics_line("validation", result["step"], result["validation"])]
+    if "test" in result:
+        lines += [metrics_line("test", result["best_step"], result["test"]),
+                  f"Report: {_report_dir(workdir, 'test', result['best_step'])}"]
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
