@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from autorad_jax import modeling
+from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
 from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.models import trainable_filter
@@ -87,3 +87,19 @@ def test_checkpoint_of_the_other_layout_names_it(tmp_path):
     config.model.scan_layers = True
     with pytest.raises(checkpointing.IncompatibleCheckpointError, match="model.scan_layers is False in the checkpoint"):
         checkpointing.check_compatible(saved.to_dict(), config, str(tmp_path))
+
+
+@pytest.mark.parametrize("name, part", [("autorad_lung", "prompt_learner"), ("cocoop", "prompt_learner"),
+                                        ("linear_probe", "classifier"), ("late_fusion", "classifier")])
+def test_the_layout_does_not_change_what_a_seed_draws_outside_the_towers(name, part):
+    """Unrolled and scanned blocks draw their weights in another order; what is not a tower (the prompt learner with
+    its contexts drawn, ctx_init='', the probes' classifiers) starts from the same values in both layouts."""
+    drawn = []
+    for scan in (False, True):
+        config = autorad_lung.get_config("tiny")
+        config.model.update(name=name, scan_layers=scan, ctx_init="")
+        model = models.Model(config.model, _spec(config), rngs=nnx.Rngs(3))
+        drawn.append(nnx.to_flat_state(nnx.state(getattr(model, part), nnx.Param)))
+    assert [path for path, _ in drawn[0]] == [path for path, _ in drawn[1]]
+    for (path, unrolled), (_, scanned) in zip(*drawn):
+        np.testing.assert_array_equal(scanned.get_value(), unrolled.get_value(), err_msg=str(path))

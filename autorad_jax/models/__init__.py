@@ -56,25 +56,28 @@ def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
     num_classes, num_radiomics = len(spec.class_names), spec.num_radiomics
     if name in TOWER_MODELS and spec.towers is None:
         raise ConfigError(f"config.model.name={name!r} needs AIMv2 towers, and the model spec has none.")
+    # The towers draw from `rngs`, the rest from its own key, taken first: unrolled and scanned blocks draw in another
+    # order, and the layout must not change the other parameters' initial values.
+    towers_rngs, rngs = rngs, nnx.Rngs(rngs.params())
     if name == "radiomics_logreg":
         return RadiomicsLogReg(num_radiomics, num_classes, dtype=dtype, rngs=rngs)
     if name == "radiomics_mlp":
         return RadiomicsMLP(num_radiomics, num_classes, tuple(model_config.radiomics_mlp_hidden), dtype=dtype,
                             rngs=rngs)
     if name == "linear_probe":
-        return LinearProbe(build_vision(model_config, spec.vision_config, rngs=rngs), num_classes,
+        return LinearProbe(build_vision(model_config, spec.vision_config, rngs=towers_rngs), num_classes,
                            pooling=model_config.pooling, dtype=dtype, rngs=rngs)
     if name == "late_fusion":
-        return LateFusion(build_vision(model_config, spec.vision_config, rngs=rngs), num_classes, num_radiomics,
+        return LateFusion(build_vision(model_config, spec.vision_config, rngs=towers_rngs), num_classes, num_radiomics,
                           pooling=model_config.pooling, dtype=dtype, rngs=rngs)
     if name in PROMPT_MODELS:
-        return _prompt_model(model_config, spec, rngs=rngs)
+        return _prompt_model(model_config, spec, towers_rngs=towers_rngs, rngs=rngs)
     raise ConfigError(f"config.model.name must be one of {MODEL_NAMES}, got {name!r}")
 
 
-def _prompt_model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> AutoRadLung:
-    """AIMv2 towers + the prompt learner of config.model.name: conditioned on radiomics (autorad_lung) or on the
-    image feature (cocoop), unconditioned (coop), or fixed (zero_shot)."""
+def _prompt_model(model_config, spec: ModelSpec, *, towers_rngs: nnx.Rngs, rngs: nnx.Rngs) -> AutoRadLung:
+    """AIMv2 towers (drawn from `towers_rngs`) + the prompt learner of config.model.name (from `rngs`): conditioned on
+    radiomics (autorad_lung) or on the image feature (cocoop), unconditioned (coop), or fixed (zero_shot)."""
     name = model_config.name
     if not isinstance(spec.towers, Aimv2Config) or spec.prompts is None:
         raise ConfigError(f"config.model.name={name!r} needs joint AIMv2 image-text towers and class prompts; the "
@@ -83,7 +86,7 @@ def _prompt_model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> AutoRadLu
     if name == "zero_shot" and not spec.prompts.ctx_from_tokens:
         raise ConfigError("config.model.ctx_init must be a phrase (e.g. 'a CT scan of a') for zero_shot: its prompts "
                          "are that phrase and the class name, fixed.")
-    aimv2 = build_aimv2(model_config, spec.towers, rngs=rngs)
+    aimv2 = build_aimv2(model_config, spec.towers, rngs=towers_rngs)
     condition_on = "image" if name == "cocoop" else "radiomics"
     prompt_learner = PromptLearner(
         tokens=spec.prompts, token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
