@@ -3,7 +3,7 @@
     fresh start   spec = resolve_spec(config, radiomics_names)   reads config.model.aimv2_dir/config.json and the
                                                                  tokenizer, once
                   model = models.Model(config.model, spec, rngs)  random init (sharded, by the trainer)
-                  load_pretrained(model, config.model)            reads the safetensors, once
+                  load_pretrained(model, config.model, spec)      reads the safetensors, once
     any restore   spec = ModelSpec.from_json(saved)               the checkpoint or export holds it: nothing else is read
 
 `autorad_jax.models` itself reads no file; this module is the one place that connects it to files.
@@ -94,13 +94,16 @@ def save_tokenizer(model_config: ml_collections.ConfigDict, workdir: str) -> Non
         load_tokenizer(model_config.aimv2_dir or None).save_pretrained(os.path.join(workdir, TOKENIZER_DIR))
 
 
-def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict) -> None:
+def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict, spec: ModelSpec) -> None:
     """Writes config.model.aimv2_dir's weights into the model's AIMv2 towers, in place (strict: every key once, every
-    shape checked). The linear probe and late fusion take the vision tower of a joint folder."""
+    shape checked), and the prompts' fixed token embeddings (`spec.prompts`) from its token table. The linear probe
+    and late fusion take the vision tower of a joint folder."""
     folder = model_config.aimv2_dir
     state = hf_aimv2.read_safetensors(folder)
     if model_config.name in models.PROMPT_MODELS:
         hf_aimv2.hf_state_to_nnx(model.aimv2, state, folder)
+        model.prompt_learner.embed_tokens(spec.prompts,
+                                          model.aimv2.text_model.embeddings.token_embedding.embedding.get_value())
         return
     if model_config.name not in models.VISION_MODELS:
         raise ConfigError(f"config.model.name={model_config.name!r} has no AIMv2 tower to load {folder} into.")

@@ -130,6 +130,7 @@ def test_without_the_pretrained_folder_resume_eval_export_and_predict_work(promp
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
 def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init_does(pretrained, lidc_data,
                                                                                       scan_layers):
+    """The towers and the prompts' token embeddings come from the folder, everything else from the seed."""
     joint, weights, _, _ = pretrained
     config = train_config(lidc_data, aimv2_dir=joint, trainable="full", scan_layers=scan_layers)
     exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
@@ -140,11 +141,21 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
     towers = hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
     assert towers.keys() == weights.keys()
     assert all(np.array_equal(v, weights[k]) for k, v in towers.items())
+    # The prompts read through the folder's token table: SOS, the ctx_init phrase, the class words, '.' and EOS.
+    learner = nnx.merge(exp.graphdef, state)[0].prompt_learner
+    rows = weights["text_model.embeddings.token_embedding.weight"][np.asarray(exp.spec.prompts.ids)]
+    n_ctx = exp.spec.prompts.n_ctx
+    assert exp.spec.prompts.ctx_from_tokens
+    for name, value, expected in (("token_prefix", learner.token_prefix, rows[:, :1]),
+                                  ("ctx", learner.ctx, rows[0, 1:1 + n_ctx]),
+                                  ("token_suffix", learner.token_suffix, rows[:, 1 + n_ctx:])):
+        np.testing.assert_array_equal(np.asarray(value[...]), expected, err_msg=name)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+    from_table = ("['ctx']", "['token_prefix']", "['token_suffix']")
     drawn = [(jax.tree_util.keystr(path), leaf, expected)
              for (path, leaf), expected in zip(leaves, jax.tree.leaves(random_state))
-             if "aimv2" not in jax.tree_util.keystr(path)]
-    assert 0 < len(drawn) < len(leaves)
+             if not any(part in jax.tree_util.keystr(path) for part in ("['aimv2']", *from_table))]
+    assert 0 < len(drawn) < len(leaves) and any("meta_net" in name for name, _, _ in drawn)
     for name, leaf, expected in drawn:
         # the same draws; another compiled program may round a scaled draw differently (1 ulp)
         np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0, err_msg=name)

@@ -8,7 +8,7 @@ tokens (`conditioning='shared'`, CoCoOp) or one per token (`'per_token'`). Witho
 is the zero-shot prompt "a CT scan of a <class>.".
 
 `token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
-table at construction. The prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77
+table at construction, and again (`embed_tokens`) when pretrained towers are loaded into the built model. The prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77
 positions) are computed outside the model, by `autorad_jax.modeling`, and saved with it.
 """
 
@@ -51,6 +51,13 @@ class MetaNet(nnx.Module):
         return self.linear2(jax.nn.relu(self.linear1(x)))
 
 
+def token_embeddings(tokens: PromptTokens, token_embedding: Array) -> tuple[Array, Array, Array]:
+    """The class prompts' rows of the token table [V, D], in float32: (the ctx_init phrase [n_ctx, D], the SOS
+    [C, 1, D], the class words, '.' and EOS [C, L - 1 - n_ctx, D])."""
+    embedding = jnp.asarray(token_embedding)[jnp.asarray(tokens.ids, jnp.int32)].astype(jnp.float32)  # [C, L, D]
+    return embedding[0, 1:1 + tokens.n_ctx], embedding[:, :1], embedding[:, 1 + tokens.n_ctx:]
+
+
 class PromptLearner(nnx.Module):
     """Learnable context + meta-network; builds the per-sample class prompts as text-tower input embeddings.
 
@@ -67,25 +74,32 @@ class PromptLearner(nnx.Module):
                  conditioning: Optional[str], learn_ctx: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
         if conditioning is not None and conditioning not in CONDITIONINGS:
             raise ConfigError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
-        n_ctx, ids = tokens.n_ctx, jnp.asarray(tokens.ids, jnp.int32)
-        width = token_embedding.shape[-1]
-        embedding = jnp.asarray(token_embedding)[ids].astype(jnp.float32)  # [C, L, width]
+        n_ctx, width = tokens.n_ctx, token_embedding.shape[-1]
+        phrase, prefix, suffix = token_embeddings(tokens, token_embedding)
 
         self.n_ctx = n_ctx
         self.conditioning = conditioning
         self.dtype = dtype
-        if tokens.ctx_from_tokens:
-            ctx = embedding[0, 1:1 + n_ctx]
-        else:
-            ctx = nnx.initializers.normal(0.02)(rngs.params(), (n_ctx, width), jnp.float32)
+        ctx = (phrase if tokens.ctx_from_tokens
+               else nnx.initializers.normal(0.02)(rngs.params(), (n_ctx, width), jnp.float32))
         self.ctx = (nnx.Param if learn_ctx else PromptBuffer)(ctx, out_sharding=(None, "embed"), eager_sharding=False)
         out_dim = width if conditioning == "shared" else n_ctx * width
         self.meta_net = (MetaNet(cond_dim, meta_hidden_dim, out_dim, dtype=dtype, rngs=rngs)
                          if conditioning is not None else None)
-        self.tokenized_prompts = PromptBuffer(ids, out_sharding=(None, None), eager_sharding=False)
-        self.token_prefix = PromptBuffer(embedding[:, :1], out_sharding=(None, None, "embed"), eager_sharding=False)
-        self.token_suffix = PromptBuffer(embedding[:, 1 + n_ctx:], out_sharding=(None, None, "embed"),
-                                         eager_sharding=False)
+        self.tokenized_prompts = PromptBuffer(jnp.asarray(tokens.ids, jnp.int32), out_sharding=(None, None),
+                                              eager_sharding=False)
+        self.token_prefix = PromptBuffer(prefix, out_sharding=(None, None, "embed"), eager_sharding=False)
+        self.token_suffix = PromptBuffer(suffix, out_sharding=(None, None, "embed"), eager_sharding=False)
+
+    def embed_tokens(self, tokens: PromptTokens, token_embedding: Array) -> None:
+        """Takes the fixed embeddings, and the contexts of a ctx_init phrase, from the token table `token_embedding`
+        [V, D] anew: a model built with random towers and then given pretrained ones reads its prompts through the
+        pretrained table."""
+        phrase, prefix, suffix = token_embeddings(tokens, token_embedding)
+        self.token_prefix.set_value(prefix)
+        self.token_suffix.set_value(suffix)
+        if tokens.ctx_from_tokens:
+            self.ctx.set_value(phrase)
 
     @property
     def num_classes(self) -> int:

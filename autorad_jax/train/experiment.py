@@ -51,7 +51,7 @@ class Experiment:
         if not self.config.model.aimv2_dir:
             return jax.jit(build, out_shardings=self.shardings)()
         model, optimizer = nnx.merge(self.graphdef, self.abstract_state)
-        modeling.load_pretrained(model, self.config.model)
+        modeling.load_pretrained(model, self.config.model, self.spec)
         leaves, treedef = jax.tree.flatten(nnx.state((model, optimizer)))
         shardings = jax.tree.leaves(self.shardings)
         drawn = [i for i, leaf in enumerate(leaves) if isinstance(leaf, jax.ShapeDtypeStruct)]
