@@ -162,6 +162,32 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
     assert [leaf.sharding for _, leaf in leaves] == jax.tree.leaves(exp.shardings)
 
 
+def test_both_layouts_train_the_same_model_from_a_folder(pretrained, lidc_data):
+    """scan_layers is a choice of speed: from one folder and seed, two full fine-tuning steps of the scanned layout
+    give the losses and weights of the unrolled one (the transformers layout)."""
+    joint = pretrained[0]
+    runs = []
+    for scan in (False, True):
+        config = train_config(lidc_data, aimv2_dir=joint, trainable="full", scan_layers=scan)
+        names = pipeline.radiomics_names(config.data)
+        size, batch_size = pipeline.crop_size(config.data), config.data.batch_size
+        batch = {"view": np.random.default_rng(1).integers(-1000, 400, (batch_size, size, size, 3)).astype(np.int16),
+                 "radiomics": np.random.default_rng(2).standard_normal((batch_size, len(names)), np.float32),
+                 "label": np.arange(batch_size, dtype=np.int32) % 3}
+        exp = experiment.make_experiment(config, modeling.resolve_spec(config, names))
+        state, losses = exp.init_state(), []
+        for _ in range(2):
+            state, metrics = exp.train_step(state, pipeline.to_global(batch, exp.batch_sharding))
+            losses.append(float(metrics["loss"]))
+        runs.append((losses, hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)))
+    (unrolled_losses, unrolled), (scanned_losses, scanned) = runs
+    np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
+    assert scanned.keys() == unrolled.keys()
+    for key, value in scanned.items():
+        np.testing.assert_allclose(value, unrolled[key], rtol=0, atol=1e-5 * np.abs(unrolled[key]).max() + 1e-7,
+                                   err_msg=key)
+
+
 @pytest.mark.parametrize("options,accum", [
     (dict(trainable="last_k", trainable_last_k=1, dtype="bfloat16", remat="dots"), 2),
     (dict(trainable="full"), 1),
