@@ -162,6 +162,18 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
     assert [leaf.sharding for _, leaf in leaves] == jax.tree.leaves(exp.shardings)
 
 
+@pytest.mark.parametrize("name", ["radiomics_logreg", "radiomics_mlp"])
+def test_a_model_without_towers_ignores_the_folder_that_cv_and_the_demo_give_every_model(pretrained, lidc_data, name):
+    config = train_config(lidc_data, aimv2_dir=pretrained[0], name=name)
+    exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
+    assert exp.spec.towers is None
+    random_config = config.copy_and_resolve_references()
+    random_config.model.aimv2_dir = ""
+    for leaf, expected in zip(jax.tree.leaves(exp.init_state()),
+                              jax.tree.leaves(experiment.make_experiment(random_config, exp.spec).init_state())):
+        np.testing.assert_array_equal(leaf, expected)
+
+
 def test_both_layouts_train_the_same_model_from_a_folder(pretrained, lidc_data):
     """scan_layers is a choice of speed: from one folder and seed, two full fine-tuning steps of the scanned layout
     give the losses and weights of the unrolled one (the transformers layout)."""

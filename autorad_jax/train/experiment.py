@@ -44,11 +44,13 @@ class Experiment:
         """Fresh state, random-init directly in its shardings. When config.model.aimv2_dir is set, the pretrained
         towers are read once on the host and placed into those shardings, and only the other leaves are drawn: the
         jitted init returns those alone, so XLA drops the towers' random draws (most of the init's compile and run
-        time); the other leaves get the draws a full random init gives them (equal up to float32 rounding)."""
+        time); the other leaves get the draws a full random init gives them (equal up to float32 rounding). A model
+        without towers (the radiomics baselines, which `cv` and the demo run with the same config) has nothing to
+        load."""
         def build() -> nnx.State:
             return nnx.split(steps.build(self.config, self.spec))[1]
 
-        if not self.config.model.aimv2_dir:
+        if not self.config.model.aimv2_dir or self.spec.towers is None:
             return jax.jit(build, out_shardings=self.shardings)()
         model, optimizer = nnx.merge(self.graphdef, self.abstract_state)
         modeling.load_pretrained(model, self.config.model, self.spec)
