@@ -20,6 +20,7 @@ from flax import nnx
 from autorad_jax import export, modeling
 from autorad_jax.data import pipeline
 from autorad_jax.data.tokenizer import load_tokenizer
+from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights import hf_aimv2
@@ -160,6 +161,17 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
         # the same draws; another compiled program may round a scaled draw differently (1 ulp)
         np.testing.assert_allclose(leaf, expected, rtol=1e-6, atol=0, err_msg=name)
     assert [leaf.sharding for _, leaf in leaves] == jax.tree.leaves(exp.shardings)
+
+
+def test_a_checkpoint_whose_prompts_were_embedded_with_another_table_is_refused(pretrained, lidc_data, tmp_path,
+                                                                                monkeypatch):
+    """A run from a folder whose prompt embeddings stayed those of the random table it was built with (as before they
+    were taken from the folder) is named when read back, not evaluated or exported."""
+    monkeypatch.setattr(PromptLearner, "embed_tokens", lambda self, tokens, table: None)
+    trainer.train_and_evaluate(prompt_config(lidc_data, pretrained[0], num_steps=2), str(tmp_path))
+    monkeypatch.undo()
+    with pytest.raises(checkpointing.IncompatibleCheckpointError, match="fixed token embeddings .* Train it again"):
+        experiment.load_model(str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ["radiomics_logreg", "radiomics_mlp"])

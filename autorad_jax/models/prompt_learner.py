@@ -101,6 +101,14 @@ class PromptLearner(nnx.Module):
         if tokens.ctx_from_tokens:
             self.ctx.set_value(phrase)
 
+    def embeds_with(self, token_embedding: Array) -> bool:
+        """True when the fixed embeddings (SOS, class words, '.', EOS) are the rows of `token_embedding` [V, D] for
+        the prompts' token ids, as they are for the frozen text tower's own table."""
+        tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False)
+        _, prefix, suffix = token_embeddings(tokens, token_embedding)
+        return bool(jnp.array_equal(prefix, self.token_prefix.get_value())
+                    and jnp.array_equal(suffix, self.token_suffix.get_value()))
+
     @property
     def num_classes(self) -> int:
         """Number of class prompts C."""

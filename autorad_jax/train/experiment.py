@@ -127,12 +127,30 @@ def restore(manager, step: int, exp: Experiment, workdir: str, data_iter=None, *
                                      checkpointing.state_shapes(exp.abstract_state), step_dir)
     try:
         if model_only:
-            return checkpointing.restore_model_state(step_dir, exp.abstract_state[0])
-        return checkpointing.restore_state(manager, step, exp.abstract_state, data_iter)
+            state = checkpointing.restore_model_state(step_dir, exp.abstract_state[0])
+        else:
+            state = checkpointing.restore_state(manager, step, exp.abstract_state, data_iter)
     except (ValueError, KeyError) as e:
         raise checkpointing.IncompatibleCheckpointError(
             f"The checkpoint {step_dir} does not fit the model rebuilt from its config ({type(e).__name__}: {e}). "
             f"Use another --workdir.") from e
+    model, _ = nnx.merge(exp.graphdef, exp.abstract_state)
+    nnx.update(model, state if model_only else state[0])
+    check_prompt_embeddings(model, step_dir)
+    return state
+
+
+def check_prompt_embeddings(model: nnx.Module, where: str) -> None:
+    """Raises IncompatibleCheckpointError when a prompt model's fixed token embeddings are not the rows of its own
+    (frozen) text tower's token table, as in runs started from a pretrained folder before the prompts were embedded
+    with the folder's table."""
+    learner = getattr(model, "prompt_learner", None)
+    if learner is None or learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):
+        return
+    raise checkpointing.IncompatibleCheckpointError(
+        f"{where}: the class prompts' fixed token embeddings (SOS, class words, '.', EOS) are not its text tower's, so "
+        f"its text features were computed from other vectors than the class names' (a run from a pretrained folder "
+        f"made before those embeddings were taken from the folder). Train it again.")
 
 
 class Restored(NamedTuple):
