@@ -8,8 +8,9 @@ tokens (`conditioning='shared'`, CoCoOp) or one per token (`'per_token'`). Witho
 is the zero-shot prompt "a CT scan of a <class>.".
 
 `token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
-table at construction, and again (`embed_tokens`) when pretrained towers are loaded into the built model. The prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77
-positions) are computed outside the model, by `autorad_jax.modeling`, and saved with it.
+table at construction, and again (`embed_tokens`) when pretrained towers are loaded into the built model. The
+prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77 positions) are computed outside the
+model, by `autorad_jax.modeling`, and saved with it.
 """
 
 from __future__ import annotations

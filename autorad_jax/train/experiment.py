@@ -134,10 +134,14 @@ def restore(manager, step: int, exp: Experiment, workdir: str, data_iter=None, *
         raise checkpointing.IncompatibleCheckpointError(
             f"The checkpoint {step_dir} does not fit the model rebuilt from its config ({type(e).__name__}: {e}). "
             f"Use another --workdir.") from e
-    model, _ = nnx.merge(exp.graphdef, exp.abstract_state)
-    nnx.update(model, state if model_only else state[0])
-    check_prompt_embeddings(model, step_dir)
+    check_prompt_embeddings(_model(exp, state if model_only else state[0]), step_dir)
     return state
+
+
+def _model(exp: Experiment, model_state: nnx.State) -> nnx.Module:
+    model, _ = nnx.merge(exp.graphdef, exp.abstract_state)
+    nnx.update(model, model_state)
+    return model
 
 
 def check_prompt_embeddings(model: nnx.Module, where: str) -> None:
@@ -175,11 +179,7 @@ def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None,
         config.mesh.update(mesh or {})
         exp = make_experiment(config, spec)
         state = restore(manager, step, exp, workdir, model_only=model_only)
-    if model_only:
-        model, _ = nnx.merge(exp.graphdef, exp.abstract_state)
-        nnx.update(model, state)
-    else:
-        model, _ = nnx.merge(exp.graphdef, state)
+    model = _model(exp, state if model_only else state[0])
     return exp, state, Restored(model, config, spec, pipeline.RadiomicsStats.from_json(stats_json), step)
 
 
