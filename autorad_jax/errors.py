@@ -10,3 +10,10 @@ class AutoradError(Exception):
 
 class ConfigError(AutoradError, ValueError):
     """A config value (or a command-line flag) that the library cannot use; the message names the key."""
+
+
+# A checkpoint or export whose prompts' fixed token embeddings are not the rows of its own (frozen) text tower's table.
+STALE_PROMPT_EMBEDDINGS = (
+    "the class prompts' fixed token embeddings (SOS, class words, '.', EOS) are not its text tower's, so its text "
+    "features were computed from other vectors than the class names' (a run from a pretrained folder made before "
+    "those embeddings were taken from the folder). Train it again.")

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from autorad_jax import model_card, models
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.data.tokenizer import load_tokenizer
-from autorad_jax.errors import AutoradError
+from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS, AutoradError
 from autorad_jax.modeling import TOKENIZER_DIR
 from autorad_jax.models.aimv2 import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
@@ -189,4 +189,6 @@ def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
     load_prompt_learner_state(model.prompt_learner, hf_aimv2.read_safetensors_file(weights), weights)
     if not np.array_equal(model.prompt_learner.tokenized_prompts[...], spec.prompts.ids):
         raise ExportFolderError(f"{export_dir}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
+    if not model.prompt_learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):
+        raise ExportFolderError(f"{export_dir}: {STALE_PROMPT_EMBEDDINGS}")
     return model, export_config

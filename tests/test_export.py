@@ -193,6 +193,17 @@ def test_prompt_learner_map_round_trips(exported):
         np.testing.assert_array_equal(again[key], weights[key])
 
 
+def test_an_export_whose_prompts_were_embedded_with_another_table_is_refused_by_both_backends(exported, tmp_path):
+    """As an export of a run from a pretrained folder made before the prompts took the folder's token table."""
+    folder = shutil.copytree(exported, tmp_path / "export")
+    weights = load_file(folder / "autorad_lung.safetensors")
+    weights["token_suffix"] = weights["token_suffix"] + np.float32(1e-3)
+    save_file(weights, folder / "autorad_lung.safetensors")
+    for load in (AutoRadLungTorch.from_export, export.load_export):
+        with pytest.raises(ExportFolderError, match="fixed token embeddings .* Train it again"):
+            load(str(folder))
+
+
 @pytest.mark.parametrize("damaged", ["autorad_lung.safetensors", "aimv2/model.safetensors"])
 def test_truncated_weights_are_named_in_one_line_by_both_backends(exported, tmp_path, damaged):
     folder = shutil.copytree(exported, tmp_path / "export")

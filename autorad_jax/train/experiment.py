@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from autorad_jax import modeling, models
 from autorad_jax.data import pipeline
 from autorad_jax.data.preprocess import Preprocessing
-from autorad_jax.errors import ConfigError
+from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS, ConfigError
 from autorad_jax.models.spec import ModelSpec
 from autorad_jax.train import checkpointing, sharding, steps
 
@@ -151,10 +151,7 @@ def check_prompt_embeddings(model: nnx.Module, where: str) -> None:
     learner = getattr(model, "prompt_learner", None)
     if learner is None or learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):
         return
-    raise checkpointing.IncompatibleCheckpointError(
-        f"{where}: the class prompts' fixed token embeddings (SOS, class words, '.', EOS) are not its text tower's, so "
-        f"its text features were computed from other vectors than the class names' (a run from a pretrained folder "
-        f"made before those embeddings were taken from the folder). Train it again.")
+    raise checkpointing.IncompatibleCheckpointError(f"{where}: {STALE_PROMPT_EMBEDDINGS}")
 
 
 class Restored(NamedTuple):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import Aimv2Model
 
-from autorad_jax.errors import AutoradError
+from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS, AutoradError
 
 EXPORT_FORMAT = "autorad_jax.autorad_lung"
 # 2: the radiomics transform and clip, and the prompt learner's conditioning input (condition_on); a version-1 export
@@ -200,6 +200,10 @@ class AutoRadLungTorch(nn.Module):
             raise ExportFolderError(f"{path}/{EXPORT_WEIGHTS} does not fit {EXPORT_CONFIG}: {e}") from e
         if prompt_learner.tokenized_prompts.tolist() != tokens:
             raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
+        rows = aimv2.text_model.embeddings.token_embedding.weight[prompt_learner.tokenized_prompts.long()]
+        if not (torch.equal(rows[:, :1], prompt_learner.token_prefix)
+                and torch.equal(rows[:, 1 + m["n_ctx"]:], prompt_learner.token_suffix)):
+            raise ExportFolderError(f"{path}: {STALE_PROMPT_EMBEDDINGS}")
         return cls(aimv2, prompt_learner, pooling=m["pooling"],
                    radiomics=RadiomicsStandardizer.from_json(config["radiomics"]), config=config,
                    condition_on=condition_on)
