@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from autorad_jax import predict as predict_lib
-from autorad_jax.errors import AutoradError
+from autorad_jax import ct_input, predictor as predictor_lib
+from autorad_jax.errors import AutoradError, PredictInputError
 
 VOLUME_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".nrrd")
 CENTER_COLUMNS = ("coordX", "coordY", "coordZ")
@@ -70,7 +70,7 @@ def find_series(uid: str, index: dict[str, str], ct_root: str) -> str:
         return index[uid]
     matches = sorted(path for name, path in index.items() if uid in name and os.path.isdir(path))
     if not matches:
-        raise predict_lib.PredictInputError(f"series {uid} is not under --ct_root {ct_root} (no {uid}.mhd / .nii.gz "
+        raise PredictInputError(f"series {uid} is not under --ct_root {ct_root} (no {uid}.mhd / .nii.gz "
                                             f"/ .nrrd file or folder named by it).")
     return matches[0]
 
@@ -79,19 +79,19 @@ def _row_ct(row: dict[str, str], base: str, ct_root: Optional[str], index: Optio
     if row.get("ct"):
         return os.path.join(base, row["ct"])
     if not row.get("seriesuid"):
-        raise predict_lib.PredictInputError("the row gives neither 'ct' nor 'seriesuid'.")
+        raise PredictInputError("the row gives neither 'ct' nor 'seriesuid'.")
     if ct_root is None:
-        raise predict_lib.PredictInputError("a 'seriesuid' row needs --ct_root (the folder holding the series).")
+        raise PredictInputError("a 'seriesuid' row needs --ct_root (the folder holding the series).")
     return find_series(row["seriesuid"], index, ct_root)
 
 
 def _row_nodule(row: dict[str, str], base: str) -> dict[str, Any]:
-    """predict.nodule_masks' nodule arguments of a row."""
+    """ct_input.nodule_masks' nodule arguments of a row."""
     center = [row.get(c, "") for c in CENTER_COLUMNS]
     try:
         diameter = float(row["diameter_mm"]) if row.get("diameter_mm") else None
     except ValueError as e:
-        raise predict_lib.PredictInputError(f"diameter_mm {row['diameter_mm']!r} is not a number.") from e
+        raise PredictInputError(f"diameter_mm {row['diameter_mm']!r} is not a number.") from e
     return dict(mask=os.path.join(base, row["mask"]) if row.get("mask") else None,
                 xml=os.path.join(base, row["xml"]) if row.get("xml") else None,
                 center=center if any(center) else None, diameter=diameter)
@@ -112,9 +112,9 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
     rows = read_rows(nodules_csv)
     base = os.path.dirname(os.path.abspath(nodules_csv))
     index = index_ct_root(ct_root) if ct_root is not None else None
-    predictor = predict_lib.load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
+    predictor = predictor_lib.load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
     consensus = float(predictor.preprocessing["consensus_level"])
-    read_ct = functools.lru_cache(maxsize=2)(predict_lib.read_ct)  # rows of one series come one after another
+    read_ct = functools.lru_cache(maxsize=2)(ct_input.read_ct)  # rows of one series come one after another
     results, inputs, scored, titles = [], [], [], []
     start = time.perf_counter()
     for number, row in enumerate(tqdm(rows, desc="nodules", unit="row"), start=1):
@@ -122,13 +122,13 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
         try:
             ct = _row_ct(row, base, ct_root, index)
             image, series = read_ct(ct)
-            masks = predict_lib.nodule_masks(image, series, **_row_nodule(row, base), consensus_level=consensus)
-            found = [(info, predict_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
+            masks = ct_input.nodule_masks(image, series, **_row_nodule(row, base), consensus_level=consensus)
+            found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
         except AutoradError as e:
             results.append({**head, "error": str(e)})
             continue
         for info, x in found:
-            nodule = {**head, "ct": os.path.abspath(ct), **info, **predict_lib.score_nodule(predictor, x),
+            nodule = {**head, "ct": os.path.abspath(ct), **info, **predictor_lib.score_nodule(predictor, x),
                       "error": ""}
             results.append(nodule)
             if report_dir is not None:

@@ -17,3 +17,7 @@ STALE_PROMPT_EMBEDDINGS = (
     "the class prompts' fixed token embeddings (SOS, class words, '.', EOS) are not its text tower's, so its text "
     "features were computed from other vectors than the class names' (a run from a pretrained folder made before "
     "those embeddings were taken from the folder). Train it again.")
+
+
+class PredictInputError(AutoradError, ValueError):
+    """The CT, the nodule or the model given to predict cannot be used; the message says what is wrong."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autorad_jax.data import pipeline, preprocess
-from autorad_jax.predict import NoduleInputs, Predictor
+from autorad_jax.predictor import NoduleInputs, Predictor
 
 TOP_FEATURES = 8
 FIGSIZE, DPI = (13.0, 7.5), 100  # 1300 x 750 pixels

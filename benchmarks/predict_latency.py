@@ -5,7 +5,7 @@ random-init towers (so the checkpoint has the variant's full size), and one full
 a DICOM series folder; the nodule is a sphere around the first reader-marked nodule of that CT.
 Timed, each in a fresh process:
   end to end  `python run.py predict --workdir W --ct CT --center x,y,z --diameter d --json`, wall time;
-  parts       imports (autorad_jax.predict and what it pulls in), CT reading (DICOM -> HU volume), model load (the
+  parts       imports (autorad_jax.ct_input, autorad_jax.predictor and what they pull in), CT reading (DICOM -> HU volume), model load (the
               checkpoint, on one device), radiomics (crop and pyradiomics features, the builder's code) and the
               forward pass (preprocessing and model), each timed in that order by one process.
 
@@ -49,31 +49,31 @@ def _nodule(folder: str) -> tuple[str, list[float], float]:
     import numpy as np
     import SimpleITK as sitk
     import tfds_lidc
-    from autorad_jax import predict
+    from autorad_jax import ct_input
     series_dir = tfds_lidc.synth.generate(os.path.join(folder, "ct"), 1, seed=1, full_size=True, verbose=False)[0]
     xml = next(os.path.join(series_dir, f) for f in sorted(os.listdir(series_dir)) if f.endswith(".xml"))
-    image, series = predict.read_ct(series_dir)
-    mask, _ = predict.xml_masks(xml, series, 0.5)[0]
+    image, series = ct_input.read_ct(series_dir)
+    mask, _ = ct_input.xml_masks(xml, series, 0.5)[0]
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(mask)
-    diameter = float(np.clip(stats.GetEquivalentSphericalRadius(1) * 2, *predict.DIAMETER_RANGE_MM))
+    diameter = float(np.clip(stats.GetEquivalentSphericalRadius(1) * 2, *ct_input.DIAMETER_RANGE_MM))
     return series_dir, list(stats.GetCentroid(1)), diameter
 
 
 def time_parts(workdir: str, ct: str, center: str, diameter: float) -> dict:
     """The parts of one prediction, timed in this (fresh) process in the order predict runs them."""
     marks = [("start", time.perf_counter())]
-    from autorad_jax import predict
+    from autorad_jax import ct_input, predictor as predictor_lib
     marks.append(("imports", time.perf_counter()))
-    image, series = predict.read_ct(ct)
+    image, series = ct_input.read_ct(ct)
     marks.append(("ct_reading", time.perf_counter()))
-    predictor = predict.load_predictor(workdir=workdir)
+    predictor = predictor_lib.load_predictor(workdir=workdir)
     marks.append(("model_load", time.perf_counter()))
-    (mask, _), = predict.nodule_masks(image, series, mask=None, center=center, diameter=diameter, xml=None,
+    (mask, _), = ct_input.nodule_masks(image, series, mask=None, center=center, diameter=diameter, xml=None,
                                       consensus_level=0.5)
-    inputs = predict.nodule_inputs(predictor, image, mask)
+    inputs = predictor_lib.nodule_inputs(predictor, image, mask)
     marks.append(("radiomics", time.perf_counter()))
-    predict.score_nodule(predictor, inputs)
+    predictor_lib.score_nodule(predictor, inputs)
     marks.append(("forward", time.perf_counter()))
     return {name: t - prev for (_, prev), (name, t) in zip(marks, marks[1:])}
 

@@ -16,9 +16,11 @@ import SimpleITK as sitk
 from transformers import Aimv2Model
 
 from autorad_jax import export
-from autorad_jax import predict as predict_lib
+from autorad_jax import ct_input, predictor as predictor_lib
 from autorad_jax.data import pipeline, preprocess
-from autorad_jax.predict import PredictInputError, predict, read_ct
+from autorad_jax.ct_input import read_ct
+from autorad_jax.errors import PredictInputError
+from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
 from autorad_jax.weights.torch_model import ExportFolderError
 from compiled import forward
@@ -103,8 +105,8 @@ def test_predict_with_reader_xml_gives_the_dataset_examples_probabilities(traine
 
 def _full_grid_mask(series_dir: str, xml: str) -> tuple[sitk.Image, sitk.Image]:
     """The CT and the first nodule's consensus mask resampled onto the CT's whole grid."""
-    image, series = predict_lib.read_ct(series_dir)
-    block = predict_lib.xml_masks(xml, series, 0.5)[0][0]
+    image, series = ct_input.read_ct(series_dir)
+    block = ct_input.xml_masks(xml, series, 0.5)[0][0]
     return image, sitk.Resample(block, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
@@ -343,7 +345,7 @@ def test_report_pictures_from_workdir_and_export(trained, exported, reference, s
 def test_top_radiomic_attributions_are_gradient_times_input_of_named_features(trained, reference, scan, lidc_data):
     import tensorflow_datasets as tfds
     from autorad_jax import report
-    predictor = predict_lib.load_predictor(workdir=trained[1])
+    predictor = predictor_lib.load_predictor(workdir=trained[1])
     _, example = reference[scan[2][0]]
     view = pipeline.example_to_inputs(example, predictor.data_config, predictor.stats)["view"]
     image = np.asarray(preprocess.images(view[None], preprocess.Preprocessing.from_config(predictor.data_config))[0])
