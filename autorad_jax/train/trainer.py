@@ -12,6 +12,7 @@ evaluated on validation and saved as the step-0 checkpoint, which eval, predict 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -273,161 +274,210 @@ def _remove_empty_folders(root: str) -> None:
             os.rmdir(folder)
 
 
+@dataclasses.dataclass
+class _Start:
+    """Where a run starts: the checkpoint step it resumes from (None on a fresh start), its model spec and radiomics
+    statistics."""
+    step: int | None
+    spec: ModelSpec
+    stats: pipeline.RadiomicsStats
+
+
+def _resolve_start(config: ml_collections.ConfigDict, workdir: str, manager, train_recs: pipeline.Records) -> _Start:
+    """The model spec and radiomics statistics of the latest checkpoint (warning about config changes), or resolved on
+    a fresh start: the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in
+    init_state)."""
+    step = manager.latest_step()
+    if step is None:
+        spec = modeling.resolve_spec(config, pipeline.radiomics_names(config.data))
+        if jax.process_index() == 0:
+            modeling.save_tokenizer(config.model, workdir)
+        return _Start(None, spec, pipeline.RadiomicsStats.from_config(config.data, train_recs.radiomics))
+    saved, stats_json, spec = checkpointing.restore_meta(manager, step)
+    changes = checkpointing.check_compatible(saved, config, workdir)
+    if changes:  # the next checkpoint records the new values only
+        logging.warning("Resuming %s at step %d with config changes: %s.", workdir, step,
+                        "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
+    _check_dataset(spec, config.data, workdir)
+    return _Start(step, spec, pipeline.RadiomicsStats.from_json(stats_json))
+
+
+class _StepLog:
+    """The host side of the steps: each step's metrics are fetched one step late (so the next step is dispatched
+    first), checked for finiteness and written with the learning rate; throughput is logged every log_every steps,
+    the run's first step (which compiles) and evaluation and checkpointing excepted."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, manager, writer: MetricWriter, step: int,
+                 num_steps: int):
+        self.config, self.workdir, self.manager, self.writer = config, workdir, manager, writer
+        self.accum = config.optim.grad_accum_steps
+        # The learning rate of every update, computed once: logging it then needs no device work inside the loop (an
+        # eager schedule call there would wait for the step in flight).
+        self.learning_rates = np.asarray(
+            jax.vmap(learning_rate_schedule(config))(np.arange(max(1, -(-num_steps // self.accum)))))
+        self.pbar = tqdm(total=num_steps, initial=step, disable=jax.process_index() != 0 or not num_steps,
+                         dynamic_ncols=True, desc=config.model.name)
+        self.peak = perf.peak_flops(jax.devices()[0])
+        self.flops = None  # of the compiled step, once compiled
+        self.timer = (step, None)  # (step, time) of the last timing mark; None until this run's first step finished
+        self.pending = None  # (step, device metrics) not fetched yet
+        self.losses = []  # training loss of each step of this run
+
+    def dispatched(self, step: int, metrics) -> None:
+        """Records the step just dispatched and fetches the one before it."""
+        self.pbar.update(1)
+        if self.pending is not None:
+            self.fetch()
+        self.pending = (step, metrics)
+
+    def fetch(self) -> dict | None:
+        """Fetches, checks and writes the pending step's metrics (None if none is pending)."""
+        if self.pending is None:
+            return None
+        (s, m), self.pending = self.pending, None
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        if not m.pop("finite"):
+            raise _non_finite(s, m, self.manager, self.workdir, self.config)
+        m["learning_rate"] = float(self.learning_rates[(s - 1) // self.accum])
+        self.writer.write(s, m, prefix="train", jsonl="train_metrics")
+        self.losses.append(m["loss"])
+        self.pbar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        return m
+
+    def timing(self, step: int, m: dict) -> None:
+        """Starts the clock after the run's first step; logs steps/s and MFU every log_every steps."""
+        now = time.perf_counter()
+        if self.timer[1] is not None and step % self.config.train.log_every == 0:
+            seconds = (now - self.timer[1]) / (step - self.timer[0])
+            speed = {"steps_per_sec": 1.0 / seconds, **perf.throughput(self.flops, seconds, self.peak)}
+            self.writer.write(step, speed, prefix="perf")
+            self.pbar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in speed.items()},
+                                  refresh=False)
+            logging.info("step %d: loss %.4f lr %.3g %s", step, m["loss"], m["learning_rate"],
+                         " ".join(f"{k} {v:.3g}" for k, v in speed.items()))
+        if self.timer[1] is None or step % self.config.train.log_every == 0:
+            self.timer = (step, now)
+
+    def restart_clock(self, step: int) -> None:
+        """Keeps evaluation and checkpointing out of the step timing."""
+        self.timer = (step, time.perf_counter())
+
+    def close(self) -> None:
+        self.pbar.close()
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, closing: contextlib.ExitStack) -> dict:
     """train_and_evaluate in a locked workdir; what it opens is closed by `closing`."""
-    # ---- Workdir and data -----------------------------------------------------------------------------------------
-    is_main = jax.process_index() == 0
-    profiler = profiling.StepProfiler(workdir, config.train.profile_start_step, config.train.profile_steps)
+    # ---- Data -----------------------------------------------------------------------------------------------------
     train_recs = pipeline.records(config.data, "train")
     val_recs = pipeline.records(config.data, "validation")
     logging.info("%s: %d train / %d validation examples, %d radiomics features", pipeline.dataset_name(config.data),
                  len(train_recs), len(val_recs), train_recs.radiomics.shape[1])
 
-    # ---- Checkpoint manager; model spec and radiomics statistics from the checkpoint, or resolved on a fresh start --
+    # ---- Checkpoint manager; model spec and radiomics statistics -------------------------------------------------
     manager = closing.enter_context(
         checkpointing.open_manager(workdir, read_only=False, keep=config.train.keep_checkpoints))
-    start = manager.latest_step()
-    if start is not None:
-        saved, stats_json, spec = checkpointing.restore_meta(manager, start)
-        changes = checkpointing.check_compatible(saved, config, workdir)
-        if changes:  # the next checkpoint records the new values only
-            logging.warning("Resuming %s at step %d with config changes: %s.", workdir, start,
-                            "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items()))
-        _check_dataset(spec, config.data, workdir)
-        stats = pipeline.RadiomicsStats.from_json(stats_json)
-    else:  # the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in init_state)
-        spec = modeling.resolve_spec(config, pipeline.radiomics_names(config.data))
-        stats = pipeline.RadiomicsStats.from_config(config.data, train_recs.radiomics)
-        if is_main:
-            modeling.save_tokenizer(config.model, workdir)
+    start = _resolve_start(config, workdir, manager, train_recs)
+    stats = start.stats
 
     # ---- Mesh, model, optimiser: abstract, then materialised sharded (or restored onto the same shardings) --------
-    class_counts = np.bincount(train_recs.labels, minlength=len(spec.class_names))
-    exp = make_experiment(config, spec, steps.loss_options(config.train, class_counts))
+    class_counts = np.bincount(train_recs.labels, minlength=len(start.spec.class_names))
+    exp = make_experiment(config, start.spec, steps.loss_options(config.train, class_counts))
     # The next batches are placed on the devices while a step runs; the prefetcher checkpoints the grain position of
     # the batches it has handed out.
     train_iter = prefetch_to_device(iter(pipeline.train_loader(config.data, train_recs, stats, seed=config.seed)),
                                     exp.batch_sharding)
     with collector.paused():
-        if start is not None:
-            state = restore(manager, start, exp, workdir, data_iter=train_iter)
-            logging.info("Resumed from step %d of %s", start, checkpointing.checkpoint_dir(workdir))
+        if start.step is not None:
+            state = restore(manager, start.step, exp, workdir, data_iter=train_iter)
+            logging.info("Resumed from step %d of %s", start.step, checkpointing.checkpoint_dir(workdir))
         else:
             state = exp.init_state()
-    step = start or 0
+    writer = closing.enter_context(contextlib.closing(MetricWriter(workdir, jax.process_index() == 0)))
+    writer.drop_after(start.step or 0, "train_metrics")  # the steps after the checkpoint resumed from are logged again
+
+    def save(step: int, state: nnx.State, val_metrics: dict | None) -> None:
+        checkpointing.save(manager, step, state, train_iter, stats.to_json(), config, start.spec,
+                           metrics=None if val_metrics is None else scalar_metrics(val_metrics))
+
+    def evaluate_validation(step: int, state: nnx.State) -> dict:
+        return evaluate_records(exp, state, val_recs, stats, split="validation", step=step, workdir=workdir,
+                                writer=writer)
+
+    # ---- Models without steps: fitted (or kept as built), evaluated and saved as step 0 --------------------------
     no_steps = config.model.name in models.NO_STEP_MODELS
     val_metrics = None
-    if no_steps and start is None:
+    if no_steps and start.step is None:
         state = fit_without_steps(exp, state, train_recs, val_recs, stats, workdir)
-        val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=0, workdir=workdir)
-        checkpointing.save(manager, 0, state, train_iter, stats.to_json(), config, spec,
-                           metrics=scalar_metrics(val_metrics))
+        val_metrics = evaluate_validation(0, state)
+        save(0, state, val_metrics)
 
-    # ---- Steps: jitted with explicit shardings; the state is donated ----------------------------------------------
-    train_step = exp.train_step
+    # ---- Loop: the jitted step (explicit shardings, state donated), evaluation, checkpoints, preemption -----------
+    step, num_steps, t = start.step or 0, 0 if no_steps else config.train.num_steps, config.train
     check_finite = jax.jit(steps.all_finite, in_shardings=(exp.shardings,), out_shardings=exp.replicated)
-
-    # ---- Loop -----------------------------------------------------------------------------------------------------
-    num_steps, t = 0 if no_steps else config.train.num_steps, config.train
-    accum = config.optim.grad_accum_steps
-    # The learning rate of every update, computed once: logging it then needs no device work inside the loop (an
-    # eager schedule call there would wait for the step in flight).
-    learning_rates = np.asarray(jax.vmap(learning_rate_schedule(config))(np.arange(max(1, -(-num_steps // accum)))))
-    writer = closing.enter_context(contextlib.closing(MetricWriter(workdir, is_main)))
-    writer.drop_after(step, "train_metrics")  # the steps after the checkpoint resumed from are logged again
+    profiler = profiling.StepProfiler(workdir, t.profile_start_step, t.profile_steps)
+    log = _StepLog(config, workdir, manager, writer, step, num_steps)
     preemption = _Preemption()
-    peak = perf.peak_flops(jax.devices()[0])
-    compiled, flops = None, None
-    pbar = tqdm(total=num_steps, initial=step, disable=not is_main or not num_steps, dynamic_ncols=True,
-                desc=config.model.name)
-    timer = (step, None)  # (step, time) of the last timing mark; None until the first step of this run finished
-    pending = None
-    losses = []  # training loss of each step of this run
-
-    def finish(step_metrics) -> dict:
-        """Host side of one step: fetch, check finiteness, log."""
-        s, m = step_metrics
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not m.pop("finite"):
-            raise _non_finite(s, m, manager, workdir, config)
-        m["learning_rate"] = float(learning_rates[(s - 1) // accum])
-        writer.write(s, m, prefix="train", jsonl="train_metrics")
-        losses.append(m["loss"])
-        pbar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-        return m
-
+    compiled = None
     try:
         while step < num_steps:
             batch = next(train_iter)
             if compiled is None:
                 with collector.paused():
-                    compiled = train_step.lower(state, batch).compile()
-                flops = perf.compiled_flops(compiled)
+                    compiled = exp.train_step.lower(state, batch).compile()
+                log.flops = perf.compiled_flops(compiled)
             with profiler.step(step + 1):
                 state, metrics = compiled(state, batch)
             step += 1
             profiler.finished(step, metrics)
-            pbar.update(1)
-            if pending is not None:
-                finish(pending)
-            pending = (step, metrics)
+            log.dispatched(step, metrics)
 
             evaluate_now = step % t.eval_every == 0 or step == num_steps
             save_now = evaluate_now or step % t.checkpoint_every == 0
             preempted = preemption.reached(step, manager)
-            if not (step % t.log_every == 0 or save_now or preempted or timer[1] is None):
+            if not (step % t.log_every == 0 or save_now or preempted or log.timer[1] is None):
                 continue
-            m = finish(pending)
-            pending = None
-            now = time.perf_counter()
-            if timer[1] is None:  # the first step of the run (compilation) is not timed
-                timer = (step, now)
-            elif step % t.log_every == 0:
-                seconds = (now - timer[1]) / (step - timer[0])
-                speed = {"steps_per_sec": 1.0 / seconds, **perf.throughput(flops, seconds, peak)}
-                writer.write(step, speed, prefix="perf")
-                pbar.set_postfix(loss=f"{m['loss']:.4f}", **{k: f"{v:.3g}" for k, v in speed.items()},
-                                 refresh=False)
-                logging.info("step %d: loss %.4f lr %.3g %s", step, m["loss"], m["learning_rate"],
-                             " ".join(f"{k} {v:.3g}" for k, v in speed.items()))
-                timer = (step, now)
+            m = log.fetch()
+            log.timing(step, m)
             if evaluate_now:
-                val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=step,
-                                               workdir=workdir, writer=writer)
+                val_metrics = evaluate_validation(step, state)
             if save_now or preempted:
                 if not bool(check_finite(state)):
                     raise _non_finite(step, m, manager, workdir, config)
-                checkpointing.save(manager, step, state, train_iter, stats.to_json(), config, spec,
-                                   metrics=scalar_metrics(val_metrics) if evaluate_now else None)
-            if save_now:  # includes evaluate_now: keep evaluation and checkpointing out of the step timing
-                timer = (step, time.perf_counter())
+                save(step, state, val_metrics if evaluate_now else None)
+            if save_now:
+                log.restart_clock(step)
             if preempted:
                 manager.wait_until_finished()
                 logging.warning("Preempted at step %d: checkpoint saved in %s; run the same command to resume.",
                                 step, checkpointing.checkpoint_dir(workdir))
                 return {"step": step, "preempted": True}
-        if pending is not None:
-            finish(pending)
+        log.fetch()
     finally:
         profiler.stop()
-        pbar.close()
+        log.close()
         preemption.close()
         manager.wait_until_finished()
 
     # ---- Final evaluation -----------------------------------------------------------------------------------------
     if val_metrics is None:  # resumed at the end: evaluate the final state again
-        val_metrics = evaluate_records(exp, state, val_recs, stats, split="validation", step=step, workdir=workdir,
-                                       writer=writer)
-    result = {"step": step, "best_step": checkpointing.best_step(manager), "train_loss": losses,
-              "validation": val_metrics}
-    if int(config.data.cv_fold) >= 0:
-        _publish(workdir, "validation", step)
-    else:
-        best = result["best_step"]
-        if best != step:
-            state = restore(manager, best, exp, workdir)
-        result["test"] = evaluate_records(exp, state, pipeline.records(config.data, "test"), stats, split="test",
-                                          step=best, workdir=workdir, writer=writer)
-        _publish(workdir, "test", best)
-    return result
+        val_metrics = evaluate_validation(step, state)
+    return _final_test(exp, state, manager, workdir, writer, stats,
+                       {"step": step, "best_step": checkpointing.best_step(manager), "train_loss": log.losses,
+                        "validation": val_metrics})
 
+
+def _final_test(exp: Experiment, state: nnx.State, manager, workdir: str, writer: MetricWriter,
+                stats: pipeline.RadiomicsStats, result: dict) -> dict:
+    """`result` with the test metrics of its best checkpoint, whose report is published at the workdir's top level;
+    in cross-validation (no test split) the validation report of the final state is published instead."""
+    if int(exp.config.data.cv_fold) >= 0:
+        _publish(workdir, "validation", result["step"])
+        return result
+    best = result["best_step"]
+    if best != result["step"]:
+        state = restore(manager, best, exp, workdir)
+    result["test"] = evaluate_records(exp, state, pipeline.records(exp.config.data, "test"), stats, split="test",
+                                      step=best, workdir=workdir, writer=writer)
+    _publish(workdir, "test", best)
+    return result
