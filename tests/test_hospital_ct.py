@@ -155,6 +155,31 @@ def test_report_letters_name_the_side_the_patients_left_back_and_top_are_on(view
         assert {top, bottom} & set("LPS") and {left, right} & set("RAI")
 
 
+def test_an_oblique_ct_is_cropped_along_the_patient_axes():
+    """A gantry-tilted volume holding HU that grow linearly with the LPS position (which linear resampling reproduces
+    exactly): the crop holds that function on the LPS grid around the nodule."""
+    def hounsfield(points_mm: np.ndarray) -> np.ndarray:
+        return points_mm @ np.array([3.0, -2.0, 5.0]) - 100.0
+
+    tilt = np.radians(15.0)  # about x, as a gantry tilt; then 10 degrees about z
+    direction = (np.array([[1, 0, 0], [0, np.cos(tilt), -np.sin(tilt)], [0, np.sin(tilt), np.cos(tilt)]])
+                 @ np.array([[np.cos(0.17), -np.sin(0.17), 0], [np.sin(0.17), np.cos(0.17), 0], [0, 0, 1]]))
+    origin, spacing, size = np.array([-20.0, -25.0, -15.0]), np.array([0.8, 0.8, 1.5]), np.array([50, 50, 30])
+    index = np.stack(np.meshgrid(*(np.arange(n) for n in size), indexing="ij"), -1).reshape(-1, 3)
+    points = origin + (index * spacing) @ direction.T
+    values = np.round(hounsfield(points)).reshape(*size).transpose(2, 1, 0).astype(np.int16)
+    ct = sitk.GetImageFromArray(values)
+    mask = sitk.GetImageFromArray(np.pad(np.ones((6, 8, 8), np.uint8), ((12, 12), (21, 21), (21, 21))))
+    for image in (ct, mask):
+        image.SetOrigin(tuple(origin))
+        image.SetSpacing(tuple(spacing))
+        image.SetDirection(tuple(direction.ravel()))
+    sample = nodule_sample.nodule_example(ct, mask, crop_size=8, spacing_mm=1.0)
+    grid = np.stack(np.meshgrid(*(np.arange(8) - 3.5,) * 3, indexing="ij"), -1)  # (x, y, z) offsets, LPS axes
+    expected = hounsfield(sample.centroid_mm + grid.reshape(-1, 3)).reshape(8, 8, 8).transpose(2, 1, 0)
+    np.testing.assert_allclose(sample.ct, expected, atol=1.0)  # int16 rounding of the volume and of the crop
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Compressed DICOM: each lossless syntax builds the uncompressed examples; a syntax no decoder reads is one line.
 # ------------------------------------------------------------------------------------------------------------------
