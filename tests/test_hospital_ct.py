@@ -17,7 +17,8 @@ import SimpleITK as sitk
 from pydicom import uid as dicom_uid
 
 import tfds_lidc
-from autorad_jax import ct_input, predict as predict_lib, predictor as predictor_lib, report as report_lib
+from autorad_jax import batch_predict, ct_input, predict as predict_lib, predictor as predictor_lib
+from autorad_jax import report as report_lib
 from autorad_jax.data import pipeline
 from autorad_jax.errors import PredictInputError
 from fault_checks import cli_exit
@@ -155,6 +156,24 @@ def test_report_letters_name_the_side_the_patients_left_back_and_top_are_on(view
         assert {top, bottom} & set("LPS") and {left, right} & set("RAI")
 
 
+def test_nodule_csv_takes_ras_rows_by_their_coordinates_column(series_dir, predict, tmp_path):
+    """A CSV row in RAS mm (coordinates column 'ras'), one in LPS mm, one in the default convention (the option) and
+    one with an unknown convention: the first three are the same nodule, the last a one-line error of its row."""
+    (by_centre,) = predict(ct=series_dir, center=[72.5, 77.2, -190.4], diameter=10.0)["nodules"]
+    rows = [("ras", "-72.5", "-77.2"), ("lps", "72.5", "77.2"), ("", "-72.5", "-77.2"), ("xyz", "72.5", "77.2")]
+    with open(tmp_path / "nodules.csv", "w") as f:
+        f.write("ct,coordX,coordY,coordZ,diameter_mm,coordinates\n")
+        f.writelines(f"{series_dir},{x},{y},-190.4,10,{c}\n" for c, x, y in rows)
+    summary = batch_predict.predict_csv(str(tmp_path / "nodules.csv"), str(tmp_path / "out"), workdir="unused",
+                                        coordinates="ras")
+    with open(summary["json"]) as f:
+        results = json.load(f)["nodules"]
+    for nodule in results[:3]:
+        _assert_same_nodule(nodule, by_centre)
+        assert nodule["series"]["slices"] == 11
+    assert "coordinates 'xyz'" in results[3]["error"] and "\n" not in results[3]["error"]
+
+
 def test_an_oblique_ct_is_cropped_along_the_patient_axes():
     """A gantry-tilted volume holding HU that grow linearly with the LPS position (which linear resampling reproduces
     exactly): the crop holds that function on the LPS grid around the nodule."""
@@ -229,8 +248,8 @@ def test_compressed_slices_build_the_uncompressed_examples(series_dir, uncompres
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series_dir, monkeypatch, tmp_path,
-                                                                        random_model_predictor):
+def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series_dir, predict, monkeypatch,
+                                                                        tmp_path):  # predict: its model for the CLI
     """HTJ2K (no decoder of it is installed here) stands for any syntax whose decoder is missing."""
     manual = str(tmp_path)
     folder = _copy_series(series_dir, manual)
@@ -246,8 +265,6 @@ def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series
     assert "install pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0" in reason and "corrupt" not in reason
     assert series_cache.load_entry(str(tmp_path / "cache"), entry["cache_key"]) is None  # read again next run
     assert "series_key" not in entry  # and out of the dataset's fingerprint, so the dataset is not reused as whole
-    monkeypatch.setattr(predictor_lib, "check_model_source", lambda workdir, export_dir: None)
-    monkeypatch.setattr(predictor_lib, "load_predictor", lambda **_: random_model_predictor)
     message = cli_exit(monkeypatch, "predict", "--ct", folder, "--xml", os.path.join(folder, XML))
     assert isinstance(message, str) and "\n" not in message and "PredictInputError" in message
     assert "High-Throughput JPEG 2000" in message and "pylibjpeg-openjpeg" in message
@@ -298,7 +315,7 @@ def _add_strays(folder: str) -> dict[str, str]:
 
 
 def test_a_folder_with_a_localizer_and_another_series_builds_the_same_nodule_and_names_the_rest(
-        series_dir, uncompressed, predict, tmp_path):
+        series_dir, uncompressed, predict, monkeypatch, tmp_path):
     manual = str(tmp_path / "manual")
     folder = _copy_series(series_dir, manual)
     added = _add_strays(folder)
@@ -323,6 +340,9 @@ def test_a_folder_with_a_localizer_and_another_series_builds_the_same_nodule_and
     assert predict(ct=folder, center=centre, diameter=10.0)["series"]["slices"] == 13
     chosen = predict(ct=folder, center=centre, diameter=10.0, series=uncompressed[0]["series_uid"])
     assert chosen["series"]["series_uid"] == uncompressed[0]["series_uid"]
+    message = cli_exit(monkeypatch, "predict", "--ct", folder, "--series", "1.2.3", "--center",
+                       ",".join(map(str, centre)), "--diameter", "10")
+    assert "\n" not in message and "no slice of series 1.2.3 in the folder; it holds " in message
 
 
 def test_a_slice_of_another_size_is_named_by_its_file(series_dir, tmp_path):

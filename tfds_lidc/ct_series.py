@@ -57,12 +57,21 @@ def _has_preamble(path: str) -> bool:
         return f.read(132)[128:] == b'DICM'
 
 
+_CT_IMAGE_STORAGE = (pydicom.uid.CTImageStorage, pydicom.uid.EnhancedCTImageStorage,
+                     pydicom.uid.LegacyConvertedEnhancedCTImageStorage)
+
+
 def _read_header(path: str) -> pydicom.Dataset:
     """The file's data set, its pixel data left on disk until used."""
+    name = os.path.basename(path)
     try:
-        return pydicom.dcmread(path, defer_size=4096)
+        ds = pydicom.dcmread(path, defer_size=4096)
     except Exception as e:  # pydicom raises many types on corrupt or truncated files
-        raise SeriesError(f'corrupt or truncated DICOM {os.path.basename(path)}: {type(e).__name__}: {e}') from e
+        raise SeriesError(f'corrupt or truncated DICOM {name}: {type(e).__name__}: {e}') from e
+    sop_class = ds.get('SOPClassUID', ds.file_meta.get('MediaStorageSOPClassUID'))
+    if sop_class in _CT_IMAGE_STORAGE and 'PixelData' not in ds:  # pydicom reads a cut file up to where it ends
+        raise SeriesError(f'corrupt or truncated DICOM {name}: a CT image without pixel data')
+    return ds
 
 
 def _install_hint(missing: list[str]) -> str:
@@ -72,7 +81,7 @@ def _install_hint(missing: list[str]) -> str:
     return ' or '.join(options) or 'a pydicom pixel-data plugin for it'
 
 
-def check_decodable(ds: pydicom.Dataset, name: str) -> None:
+def _check_decodable(ds: pydicom.Dataset, name: str) -> None:
     """DecoderMissingError naming the transfer syntax and what to install when no installed plugin decodes the
     slice's pixel data; SeriesError when no DICOM decoder for Python reads that syntax at all."""
     syntax = ds.file_meta.TransferSyntaxUID
@@ -91,7 +100,7 @@ def check_decodable(ds: pydicom.Dataset, name: str) -> None:
 def _hounsfield(path: str, ds: pydicom.Dataset) -> np.ndarray:
     """The slice in HU."""
     name = os.path.basename(path)
-    check_decodable(ds, name)
+    _check_decodable(ds, name)
     try:
         pixels = ds.pixel_array.astype(np.float64)
     except Exception as e:  # pylint: disable=broad-except  # pydicom and its plugins raise many types on bad data
@@ -157,22 +166,18 @@ def _choose_series(headers: dict[str, pydicom.Dataset], series_uids: Sequence[st
 def _check_same_geometry(headers: dict[str, pydicom.Dataset], files: list[str]) -> None:
     """SeriesError naming the slices whose orientation, size or pixel spacing differ from most of the series'."""
     def geometry(ds):
-        return (tuple(np.round(np.asarray(ds.ImageOrientationPatient, np.float64), 4)), (int(ds.Rows), int(ds.Columns)),
-                tuple(np.round(np.asarray(ds.PixelSpacing, np.float64), 4)))
+        return (tuple(round(float(v), 4) for v in ds.ImageOrientationPatient), (int(ds.Rows), int(ds.Columns)),
+                tuple(round(float(v), 4) for v in ds.PixelSpacing))
     shapes = {path: geometry(headers[path]) for path in files}
     common = collections.Counter(shapes.values()).most_common(1)[0][0]
     odd = [path for path in files if shapes[path] != common]
     if odd:
         names = ['orientation', 'size', 'pixel spacing']
         first = shapes[odd[0]]
-        what = ', '.join(f'{n} {_plain(a)} (the others: {_plain(b)})' for n, a, b in zip(names, first, common) if a != b)
+        what = ', '.join(f'{n} {a} (the others: {b})' for n, a, b in zip(names, first, common) if a != b)
         raise SeriesError(f'{len(odd)} of the series\' {len(files)} slices differ from the others: '
                           f'{", ".join(os.path.basename(p) for p in odd[:5])}{" ..." if len(odd) > 5 else ""} '
                           f'({os.path.basename(odd[0])}: {what})')
-
-
-def _plain(values) -> str:
-    return '(' + ', '.join(f'{float(v):g}' for v in values) + ')'
 
 
 MAX_GAP_FACTOR = 2.5  # gaps up to 2.5x the median slice spacing (one missing slice) are interpolated
