@@ -5,12 +5,14 @@ file it left out."""
 
 import glob
 import gzip
+import io
 import json
 import os
 import shutil
 
 import gdcm
 import numpy as np
+import PIL.Image
 import pydicom
 import pytest
 import SimpleITK as sitk
@@ -246,6 +248,33 @@ def test_compressed_slices_build_the_uncompressed_examples(series_dir, uncompres
     for got, expected in zip(examples, want, strict=True):
         for name in series_cache.ARRAY_FEATURES:
             np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+
+
+def test_jpeg_baseline_slices_read_as_pillow_decodes_them(series_dir, tmp_path):
+    """JPEG baseline holds 8 bits: the slices at 8 HU per level (slope 8, intercept -1000), lossy-encoded by GDCM,
+    read as Pillow decodes each frame (an independent JPEG decoder), and close to the 8-bit slices."""
+    folder = _copy_series(series_dir, str(tmp_path))
+    levels = {}
+    for path in ct_series.dicom_files(folder):
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        levels[float(ds.ImagePositionPatient[2])] = np.clip((hu + 1000) / 8, 0, 255).astype(np.uint8)
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 8, -1000
+        ds.PixelData = levels[float(ds.ImagePositionPatient[2])].tobytes()
+        ds.save_as(path)
+    _encode(folder, gdcm.TransferSyntax.JPEGBaselineProcess1)
+    series = ct_series.load_ct_series(folder)
+    volume = sitk.GetArrayFromImage(series.image)
+    for k, path in enumerate(sorted(ct_series.dicom_files(folder), key=lambda p: float(pydicom.dcmread(
+            p, stop_before_pixels=True).ImagePositionPatient[2]))):
+        ds = pydicom.dcmread(path)
+        assert ds.file_meta.TransferSyntaxUID == dicom_uid.JPEGBaseline8Bit
+        frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
+        by_pillow = np.asarray(PIL.Image.open(io.BytesIO(frame))).astype(np.int32)
+        np.testing.assert_array_equal(volume[k], by_pillow * 8 - 1000)
+        error = np.abs(by_pillow - levels[float(ds.ImagePositionPatient[2])])
+        assert error.mean() < 0.25 and error.max() <= 4  # lossy: GDCM's default quality keeps nearly every level
 
 
 def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series_dir, predict, monkeypatch,
