@@ -8,6 +8,7 @@ import gzip
 import io
 import json
 import os
+import re
 import shutil
 
 import gdcm
@@ -294,6 +295,8 @@ def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series
     assert "install pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0" in reason and "corrupt" not in reason
     assert series_cache.load_entry(str(tmp_path / "cache"), entry["cache_key"]) is None  # read again next run
     assert "series_key" not in entry  # and out of the dataset's fingerprint, so the dataset is not reused as whole
+    summary = report.summary(report.build([entry], {}, {}, "", manual), "build_report.json")
+    assert "series skipped: 1 x no installed decoder reads transfer syntax High-Throughput JPEG" in summary
     message = cli_exit(monkeypatch, "predict", "--ct", folder, "--xml", os.path.join(folder, XML))
     assert isinstance(message, str) and "\n" not in message and "PredictInputError" in message
     assert "High-Throughput JPEG 2000" in message and "pylibjpeg-openjpeg" in message
@@ -344,11 +347,14 @@ def _add_strays(folder: str) -> dict[str, str]:
 
 
 def test_a_folder_with_a_localizer_and_another_series_builds_the_same_nodule_and_names_the_rest(
-        series_dir, uncompressed, predict, monkeypatch, tmp_path):
+        series_dir, uncompressed, predict, monkeypatch, capsys, tmp_path):
     manual = str(tmp_path / "manual")
     folder = _copy_series(series_dir, manual)
     added = _add_strays(folder)
     data_dir = tfds_lidc.prepare(manual, str(tmp_path / "data"), CONFIG)
+    (counted,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("files left out")]
+    assert sorted(counted.split(": ", 1)[1].split("; ")) == ["1 x localizer", "1 x no image", "1 x secondary capture",
+                                                           "13 x another series"]
     with open(os.path.join(data_dir, report.REPORT_NAME)) as f:
         rep = json.load(f)
     ignored = {i["file"]: i["reason"] for i in rep["files_ignored"]}
@@ -380,7 +386,7 @@ def test_a_slice_of_another_size_is_named_by_its_file(series_dir, tmp_path):
     ds = pydicom.dcmread(path)
     ds.PixelData, ds.Rows = ds.pixel_array[:256].tobytes(), 256
     ds.save_as(path)
-    with pytest.raises(PredictInputError, match=f"1 of the series' 11 slices differ from the others: "
-                                                f"{os.path.basename(path)} .*size \\(256, 512\\) \\(the others: "
-                                                f"\\(512, 512\\)\\)"):
+    with pytest.raises(PredictInputError, match=re.escape(
+            f"slices differ from the others in orientation, size or pixel spacing: 1 of 11, {os.path.basename(path)} "
+            f"({os.path.basename(path)}: size (256, 512) (the others: (512, 512)))")):
         ct_input.read_ct(folder)

@@ -90,11 +90,11 @@ def _check_decodable(ds: pydicom.Dataset, name: str) -> None:
     try:
         decoder = pydicom.pixels.get_decoder(syntax)
     except NotImplementedError as e:
-        raise SeriesError(f'{name}: pixel data in transfer syntax {syntax.name} ({syntax}), which no DICOM decoder '
-                          f'for Python reads') from e
+        raise SeriesError(f'no DICOM decoder for Python reads transfer syntax {syntax.name} ({syntax}), the pixel '
+                          f'data of {name}') from e
     if not decoder.is_available:
-        raise DecoderMissingError(f'{name}: pixel data in transfer syntax {syntax.name} ({syntax}), which no '
-                                  f'installed decoder reads; install {_install_hint(decoder.missing_dependencies)}')
+        raise DecoderMissingError(f'no installed decoder reads transfer syntax {syntax.name} ({syntax}), the pixel '
+                                  f'data of {name}; install {_install_hint(decoder.missing_dependencies)}')
 
 
 def _hounsfield(path: str, ds: pydicom.Dataset) -> np.ndarray:
@@ -175,9 +175,9 @@ def _check_same_geometry(headers: dict[str, pydicom.Dataset], files: list[str]) 
         names = ['orientation', 'size', 'pixel spacing']
         first = shapes[odd[0]]
         what = ', '.join(f'{n} {a} (the others: {b})' for n, a, b in zip(names, first, common) if a != b)
-        raise SeriesError(f'{len(odd)} of the series\' {len(files)} slices differ from the others: '
-                          f'{", ".join(os.path.basename(p) for p in odd[:5])}{" ..." if len(odd) > 5 else ""} '
-                          f'({os.path.basename(odd[0])}: {what})')
+        raise SeriesError(f'slices differ from the others in orientation, size or pixel spacing: {len(odd)} of '
+                          f'{len(files)}, {", ".join(os.path.basename(p) for p in odd[:5])}'
+                          f'{" ..." if len(odd) > 5 else ""} ({os.path.basename(odd[0])}: {what})')
 
 
 MAX_GAP_FACTOR = 2.5  # gaps up to 2.5x the median slice spacing (one missing slice) are interpolated
