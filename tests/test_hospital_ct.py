@@ -139,6 +139,44 @@ def test_any_stored_orientation_predicts_as_the_dicom_series(series_dir, predict
     _assert_same_nodule(nodule, by_centre)
 
 
+def _flip_rows_and_columns(folder: str) -> None:
+    """Rewrites the series as a scanner stores a prone scan: rows run to the patient's right and columns to anterior
+    (ImageOrientationPatient -1,0,0,0,-1,0), the same voxels at the same patient positions; the reader XML's pixel
+    coordinates moved with them."""
+    for path in ct_series.dicom_files(folder):
+        ds = pydicom.dcmread(path)
+        rows, columns = ds.Rows, ds.Columns
+        dy, dx = (float(v) for v in ds.PixelSpacing)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1, ::-1]).tobytes()
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, -1, 0]
+        ds.ImagePositionPatient = [x + (columns - 1) * dx, y + (rows - 1) * dy, z]
+        ds.save_as(path)
+    xml = os.path.join(folder, XML)
+    with open(xml) as f:
+        text = f.read()
+    for tag, size in (("xCoord", columns), ("yCoord", rows)):
+        text = re.sub(f"<{tag}>(\\d+)</{tag}>", lambda m, t=tag, n=size: f"<{t}>{n - 1 - int(m.group(1))}</{t}>", text)
+    with open(xml, "w") as f:
+        f.write(text)
+
+
+def test_a_dicom_series_stored_prone_builds_and_predicts_as_stored_supine(series_dir, uncompressed, predict,
+                                                                          tmp_path):
+    manual = str(tmp_path)
+    folder = _copy_series(series_dir, manual)
+    _flip_rows_and_columns(folder)
+    assert orientation.orientation_code(ct_series.load_ct_series(folder).image) == "RAS"
+    entry, examples = _examples(manual, folder, str(tmp_path / "cache"))
+    assert entry["nodules_written"] == uncompressed[0]["nodules_written"] != []
+    for got, expected in zip(examples, uncompressed[1], strict=True):
+        for name in series_cache.ARRAY_FEATURES:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, err_msg=name)
+    (nodule,) = predict(ct=folder, xml=os.path.join(folder, XML))["nodules"]
+    (supine,) = predict(ct=series_dir, xml=os.path.join(series_dir, XML))["nodules"]
+    _assert_same_nodule(nodule, supine)
+
+
 @pytest.mark.parametrize("view", sorted(report_lib.VIEW_AXES))
 def test_report_letters_name_the_side_the_patients_left_back_and_top_are_on(view):
     """A volume bright only at the patient's left, posterior and superior of a nodule, stored in RAS: in each picture
