@@ -147,7 +147,8 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
         bounds = [ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in (-0.5 * np.ones(3),
                                                                                               size - 0.5)]
         raise PredictInputError(f"centre {_plain(center)} mm is outside the CT volume, which spans "
-                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm (patient LPS).")
+                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm "
+                                f"(patient LPS).")
     radius = diameter_mm / 2
     reach = radius / np.asarray(ct.GetSpacing()) + 1
     lo = np.clip(np.floor(index - reach), 0, size - 1).astype(int)

@@ -35,7 +35,8 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     image, dicom = ct_input.read_ct(ct, hu_range, ct_input.series_wanted(ct, series, xml))
     nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml, xml_matches_ct=xml_matches_ct,
                    coordinates=coordinates)
-    masks = None if xml is not None else ct_input.nodule_masks(image, dicom, **nodules, consensus_level=0.0)  # fail early
+    masks = (None if xml is not None  # the others fail early, before the model loads
+             else ct_input.nodule_masks(image, dicom, **nodules, consensus_level=0.0))
     predictor = predictor_lib.load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
     if masks is None:
         masks = ct_input.nodule_masks(image, dicom, **nodules,

@@ -169,7 +169,8 @@ def test_slices_without_extension_are_read_and_a_dicomdir_left_out(good, tmp_pat
     assert ours.sop_uids == reference.sop_uids and ours.notes == reference.notes == []
 
 
-def test_two_series_in_one_folder_read_the_larger_and_name_the_others_files(good, tmp_path):  # pylint: disable=redefined-outer-name
+def test_two_series_in_one_folder_read_the_larger_and_name_the_others_files(  # pylint: disable=redefined-outer-name
+        good, tmp_path):
     series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-0001')
     files = ct_series.dicom_files(series_dir)
     reference = ct_series.load_ct_series(series_dir)

@@ -17,12 +17,6 @@ AXIS_TOLERANCE = 1e-4   # direction cosines this close to a signed unit vector c
 CROP_AXIS_ENDS = (('I', 'S'), ('A', 'P'), ('R', 'L'))
 
 
-def orientation_code(image: sitk.Image) -> str:
-    """The three letters naming where the image's x, y, z index axes point ('LPS', 'RAS', 'SLP', ...): the nearest
-    patient axis of each, as DICOM names them."""
-    return sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
-
-
 def is_lps(image: sitk.Image) -> bool:
     """Whether the image's axes run along L, P and S (within AXIS_TOLERANCE)."""
     return bool(np.allclose(np.reshape(image.GetDirection(), (3, 3)), np.eye(3), atol=AXIS_TOLERANCE))

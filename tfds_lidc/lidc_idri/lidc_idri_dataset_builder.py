@@ -100,8 +100,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  'rating skipped; clusters of more than 4 annotations keep one annotation per reader for both mask '
                  'and ratings; symlinked folders followed; per-series cache; series fingerprint in the metadata; '
                  'radiomics with pyradiomics\' CT settings (voxelArrayShift 1000, minimumROIDimensions 2).',
-        '1.2.0': 'Crops along the patient LPS axes whatever the scan\'s stored orientation; a series folder\'s series is '
-                 'the one its reader XML names (else the largest axial CT stack), its other files listed in the '
+        '1.2.0': 'Crops along the patient LPS axes whatever the scan\'s stored orientation; a series folder\'s series '
+                 'is the one its reader XML names (else the largest axial CT stack), its other files listed in the '
                  'report; compressed transfer syntaxes read.',
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
