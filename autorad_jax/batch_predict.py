@@ -1,10 +1,12 @@
 """Prediction for every nodule of a CSV, with the model loaded once (`run.py predict --nodules FILE.csv`).
 
 One nodule per row, given by a CT and one of: a mask (`mask`), a centre and diameter (`coordX`, `coordY`, `coordZ` in
-mm and `diameter_mm`, as LUNA16's annotations.csv), or a LIDC reader XML (`xml`, which may give several nodules). The
+patient LPS mm, as LUNA16's annotations.csv, and `diameter_mm`; a `coordinates` column, or the `coordinates` option
+for rows without it, says `ras` for RAS mm), or a LIDC reader XML (`xml`, which may give several nodules). The
 CT is the `ct` column (a DICOM series folder or a volume file), or the row's `seriesuid` found under `--ct_root`
 (`<seriesuid>.mhd` / `.nii.gz` / `.nrrd` files, or DICOM series folders named by or containing the UID, at any
-depth). Relative paths are relative to the CSV's folder. Writes predictions.csv and predictions.json with one row per
+depth); of a DICOM folder, the series `seriesuid` is read, else the one the reader XML names, else the largest axial
+CT stack. Relative paths are relative to the CSV's folder. Writes predictions.csv and predictions.json with one row per
 nodule; a row that cannot be predicted gets its error there and the others go on.
 """
 
@@ -19,7 +21,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from autorad_jax import ct_input, predictor as predictor_lib
+from autorad_jax import ct_input, image_checks, predictor as predictor_lib
 from autorad_jax.errors import AutoradError, PredictInputError
 
 VOLUME_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".nrrd")
@@ -85,8 +87,9 @@ def _row_ct(row: dict[str, str], base: str, ct_root: Optional[str], index: Optio
     return find_series(row["seriesuid"], index, ct_root)
 
 
-def _row_nodule(row: dict[str, str], base: str) -> dict[str, Any]:
-    """ct_input.nodule_masks' nodule arguments of a row."""
+def _row_nodule(row: dict[str, str], base: str, coordinates: str) -> dict[str, Any]:
+    """ct_input.nodule_masks' nodule arguments of a row (its centre in the row's `coordinates`, else in
+    `coordinates`)."""
     center = [row.get(c, "") for c in CENTER_COLUMNS]
     try:
         diameter = float(row["diameter_mm"]) if row.get("diameter_mm") else None
@@ -94,7 +97,8 @@ def _row_nodule(row: dict[str, str], base: str) -> dict[str, Any]:
         raise PredictInputError(f"diameter_mm {row['diameter_mm']!r} is not a number.") from e
     return dict(mask=os.path.join(base, row["mask"]) if row.get("mask") else None,
                 xml=os.path.join(base, row["xml"]) if row.get("xml") else None,
-                center=center if any(center) else None, diameter=diameter)
+                center=center if any(center) else None, diameter=diameter,
+                coordinates=row.get("coordinates", "").lower() or coordinates)
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -102,13 +106,17 @@ def _flat(row: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
     out.update({f"p_{label}": p for label, p in row.get("probabilities", {}).items()})
     out.update({f"centroid_{a}_mm": v for a, v in zip("xyz", row.get("centroid_mm", []))})
+    if "series" in row:
+        out["series_read"] = row["series"]["series_uid"]
     return out
 
 
 def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None, export_dir: Optional[str] = None,
-                backend: str = "jax", ct_root: Optional[str] = None,
-                report_dir: Optional[str] = None) -> dict[str, Any]:
-    """Predicts every row of `nodules_csv`; writes out_dir/predictions.{csv,json}; returns their paths and counts."""
+                backend: str = "jax", ct_root: Optional[str] = None, report_dir: Optional[str] = None,
+                coordinates: str = "lps") -> dict[str, Any]:
+    """Predicts every row of `nodules_csv`; writes out_dir/predictions.{csv,json}; returns their paths and counts.
+    Centres are patient LPS mm, or RAS mm in rows whose `coordinates` column says 'ras' (`coordinates`: the
+    convention of rows that leave it empty or lack the column)."""
     rows = read_rows(nodules_csv)
     base = os.path.dirname(os.path.abspath(nodules_csv))
     index = index_ct_root(ct_root) if ct_root is not None else None
@@ -121,15 +129,18 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
         head = {"row": number, **{k: row[k] for k in ("seriesuid", "ct") if row.get(k)}}
         try:
             ct = _row_ct(row, base, ct_root, index)
-            image, series = read_ct(ct)
-            masks = ct_input.nodule_masks(image, series, **_row_nodule(row, base), consensus_level=consensus)
+            given = _row_nodule(row, base, coordinates)
+            uid = row.get("seriesuid") if os.path.isdir(ct) else None  # of a volume file, it only found the file
+            image, series = read_ct(ct, image_checks.DEFAULT_HU_RANGE,
+                                    tuple(ct_input.series_wanted(ct, uid, given["xml"])))
+            masks = ct_input.nodule_masks(image, series, **given, consensus_level=consensus)
             found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
         except AutoradError as e:
             results.append({**head, "error": str(e)})
             continue
         for info, x in found:
-            nodule = {**head, "ct": os.path.abspath(ct), **info, **predictor_lib.score_nodule(predictor, x),
-                      "error": ""}
+            nodule = {**head, "ct": os.path.abspath(ct), **ct_input.series_description(series), **info,
+                      **predictor_lib.score_nodule(predictor, x), "error": ""}
             results.append(nodule)
             if report_dir is not None:
                 inputs.append(x)

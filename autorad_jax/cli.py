@@ -49,9 +49,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval).")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (eval, export); default: the best.")
 _AIMV2_DIR = flags.DEFINE_string("aimv2_dir", None, "Local AIMv2(-LiT) save_pretrained folder (demo).")
-_CT = flags.DEFINE_string("ct", None, "CT: DICOM series folder, or NIfTI / NRRD / MetaImage file (predict).")
+_CT = flags.DEFINE_string("ct", None, "CT: DICOM series folder, or NIfTI / NRRD / MetaImage file, in any orientation "
+                          "(predict).")
+_SERIES = flags.DEFINE_string(
+    "series", None, "SeriesInstanceUID of the series to read from a --ct folder holding several (default: the one the "
+    "--xml names, else the largest axial CT stack) (predict).")
 _MASK = flags.DEFINE_string("mask", None, "Nodule mask on the CT grid (predict).")
-_CENTER = flags.DEFINE_list("center", None, "Nodule centre x,y,z in mm, with --diameter (predict).")
+_CENTER = flags.DEFINE_list("center", None, "Nodule centre x,y,z in patient LPS mm (DICOM's and LUNA16's convention; "
+                             "RAS mm with --coordinates=ras), with --diameter (predict).")
+_COORDINATES = flags.DEFINE_enum(
+    "coordinates", "lps", ["lps", "ras"], "Convention of --center and of the CSV's coordX/Y/Z where its row has no "
+    "'coordinates' column value: lps (patient LPS mm, x to the left, y to the back) or ras (x, y negated: NIfTI tools, "
+    "3D Slicer) (predict).")
 _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a sphere is used as the mask (predict).")
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
 _XML_MATCHES_CT = flags.DEFINE_bool(
@@ -65,7 +74,8 @@ _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Replace what is there: an earlier export in --out (export); a dataset in --data_dir built from "
     "other series (prepare).")
 _REPORT = flags.DEFINE_string("report", None, "Folder for a report picture per nodule and an index.html (predict).")
-_NODULES = flags.DEFINE_string("nodules", None, "CSV with one nodule per row, e.g. LUNA16's annotations.csv (predict).")
+_NODULES = flags.DEFINE_string("nodules", None, "CSV with one nodule per row, e.g. LUNA16's annotations.csv: centres "
+                               "coordX,coordY,coordZ in patient LPS mm (predict).")
 _CT_ROOT = flags.DEFINE_string("ct_root", None, "Folder holding the CSV's <seriesuid>.mhd files or DICOM series folders "
                                "(predict --nodules).")
 _JSON = flags.DEFINE_bool("json", False, "Print the command's result alone, as JSON.")
@@ -164,12 +174,13 @@ def _run(command: str, args: list[str]):
     if _NODULES.value:
         from autorad_jax import batch_predict
         return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,
-                                         report_dir=_REPORT.value, **model)
+                                         report_dir=_REPORT.value, coordinates=_COORDINATES.value, **model)
     from autorad_jax import image_checks, predict
     return predict.predict(ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value,
                            xml=_XML.value, report_dir=_REPORT.value,
                            hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,
-                           xml_matches_ct=_XML_MATCHES_CT.value, **model)
+                           xml_matches_ct=_XML_MATCHES_CT.value, series=_SERIES.value,
+                           coordinates=_COORDINATES.value, **model)
 
 
 def _show(command: str, result) -> None:

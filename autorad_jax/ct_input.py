@@ -1,5 +1,6 @@
 """The CT and the nodule masks predict is given: a DICOM series folder or a NIfTI / NRRD / MetaImage file, checked in
-Hounsfield units, and a mask file, a centre and diameter (a sphere), or a LIDC reader XML (readers' marks clustered
+Hounsfield units and brought to patient LPS axes (tfds_lidc.orientation), and a mask file, a centre and diameter (a
+sphere; the centre in patient LPS mm, or RAS mm when the user says so), or a LIDC reader XML (readers' marks clustered
 into consensus masks as the dataset builder does)."""
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import SimpleITK as sitk
 
 from autorad_jax import image_checks
 from autorad_jax.errors import PredictInputError
-from tfds_lidc import ct_series, discover, xml_reader
+from tfds_lidc import ct_series, discover, orientation, xml_reader
 from tfds_lidc import nodules as nodules_lib
 
 # A lung nodule is at most 30 mm across, a mass up to about 60; below 3 mm LIDC readers mark no nodule outline. A mask's
 # equivalent-sphere diameter may fall a little under its longest axis, hence the lower bound for masks.
 DIAMETER_RANGE_MM = (3.0, 60.0)
 MASK_DIAMETER_RANGE_MM = (2.0, 60.0)
+COORDINATES = ("lps", "ras")  # a centre's convention: patient LPS mm (DICOM, LUNA16), or RAS mm (NIfTI tools)
 SPHERE_NOTE = ("no segmentation was given: the mask is a sphere of the given diameter around the given centre, so the "
                "radiomic shape features describe that sphere, not the nodule")
 
@@ -49,9 +51,10 @@ def _read_volume(path: str, what: str) -> sitk.Image:
         raise PredictInputError(f"unreadable {what} {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
 
 
-def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE
+def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
             ) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
-    """The CT in HU (and its DICOM series, for a folder), complete (image_checks) and every value finite and within
+    """The CT in HU with its axes along patient LPS (and its DICOM series, for a folder: the first of `series_uids`
+    the folder holds, else its largest axial CT stack), complete (image_checks) and every value finite and within
     `hu_range`; PredictInputError naming the path and the reason."""
     if path is None:
         raise PredictInputError("no CT given (--ct: a DICOM series folder, or a NIfTI / NRRD / MetaImage file).")
@@ -59,17 +62,45 @@ def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE
         if not ct_series.dicom_files(path):
             raise PredictInputError(_no_series_message(path))
         try:
-            series = ct_series.load_ct_series(path)
+            series = ct_series.load_ct_series(path, series_uids)
         except ct_series.SeriesError as e:
             raise PredictInputError(f"unreadable CT {path}: {e}") from e
-        return _checked(series.image, path, hu_range), series
+        return orientation.to_lps(_checked(series.image, path, hu_range)), series
     if not os.path.isfile(path):
         raise PredictInputError(f"CT {path} does not exist.")
     image = _read_volume(path, "CT")
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
         raise PredictInputError(f"CT {path} is not a 3D scalar volume ({image.GetDimension()}D, "
                                 f"{image.GetNumberOfComponentsPerPixel()} components per voxel).")
-    return _checked(image, path, hu_range), None
+    return orientation.to_lps(_checked(image, path, hu_range)), None
+
+
+def series_wanted(ct: str, series_uid: Optional[str], xml: Optional[str]) -> list[str]:
+    """The series to read from the DICOM folder `ct`: the user's (`series_uid`), else the one the reader XML names (an
+    XML that names none, or does not parse, chooses nothing: xml_masks says what is wrong with it). None of a volume
+    file, where `series_uid` is refused."""
+    if not os.path.isdir(ct or ""):
+        if series_uid:
+            raise PredictInputError(f"--series {series_uid}: the CT {ct} is not a DICOM folder, it has no series to "
+                                    f"choose from.")
+        return []
+    if series_uid:
+        return [series_uid]
+    if xml is None:
+        return []
+    try:
+        named = xml_reader.parse_reader_xml(xml).series_uid
+    except xml_reader.XmlError:
+        return []
+    return [named] if named else []
+
+
+def series_description(series: Optional[ct_series.CtSeries]) -> dict:
+    """What predict says of the DICOM series it read: its UID, its slices and the folder's files it left out."""
+    if series is None:
+        return {}
+    return {"series": {"series_uid": series.series_uid, "slices": len(series.sop_uids),
+                       "files_ignored": series.files_ignored}}
 
 
 def _no_series_message(path: str) -> str:
@@ -84,15 +115,16 @@ def _no_series_message(path: str) -> str:
 
 
 def read_mask(path: str, ct: sitk.Image) -> sitk.Image:
-    """A nodule mask file (non-zero = nodule) that lies on the CT's voxel grid."""
-    mask = _read_volume(path, "mask")
+    """A nodule mask file (non-zero = nodule) that lies on the voxel grid of the CT (`ct`, in LPS axes; the mask is
+    brought to LPS axes too, so it may store that grid in another axis order)."""
+    mask = orientation.to_lps(_read_volume(path, "mask"))
     checks = [("size (voxels)", mask.GetSize(), ct.GetSize(), 0.0), ("spacing (mm)", mask.GetSpacing(),
               ct.GetSpacing(), 1e-4), ("origin (mm)", mask.GetOrigin(), ct.GetOrigin(), 1e-3),
               ("direction", mask.GetDirection(), ct.GetDirection(), 1e-4)]
     for what, got, want, tol in checks:
         if len(got) != len(want) or not np.allclose(got, want, rtol=tol, atol=tol):
             raise PredictInputError(f"mask {path} is not on the CT's grid: its {what} is "
-                                    f"{_plain(got)}, the CT's is {_plain(want)}.")
+                                    f"{_plain(got)}, the CT's is {_plain(want)} (both in LPS axis order).")
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     if not voxels:
         raise PredictInputError(f"mask {path} is empty (no non-zero voxel).")
@@ -107,7 +139,7 @@ def read_mask(path: str, ct: sitk.Image) -> sitk.Image:
 
 
 def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) -> sitk.Image:
-    """A ball of `diameter_mm` around the physical point `center_mm` (x, y, z), as a sub-block of the CT grid."""
+    """A ball of `diameter_mm` around the point `center_mm` (x, y, z patient LPS mm), as a sub-block of the CT grid."""
     center = np.asarray(center_mm, np.float64)
     size = np.asarray(ct.GetSize())
     index = np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, center))))
@@ -115,7 +147,8 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
         bounds = [ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in (-0.5 * np.ones(3),
                                                                                               size - 0.5)]
         raise PredictInputError(f"centre {_plain(center)} mm is outside the CT volume, which spans "
-                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm.")
+                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm "
+                                f"(patient LPS).")
     radius = diameter_mm / 2
     reach = radius / np.asarray(ct.GetSpacing()) + 1
     lo = np.clip(np.floor(index - reach), 0, size - 1).astype(int)
@@ -171,21 +204,26 @@ def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: 
     return out
 
 
-def _parse_center(center) -> np.ndarray:
+def _parse_center(center, coordinates: str) -> np.ndarray:
+    """The centre x,y,z as patient LPS mm, given in `coordinates` ('lps' or 'ras')."""
+    if coordinates not in COORDINATES:
+        raise PredictInputError(f"coordinates {coordinates!r}: use 'lps' (patient LPS mm, as DICOM and LUNA16) or "
+                                f"'ras' (RAS mm, as NIfTI tools and 3D Slicer).")
     try:
         values = [float(v) for v in (center.split(",") if isinstance(center, str) else center)]
     except (TypeError, ValueError) as e:
         raise PredictInputError(f"--center {center!r}: expected x,y,z in mm.") from e
     if len(values) != 3:
         raise PredictInputError(f"--center {center!r}: expected three numbers x,y,z in mm, got {len(values)}.")
-    return np.asarray(values)
+    return orientation.ras_to_lps(values) if coordinates == "ras" else np.asarray(values)
 
 
 def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: Optional[str], center, diameter,
-                 xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False
+                 xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False, coordinates: str = "lps"
                  ) -> list[tuple[sitk.Image, dict]]:
     """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml; a diameter
-    or a mask's equivalent-sphere diameter outside DIAMETER_RANGE_MM / MASK_DIAMETER_RANGE_MM is refused."""
+    or a mask's equivalent-sphere diameter outside DIAMETER_RANGE_MM / MASK_DIAMETER_RANGE_MM is refused. `center` is
+    x,y,z in patient LPS mm, or in RAS mm with `coordinates='ras'`."""
     given = [name for name, v in (("--mask", mask), ("--center", center), ("--xml", xml)) if v is not None]
     if len(given) != 1:
         raise PredictInputError(f"give the nodule with exactly one of --mask, --center (with --diameter) or --xml; "
@@ -197,9 +235,11 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
         if diameter is None or not lo <= float(diameter) <= hi:
             raise PredictInputError(f"--center needs a --diameter from {lo:g} to {hi:g} mm, a lung nodule's or mass's "
                                     f"(got {diameter if diameter is None else float(diameter)}).")
-        point = _parse_center(center)
+        point = _parse_center(center, coordinates)
+        given = "" if coordinates == "lps" else f", given as RAS {orientation.ras_to_lps(point).tolist()} mm"
         return [(sphere_mask(ct, point, float(diameter)),
-                 {"mask": f"sphere of diameter {float(diameter)} mm at {point.tolist()} mm", "note": SPHERE_NOTE})]
+                 {"mask": f"sphere of diameter {float(diameter)} mm at LPS {point.tolist()} mm{given}",
+                  "note": SPHERE_NOTE})]
     return [(m, {"mask": f"consensus (>= {consensus_level:.0%} of readers) of reader XML {os.path.abspath(xml)}",
                  **info}) for m, info in xml_masks(xml, series, consensus_level, matches_ct=xml_matches_ct)]
 

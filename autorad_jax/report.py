@@ -1,6 +1,7 @@
 """A picture per predicted nodule, and one HTML page showing them all (`run.py predict --report DIR`).
 
-Each picture shows the three views the model was given (lung window) with the consensus-mask contour, a saliency
+Each picture shows the three views the model was given (lung window; the crop's patient LPS axes named by orientation
+letters at each side: R/L, A/P, I/S) with the consensus-mask contour, a saliency
 map over each view (|d logit of the predicted class / d input pixel|, by jax.grad), the class probabilities, and the
 radiomic features with the largest gradient × input attribution on the standardised radiomics (which reach the
 prompts through the meta-network's context shift), each with its value against the training mean ± std.
@@ -21,11 +22,14 @@ import numpy as np
 
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.predictor import NoduleInputs, Predictor
+from tfds_lidc import orientation
 
 TOP_FEATURES = 8
 FIGSIZE, DPI = (13.0, 7.5), 100  # 1300 x 750 pixels
 VIEW_NAMES = {"2.5d": ("axial, slice −1", "axial, centre slice", "axial, slice +1"),
               "planes": ("axial", "coronal", "sagittal")}
+# The (z, y, x) crop axes along each view's rows and columns (autorad_jax.data.pipeline.extract_view).
+VIEW_AXES = {"2.5d": ((1, 2),) * 3, "planes": ((1, 2), (0, 2), (0, 1))}
 
 
 @dataclasses.dataclass
@@ -95,6 +99,7 @@ def _picture(path: str, predictor: Predictor, inputs: NoduleInputs, nodule: dict
                 ax.contour(np.linspace(0, size, mask.shape[1]), np.linspace(0, size, mask.shape[0]), mask[..., i],
                            levels=[0.5], colors="lime", linewidths=1)
             ax.set_title(names[i] if row == 0 else f"saliency, {names[i]}", fontsize=9)
+            _orientation_letters(ax, *VIEW_AXES[view][i])
             ax.axis("off")
     ax = fig.add_subplot(grid[0, 4])
     labels = list(nodule["probabilities"])
@@ -121,6 +126,16 @@ def _picture(path: str, predictor: Predictor, inputs: NoduleInputs, nodule: dict
     fig.subplots_adjust(left=0.02, right=0.98, top=0.9, bottom=0.07, wspace=0.3, hspace=0.25)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def _orientation_letters(ax, row_axis: int, column_axis: int) -> None:
+    """The patient direction at each side of a picture of the crop (radiology's R/L, A/P, I/S letters)."""
+    top, bottom, left, right = orientation.view_letters(row_axis, column_axis)
+    style = dict(transform=ax.transAxes, color="yellow", fontsize=8, fontweight="bold")
+    ax.text(0.5, 0.98, top, ha="center", va="top", **style)
+    ax.text(0.5, 0.02, bottom, ha="center", va="bottom", **style)
+    ax.text(0.02, 0.5, left, ha="left", va="center", **style)
+    ax.text(0.98, 0.5, right, ha="right", va="center", **style)
 
 
 def write_reports(predictor: Predictor, inputs: Sequence[NoduleInputs], nodules: Sequence[dict], report_dir: str,

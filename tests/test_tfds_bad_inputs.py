@@ -169,19 +169,26 @@ def test_slices_without_extension_are_read_and_a_dicomdir_left_out(good, tmp_pat
     assert ours.sop_uids == reference.sop_uids and ours.notes == reference.notes == []
 
 
-def test_two_series_in_one_folder_are_refused_naming_both(good, tmp_path):  # pylint: disable=redefined-outer-name
+def test_two_series_in_one_folder_read_the_larger_and_name_the_others_files(  # pylint: disable=redefined-outer-name
+        good, tmp_path):
     series_dir = _copy(good, str(tmp_path), 'LIDC-IDRI-0001')
     files = ct_series.dicom_files(series_dir)
+    reference = ct_series.load_ct_series(series_dir)
     other = pydicom.uid.generate_uid()
     for i, path in enumerate(files[:3]):  # three slices of another series copied in
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID = other
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
         ds.save_as(os.path.join(series_dir, f'other-{i}.dcm'))
-    uid = pydicom.dcmread(files[0]).SeriesInstanceUID
-    with pytest.raises(ct_series.SeriesError, match=re.escape(f'2 series in one folder (SeriesInstanceUID: {uid} with '
-                                                              f'{len(files)} slices, {other} with 3 slices)')):
-        ct_series.load_ct_series(series_dir)
+    series = ct_series.load_ct_series(series_dir)
+    assert series.series_uid == reference.series_uid and series.sop_uids == reference.sop_uids
+    assert [f['file'] for f in series.files_ignored] == [f'other-{i}.dcm' for i in range(3)]
+    assert all(f['reason'].startswith(f'another series ({other}, 3 slices; the largest axial CT stack is '
+                                      f'{reference.series_uid})') for f in series.files_ignored)
+    chosen = ct_series.load_ct_series(series_dir, [other])  # the series asked for, the others' files named
+    assert chosen.series_uid == other and len(chosen.sop_uids) == 3 and len(chosen.files_ignored) == len(files)
+    with pytest.raises(ct_series.SeriesError, match=re.escape('no slice of series 1.2.3 in the folder; it holds ')):
+        ct_series.load_ct_series(series_dir, ['1.2.3'])
 
 
 def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: disable=redefined-outer-name

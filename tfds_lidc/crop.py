@@ -11,7 +11,7 @@ AIR_HU = -1000
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-    """An isotropic grid aligned with the source image's axes."""
+    """An isotropic grid (crops use grids along the patient LPS axes, see `nodule_grid`)."""
     origin: tuple[float, float, float]
     size: tuple[int, int, int]           # (x, y, z) voxels
     spacing: float
@@ -28,11 +28,14 @@ class Grid:
 
 def nodule_grid(mask: sitk.Image, centre_mm: np.ndarray, crop_size: int, spacing: float,
                 margin_mm: float = 2.0) -> tuple[Grid, np.ndarray]:
-    """Grid centred on `centre_mm` holding the `crop_size`^3 crop and, around it, the whole mask.
+    """Grid along the patient LPS axes, centred on `centre_mm`, holding the `crop_size`^3 crop and, around it, the
+    whole mask.
 
+    Along LPS whatever the scan's own axes: a scan stored flipped or with permuted axes gives the same crop (the same
+    points sampled), an oblique one is resampled here (see `tfds_lidc.orientation`).
     Returns the grid and the (x, y, z) voxel offset of the crop inside it.
     """
-    direction = np.asarray(mask.GetDirection()).reshape(3, 3)
+    direction = np.eye(3)
     arr = sitk.GetArrayViewFromImage(mask)
     zyx = np.argwhere(arr)
     lo, hi = zyx.min(0)[::-1] - 0.5, zyx.max(0)[::-1] + 0.5   # (x, y, z) continuous index extent

@@ -4,9 +4,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import pydicom
+import pydicom.pixels
 import SimpleITK as sitk
 
 from tfds_lidc.errors import LidcDataError
@@ -16,10 +18,16 @@ class SeriesError(LidcDataError, ValueError):
     """The series cannot be used; the message is the reason recorded in the build report."""
 
 
+class DecoderMissingError(SeriesError):
+    """The slices' transfer syntax needs a pixel-data decoder that this installation lacks: a fault of the
+    environment, not of the series, so the build does not remember it (a run after the install reads the series)."""
+
+
 @dataclasses.dataclass
 class CtSeries:
     """A loaded CT series and the DICOM attributes the builder uses."""
-    image: sitk.Image          # int16 HU, axes (x, y, z) in SimpleITK order
+    image: sitk.Image          # int16 HU, axes (x, y, z) in SimpleITK order as acquired: (column, row, slice), the
+                               # grid reader marks index (crops are sampled along LPS, see tfds_lidc.orientation)
     sop_uids: list[str]        # per read slice, in position order (annotations index these slices)
     z_positions: np.ndarray    # ImagePositionPatient z per read slice
     patient_id: str
@@ -29,6 +37,8 @@ class CtSeries:
     positions: np.ndarray      # slice positions along the slice normal, sorted, one per read slice (see
                                # acquired_positions: `image` interpolates them when they are uneven)
     notes: list[str]           # what the reader changed (duplicates dropped, interpolation), for the report
+    files_ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {'file', 'reason'}: the
+                               # folder's other files (localizers, other series, reports), each with why
 
 
 def dicom_files(directory: str) -> list[str]:
@@ -47,15 +57,127 @@ def _has_preamble(path: str) -> bool:
         return f.read(132)[128:] == b'DICM'
 
 
-def _read_slice(path: str) -> tuple[pydicom.Dataset, np.ndarray]:
+_CT_IMAGE_STORAGE = (pydicom.uid.CTImageStorage, pydicom.uid.EnhancedCTImageStorage,
+                     pydicom.uid.LegacyConvertedEnhancedCTImageStorage)
+
+
+def _read_header(path: str) -> pydicom.Dataset:
+    """The file's data set, its pixel data left on disk until used."""
+    name = os.path.basename(path)
     try:
-        ds = pydicom.dcmread(path)
-        pixels = ds.pixel_array.astype(np.float64)
-        hu = pixels * float(getattr(ds, 'RescaleSlope', 1.0)) + float(getattr(ds, 'RescaleIntercept', 0.0))
-        ds.ImagePositionPatient, ds.ImageOrientationPatient, ds.PixelSpacing  # pylint: disable=pointless-statement
+        ds = pydicom.dcmread(path, defer_size=4096)
     except Exception as e:  # pydicom raises many types on corrupt or truncated files
-        raise SeriesError(f'corrupt or truncated DICOM {os.path.basename(path)}: {type(e).__name__}: {e}') from e
-    return ds, hu
+        raise SeriesError(f'corrupt or truncated DICOM {name}: {type(e).__name__}: {e}') from e
+    sop_class = ds.get('SOPClassUID', ds.file_meta.get('MediaStorageSOPClassUID'))
+    if sop_class in _CT_IMAGE_STORAGE and 'PixelData' not in ds:  # pydicom reads a cut file up to where it ends
+        raise SeriesError(f'corrupt or truncated DICOM {name}: a CT image without pixel data')
+    return ds
+
+
+def _install_hint(missing: list[str]) -> str:
+    """pydicom's missing plugin dependencies ('pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0') as
+    what to pip install."""
+    options = [m.split(' - requires ', 1)[-1].replace('gdcm>=', 'python-gdcm>=') for m in missing]
+    return ' or '.join(options) or 'a pydicom pixel-data plugin for it'
+
+
+def _check_decodable(ds: pydicom.Dataset, name: str) -> None:
+    """DecoderMissingError naming the transfer syntax and what to install when no installed plugin decodes the
+    slice's pixel data; SeriesError when no DICOM decoder for Python reads that syntax at all."""
+    syntax = ds.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed:
+        return
+    try:
+        decoder = pydicom.pixels.get_decoder(syntax)
+    except NotImplementedError as e:
+        raise SeriesError(f'no DICOM decoder for Python reads transfer syntax {syntax.name} ({syntax}), the pixel '
+                          f'data of {name}') from e
+    if not decoder.is_available:
+        raise DecoderMissingError(f'no installed decoder reads transfer syntax {syntax.name} ({syntax}), the pixel '
+                                  f'data of {name}; install {_install_hint(decoder.missing_dependencies)}')
+
+
+def _hounsfield(path: str, ds: pydicom.Dataset) -> np.ndarray:
+    """The slice in HU."""
+    name = os.path.basename(path)
+    _check_decodable(ds, name)
+    try:
+        pixels = ds.pixel_array.astype(np.float64)
+    except Exception as e:  # pylint: disable=broad-except  # pydicom and its plugins raise many types on bad data
+        raise SeriesError(f'corrupt or truncated DICOM {name}: {type(e).__name__}: {e}') from e
+    return pixels * float(getattr(ds, 'RescaleSlope', 1.0)) + float(getattr(ds, 'RescaleIntercept', 0.0))
+
+
+_SECONDARY_CAPTURE = '1.2.840.10008.5.1.4.1.1.7'  # and its multi-frame variants below it
+
+
+def _not_a_ct_slice(ds: pydicom.Dataset) -> str:
+    """Why a file is no slice of a CT stack ('' when it may be one)."""
+    if 'PixelData' not in ds:
+        return f'no image ({getattr(ds, "SOPClassUID", pydicom.uid.UID("")).name or "unknown SOP class"})'
+    modality = str(getattr(ds, 'Modality', 'CT'))
+    if modality != 'CT':
+        return f'not CT (modality {modality})'
+    if 'LOCALIZER' in [str(v).upper() for v in getattr(ds, 'ImageType', [])]:
+        return 'localizer (scout) image'
+    if str(getattr(ds, 'SOPClassUID', '')).startswith(_SECONDARY_CAPTURE):
+        return 'secondary capture (a picture, not a CT slice)'
+    if not all(hasattr(ds, k) for k in ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing')):
+        return 'no slice geometry (ImagePositionPatient, ImageOrientationPatient or PixelSpacing missing)'
+    return ''
+
+
+def _is_axial(ds: pydicom.Dataset) -> bool:
+    orientation = np.asarray(ds.ImageOrientationPatient, np.float64)
+    return abs(np.cross(orientation[:3], orientation[3:])[2]) > 0.9
+
+
+def _choose_series(headers: dict[str, pydicom.Dataset], series_uids: Sequence[str]
+                   ) -> tuple[str, list[str], list[dict[str, str]]]:
+    """(series UID, its files, the other files with why they are left out) of a folder's headers {path: data set}:
+    the first of `series_uids` (a reader XML's or the user's choice) the folder holds, else its largest axial CT
+    stack (its largest CT stack when none is axial)."""
+    ignored, stacks = [], collections.defaultdict(list)
+    for path, ds in headers.items():
+        reason = _not_a_ct_slice(ds)
+        if reason:
+            ignored.append({'file': os.path.basename(path), 'reason': reason})
+        else:
+            stacks[str(getattr(ds, 'SeriesInstanceUID', ''))].append(path)
+    if not stacks:
+        kinds = collections.Counter(i['reason'] for i in ignored)
+        raise SeriesError('no CT slice: ' + '; '.join(f'{n} x {k}' for k, n in kinds.most_common()))
+    held = ', '.join(f'{uid} ({len(files)} slices)' for uid, files in stacks.items())
+    if series_uids:
+        chosen = next((uid for uid in series_uids if uid in stacks), None)
+        if chosen is None:
+            raise SeriesError(f'no slice of series {" or ".join(series_uids)} in the folder; it holds {held}')
+        why = 'the series chosen is ' + chosen
+    else:
+        chosen = max(stacks, key=lambda uid: (_is_axial(headers[stacks[uid][0]]), len(stacks[uid]), uid))
+        why = f'the largest {"axial " if _is_axial(headers[stacks[chosen][0]]) else ""}CT stack is {chosen}'
+    for uid, files in stacks.items():
+        if uid != chosen:
+            ignored += [{'file': os.path.basename(p), 'reason': f'another series ({uid}, {len(files)} slices; {why})'}
+                        for p in files]
+    return chosen, sorted(stacks[chosen]), sorted(ignored, key=lambda i: i['file'])
+
+
+def _check_same_geometry(headers: dict[str, pydicom.Dataset], files: list[str]) -> None:
+    """SeriesError naming the slices whose orientation, size or pixel spacing differ from most of the series'."""
+    def geometry(ds):
+        return (tuple(round(float(v), 4) for v in ds.ImageOrientationPatient), (int(ds.Rows), int(ds.Columns)),
+                tuple(round(float(v), 4) for v in ds.PixelSpacing))
+    shapes = {path: geometry(headers[path]) for path in files}
+    common = collections.Counter(shapes.values()).most_common(1)[0][0]
+    odd = [path for path in files if shapes[path] != common]
+    if odd:
+        names = ['orientation', 'size', 'pixel spacing']
+        first = shapes[odd[0]]
+        what = ', '.join(f'{n} {a} (the others: {b})' for n, a, b in zip(names, first, common) if a != b)
+        raise SeriesError(f'slices differ from the others in orientation, size or pixel spacing: {len(odd)} of '
+                          f'{len(files)}, {", ".join(os.path.basename(p) for p in odd[:5])}'
+                          f'{" ..." if len(odd) > 5 else ""} ({os.path.basename(odd[0])}: {what})')
 
 
 MAX_GAP_FACTOR = 2.5  # gaps up to 2.5x the median slice spacing (one missing slice) are interpolated
@@ -121,32 +243,26 @@ def _drop_duplicates(slices: list, positions: np.ndarray) -> tuple[list, np.ndar
     return [slices[i] for i in keep], positions[keep], notes
 
 
-def load_ct_series(directory: str) -> CtSeries:
-    """Reads, validates and stacks the slices of a CT series, sorted along the slice normal.
+def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
+    """Reads, validates and stacks the slices of the folder's CT series, sorted along the slice normal.
 
-    Exact duplicate slices are dropped; uneven slice positions (or a missing slice) are interpolated linearly
-    onto a regular grid at the median spacing, unless a gap exceeds MAX_GAP_FACTOR x that spacing.
+    The series is the first of `series_uids` (a reader XML's or the user's choice) that the folder holds, else its
+    largest axial CT stack; every other file (a localizer, another series, a dose report, a secondary capture) is
+    left out and listed with why in `files_ignored`. Exact duplicate slices are dropped; uneven slice positions (or
+    a missing slice) are interpolated linearly onto a regular grid at the median spacing, unless a gap exceeds
+    MAX_GAP_FACTOR x that spacing.
     """
     files = dicom_files(directory)
     if not files:
         raise SeriesError('no DICOM files')
-    slices = [_read_slice(f) for f in files]
-    uids = collections.Counter(str(getattr(ds, 'SeriesInstanceUID', '')) for ds, _ in slices)
-    if len(uids) > 1:
-        raise SeriesError(f'{len(uids)} series in one folder (SeriesInstanceUID: '
-                          f'{", ".join(f"{uid} with {n} slices" for uid, n in uids.most_common())}): '
-                          f'one folder must hold one series')
+    headers = {path: _read_header(path) for path in files}
+    series_uid, files, ignored = _choose_series(headers, series_uids)
+    _check_same_geometry(headers, files)
+    slices = [(headers[path], _hounsfield(path, headers[path])) for path in files]
     first = slices[0][0]
-    if str(getattr(first, 'Modality', 'CT')) != 'CT':
-        raise SeriesError(f'not a CT series (modality {first.Modality})')
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    for ds, hu in slices:
-        if (not np.allclose(ds.ImageOrientationPatient, orientation, atol=1e-4)
-            or hu.shape != slices[0][1].shape
-                or not np.allclose(ds.PixelSpacing, first.PixelSpacing, atol=1e-4)):
-            raise SeriesError('slices differ in orientation, size or pixel spacing')
     positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, np.float64), normal) for ds, _ in slices])
     order = np.argsort(positions, kind='stable')
     slices, positions, notes = _drop_duplicates([slices[i] for i in order], positions[order])
@@ -170,6 +286,6 @@ def load_ct_series(directory: str) -> CtSeries:
                     z_positions=np.array([float(ds.ImagePositionPatient[2]) for ds, _ in slices]),
                     patient_id=str(getattr(first, 'PatientID', '')),
                     study_uid=str(getattr(first, 'StudyInstanceUID', '')),
-                    series_uid=str(getattr(first, 'SeriesInstanceUID', '')),
+                    series_uid=series_uid,
                     slice_thickness=float(getattr(first, 'SliceThickness', None) or spacing_z),
-                    positions=positions, notes=notes)
+                    positions=positions, notes=notes, files_ignored=ignored)

@@ -9,6 +9,7 @@ from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
 from tfds_lidc import crop
+from tfds_lidc import orientation
 from tfds_lidc import radiomics_features
 from tfds_lidc.errors import LidcDataError
 
@@ -22,8 +23,8 @@ class NoduleSample:
     ct: np.ndarray              # int16 [S, S, S] HU, (z, y, x), air-padded
     mask: np.ndarray            # uint8 [S, S, S]
     radiomics: np.ndarray       # float32 [F], radiomics_features.feature_names() order
-    centroid_mm: np.ndarray     # float32 [3] (x, y, z) scanner coordinates
-    diameter_mm: float          # longest in-plane diameter of the mask
+    centroid_mm: np.ndarray     # float32 [3] (x, y, z) patient LPS mm
+    diameter_mm: float          # longest axial diameter of the mask
     volume_mm3: float
     padded: bool                # the crop reaches outside the scan
     roi_ct: sitk.Image          # isotropic region given to pyradiomics (holds the whole mask)
@@ -58,9 +59,9 @@ def nodule_example(ct: sitk.Image, mask: sitk.Image, *, crop_size: int = 64, spa
     """Computes the dataset example of one nodule.
 
     Args:
-      ct: CT volume in HU.
-      mask: binary nodule mask on the CT's grid (the whole grid or a sub-block of it, same spacing and
-        direction).
+      ct: CT volume in HU, in any orientation (the crop is sampled along the patient LPS axes).
+      mask: binary nodule mask (on the CT's grid or any other), in any orientation; its axes are put in LPS order
+        (orientation.to_lps) so that the diameter is measured in axial slices.
       crop_size: side of the cubic crop in voxels.
       spacing_mm: isotropic voxel size of the crop.
       radiomics_params: pyradiomics parameter YAML.
@@ -69,7 +70,7 @@ def nodule_example(ct: sitk.Image, mask: sitk.Image, *, crop_size: int = 64, spa
       The crop centred on the mask's centroid, the mask on the same grid, pyradiomics features of the
       isotropic CT and the WHOLE isotropic mask (not cut by the crop), centroid, diameter and volume.
     """
-    mask = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    mask = orientation.to_lps(sitk.Cast(mask > 0, sitk.sitkUInt8))
     voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
     if voxels == 0:
         raise NoduleError('empty nodule mask')

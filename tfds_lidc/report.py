@@ -1,4 +1,5 @@
-"""The build report: every series read, skipped or failed and every nodule written or skipped, with reasons."""
+"""The build report: every series read, skipped or failed, every file of a series folder left out of its series and
+every nodule written or skipped, with reasons."""
 from __future__ import annotations
 
 import collections
@@ -34,6 +35,8 @@ def build(entries: list[dict], assignment: dict[str, tuple[str, int]], empty_spl
                    for e in entries if e['status'] == 'error'],
         'nodules_skipped': [dict(n, series_dir=e['series_dir'], patient_id=e['patient_id'])
                             for e in read for n in e['nodules_skipped']],
+        'files_ignored': [dict(f, series_dir=e['series_dir'], patient_id=e['patient_id'])
+                          for e in entries for f in e.get('files_ignored', [])],
         'issues': [{'series_dir': e['series_dir'], 'issue': i} for e in entries for i in e['issues']],
         'series': entries,
     }
@@ -62,6 +65,7 @@ def summary(report: dict, report_path: str) -> str:
              f"{report['nodules_written']} nodules written: "
              + ', '.join(f'{s} {n}' for s, n in report['nodules_per_split'].items())]
     for title, items in (('series skipped', report['series_skipped']), ('nodules skipped', report['nodules_skipped']),
+                         ('files left out of their folder\'s series', report['files_ignored']),
                          ('series failed (unexpected error)', report['errors'])):
         counts = collections.Counter(_kind(i['reason']) for i in items)
         if counts:

@@ -47,20 +47,26 @@ def _xml_paths(directory: str) -> list[str]:
     return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.lower().endswith('.xml'))
 
 
-def _reader_xml(directory: str, series_uid: str) -> tuple[xml_reader.ReaderXml, list[str]]:
-    """The folder's first reader XML for `series_uid` (or naming no series), and a report note naming the others
-    for it, which are not read; raises `XmlError` when there is none or when any of the folder's XML files does not
-    parse."""
+def _parse_reader_xmls(directory: str) -> list[tuple[str, xml_reader.ReaderXml]]:
+    """(path, parsed) of the folder's reader XML files; raises `XmlError` when there is none or when any of them does
+    not parse."""
     paths = _xml_paths(directory)
     if not paths:
         raise xml_reader.XmlError('no reader XML in the series folder')
     parsed = []
     for path in paths:
         try:
-            parsed.append(xml_reader.parse_reader_xml(path))
+            parsed.append((path, xml_reader.parse_reader_xml(path)))
         except xml_reader.XmlError as e:
             raise xml_reader.XmlError(f'{os.path.basename(path)}: {e}') from e
-    matching = [(path, x) for path, x in zip(paths, parsed) if x.series_uid in (None, series_uid)]
+    return parsed
+
+
+def _reader_xml(parsed: list[tuple[str, xml_reader.ReaderXml]], series_uid: str
+                ) -> tuple[xml_reader.ReaderXml, list[str]]:
+    """The first reader XML for `series_uid` (or naming no series), and a report note naming the others for it,
+    which are not read; raises `XmlError` when there is none."""
+    matching = [(path, x) for path, x in parsed if x.series_uid in (None, series_uid)]
     if not matching:
         raise xml_reader.XmlError('reader XML is for another series')
     (used, reader_xml), others = matching[0], [path for path, _ in matching[1:]]
@@ -76,8 +82,9 @@ def _reader_xml(directory: str, series_uid: str) -> tuple[xml_reader.ReaderXml, 
 def process_series(task: SeriesTask) -> dict:
     """The report entry of one series, its nodule features stored in the cache (or found there).
 
-    Known data faults (unreadable DICOM, bad XML, ...) give status 'skipped' with the reason and are cached; an
-    unexpected exception gives status 'error' with its traceback and is not cached, so a rerun tries again.
+    Known data faults (unreadable DICOM, bad XML, ...) give status 'skipped' with the reason and are cached; a
+    missing pixel-data decoder gives status 'skipped' and is not cached; an unexpected exception gives status 'error'
+    with its traceback and is not cached, so a rerun tries again.
     """
     directory = os.path.join(task.manual_dir, task.series_dir)
     series_key = series_cache.key(directory, task.cache_config())
@@ -87,10 +94,14 @@ def process_series(task: SeriesTask) -> dict:
         return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
     entry = {'series_key': series_key, 'cache_key': cache_key, 'series_dir': task.series_dir,
              'patient_id': task.patient_id, 'series_uid': '', 'status': 'read', 'reason': '', 'nodules_written': [],
-             'nodules_skipped': [], 'issues': []}
+             'nodules_skipped': [], 'issues': [], 'files_ignored': []}
     examples = []
     try:
         examples = _series_examples(task, directory, entry)
+    except ct_series.DecoderMissingError as e:  # the environment's fault: neither cached nor in the fingerprint, so
+        entry.update(status='skipped', reason=str(e))  # a run with the decoder installed reads the series
+        del entry['series_key']
+        return dict(entry, cached=False)
     except (ct_series.SeriesError, xml_reader.XmlError) as e:
         entry.update(status='skipped', reason=str(e))
         examples = []
@@ -103,10 +114,12 @@ def process_series(task: SeriesTask) -> dict:
 
 def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict]:
     """Features of every nodule of the series; fills `entry`."""
-    series = ct_series.load_ct_series(directory)
+    reader_xmls = _parse_reader_xmls(directory)
+    series = ct_series.load_ct_series(directory, [x.series_uid for _, x in reader_xmls if x.series_uid])
     entry['series_uid'] = series.series_uid
     entry['issues'].extend(series.notes)
-    reader_xml, notes = _reader_xml(directory, series.series_uid)
+    entry['files_ignored'] = series.files_ignored
+    reader_xml, notes = _reader_xml(reader_xmls, series.series_uid)
     entry['issues'].extend(notes)
     annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
                                                         float(np.median(np.diff(series.positions))))

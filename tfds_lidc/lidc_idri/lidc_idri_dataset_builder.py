@@ -31,8 +31,10 @@ Place them in `manual_dir` in the TCIA layout, one folder per patient and one fo
   <manual_dir>/LIDC-IDRI-1012/...
 
 Every folder that holds DICOM slices (.dcm files, or files without an extension that begin as DICOM files do) is
-one series; its reader XML must sit next to its slices (as in the TCIA download; the XML archive "LIDC-XML-only" can
-be unpacked into the matching series folders).
+read as one series: the one its reader XML names (else its largest axial CT stack); other files in it (localizers,
+other series, dose reports) are left out and listed in build_report.json. The reader XML must sit next to its slices
+(as in the TCIA download; the XML archive "LIDC-XML-only" can be unpacked into the matching series folders).
+Compressed DICOM (JPEG, JPEG lossless, JPEG-LS, JPEG 2000, RLE) is read as it is.
 Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds;
 a series met twice (linked or copied twice) is read once.
 Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
@@ -89,7 +91,7 @@ def _skip_repeated_series(entries: list[dict]) -> list[dict]:
 class Builder(tfds.core.GeneratorBasedBuilder):
     """DatasetBuilder for LIDC-IDRI nodules."""
 
-    VERSION = tfds.core.Version('1.1.0')
+    VERSION = tfds.core.Version('1.2.0')
     RELEASE_NOTES = {
         '1.0.0': 'Initial release.',
         '1.1.0': 'Any cohort builds (empty splits left out and named in the metadata); series with uneven slice '
@@ -98,6 +100,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  'rating skipped; clusters of more than 4 annotations keep one annotation per reader for both mask '
                  'and ratings; symlinked folders followed; per-series cache; series fingerprint in the metadata; '
                  'radiomics with pyradiomics\' CT settings (voxelArrayShift 1000, minimumROIDimensions 2).',
+        '1.2.0': 'Crops along the patient LPS axes whatever the scan\'s stored orientation; a series folder\'s series '
+                 'is the one its reader XML names (else the largest axial CT stack), its other files listed in the '
+                 'report; compressed transfer syntaxes read.',
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
