@@ -225,9 +225,10 @@ def _set_damaged_aside(workdir: str) -> None:
     ocp.multihost.sync_global_processes("autorad_damaged_checkpoints_found")
     if jax.process_index() == 0:
         for step, problem in damaged.items():
-            target = os.path.join(workdir, DAMAGED_DIR, str(step))
-            while os.path.exists(target):  # a step damaged before, and moved, in an earlier run
-                target += "_"
+            target, copies = os.path.join(workdir, DAMAGED_DIR, str(step)), 1
+            while os.path.exists(target):  # the same step damaged, and moved, in an earlier run
+                copies += 1
+                target = os.path.join(workdir, DAMAGED_DIR, f"{step}.{copies}")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), target)
             logging.warning("Checkpoint step %d is damaged: %s; moved to %s, training resumes from step %d, the "
