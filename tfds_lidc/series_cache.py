@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pydicom
@@ -20,6 +21,7 @@ from tfds_lidc import ct_series
 
 ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignancy_mean', 'label', 'nodule_index',
                   'centroid_mm', 'diameter_mm')
+_TMP_SUFFIX = '.tmp'  # and the writing process's id
 
 
 def _series_uid(slices: list[str]) -> str:
@@ -54,9 +56,21 @@ def cache_key(directory: str, series_key: str) -> str:
 
 
 def _write(path: str, write) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}{_TMP_SUFFIX}{os.getpid()}'
     write(tmp)
     os.replace(tmp, path)
+
+
+def remove_temporary_files(cache_dir: str) -> list[str]:
+    """Removes the temporary files of entries being written when a build was killed (call it only while no build of
+    this cache's config runs); returns their paths."""
+    if not os.path.isdir(cache_dir):
+        return []
+    pattern = re.compile(rf'[0-9a-f]{{32}}\.(npz|json){re.escape(_TMP_SUFFIX)}\d+')
+    paths = [os.path.join(cache_dir, name) for name in sorted(os.listdir(cache_dir)) if pattern.fullmatch(name)]
+    for path in paths:
+        os.remove(path)
+    return paths
 
 
 def save(cache_dir: str, cache_key: str, entry: dict, examples: list[dict]) -> None:
