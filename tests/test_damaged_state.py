@@ -151,6 +151,32 @@ def test_restored_model_is_the_intact_steps_and_without_intact_steps_nothing_mov
     assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
 
 
+def test_each_kind_of_damaged_file_is_named(run, tmp_path, caplog):
+    """Other files a partial copy or a full disk damages: each is named, and the intact step loads."""
+    def emptied(*parts):
+        return lambda step_dir: os.truncate(os.path.join(step_dir, *parts), 0)
+
+    def removed_data_file(step_dir):
+        os.remove(max(glob.glob(os.path.join(step_dir, "state", "ocdbt.process_*", "d", "*")), key=os.path.getsize))
+
+    cases = {"config/metadata": (emptied("config", "metadata"), "is not valid JSON (empty)"),
+             "metrics/metrics": (emptied("metrics", "metrics"), "is not valid JSON (empty)"),  # orbax reads it on open
+             "_CHECKPOINT_METADATA": (emptied("_CHECKPOINT_METADATA"), "is not valid JSON (empty)"),
+             "state/manifest.ocdbt": (emptied("state", "manifest.ocdbt"), "cannot be read ("),
+             "state/ocdbt.process_0/d/": (removed_data_file, "is missing")}
+    caplog.set_level(logging.WARNING)
+    for name, (damage, problem) in cases.items():
+        workdir = str(tmp_path / name.replace("/", "_"))
+        shutil.copytree(run[1], workdir, ignore=shutil.ignore_patterns("reports", "tensorboard", "*.png"))
+        step_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(DAMAGED))
+        damage(step_dir)
+        caplog.clear()
+        assert experiment.load_model(workdir).step == INTACT
+        [warning] = damage_warnings(caplog)
+        assert warning.startswith(f"Checkpoint step {DAMAGED} is damaged: {os.path.join(step_dir, name)}"), warning
+        assert problem in warning
+
+
 def test_command_line_names_a_damaged_checkpoint_in_one_line_without_asyncio_noise(run, lidc_data, tmp_path):
     workdir, damaged_file = damaged_copy(run, tmp_path, "truncated_data_file")
     series_dir, centre = ct_and_centre(lidc_data)
