@@ -1,10 +1,14 @@
 """Library entry point that builds the dataset from a manual_dir and says what it did."""
 from __future__ import annotations
 
+import functools
 import os
+import re
+import shutil
 
 import tensorflow_datasets as tfds
 
+from tfds_lidc import file_lock
 from tfds_lidc import report
 from tfds_lidc import series_cache
 from tfds_lidc.errors import LidcDataError
@@ -17,6 +21,36 @@ class DatasetExistsError(LidcDataError, RuntimeError):
 
 class ManualDirError(LidcDataError, FileNotFoundError):
     """The manual_dir is missing or empty."""
+
+
+class DatasetLockedError(LidcDataError, RuntimeError):
+    """Another prepare is building the same builder config into the same data_dir."""
+
+
+LOCK_NAME = 'prepare.lock'  # in <data_dir>/lidc_idri/<config>/, beside the version folders
+
+
+def _refusal(builder: Builder, path: str, holder: dict) -> DatasetLockedError:
+    return DatasetLockedError(
+        f'{builder.name}/{builder.builder_config.name} in {builder.data_dir_root} is being built by another prepare '
+        f'({file_lock.describe(holder, path)}): wait for it to end and run this command again (it then reuses the '
+        f'dataset), or use another --data_dir' + file_lock.end_of_advice(holder, path, 'build'))
+
+
+def _remove_leftovers(builder: Builder, cache_dir: str) -> None:
+    """Removes what an interrupted build of this builder config left (TFDS's incomplete.* folder of the version,
+    the series cache's temporary files) and names it; only called with the config's lock held, so nothing of a
+    running build is touched."""
+    version_dir = os.fspath(builder.data_path)
+    pattern = re.compile(rf'incomplete\.[A-Z0-9]{{6}}_{re.escape(os.path.basename(version_dir))}')
+    config_dir = os.path.dirname(version_dir)
+    leftovers = [os.path.join(config_dir, name) for name in sorted(os.listdir(config_dir)) if pattern.fullmatch(name)]
+    for path in leftovers:
+        shutil.rmtree(path)
+    leftovers += series_cache.remove_temporary_files(cache_dir)
+    if leftovers:
+        print(f'Removed what an interrupted build of {builder.name}/{builder.builder_config.name} left: '
+              f'{", ".join(leftovers)}', flush=True)
 
 
 def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) -> str:
@@ -34,14 +68,29 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
     version) and otherwise refused unless `overwrite`. Series are converted over `num_workers` processes, each
     series' result cached in <data_dir>/downloads/lidc_idri/<config>/ so that an interrupted build resumes. Prints a
     summary; build_report.json is written in the dataset dir (and in the cache dir, also when the build fails).
+
+    One prepare of a builder config runs in a data_dir at a time: it holds <data_dir>/lidc_idri/<config>/prepare.lock,
+    and a second one is refused (DatasetLockedError naming the holder). What an interrupted build left is removed
+    and named first.
     """
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
         raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
                                 f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     manual_dir = os.path.abspath(manual_dir)
     builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers)
+    lock = os.path.join(os.path.dirname(os.fspath(builder.data_path)), LOCK_NAME)
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with file_lock.hold(lock, functools.partial(_refusal, builder, lock)):
+        # Made again under the lock, so that it sees the data_dir as the lock's last holder left it.
+        return _prepare(Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers), manual_dir,
+                        overwrite)
+
+
+def _prepare(builder: Builder, manual_dir: str, overwrite: bool) -> str:
+    """`prepare` with the builder config's lock held."""
     dataset_dir = os.fspath(builder.data_dir)
     download_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads')
+    _remove_leftovers(builder, builder.series_cache_dir(download_dir))
     if builder.data_path.exists() and not overwrite:
         stored = builder.info.metadata.get('series_fingerprint')
         if stored != _series_fingerprint(builder, manual_dir, download_dir):

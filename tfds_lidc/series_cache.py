@@ -5,13 +5,17 @@ the reader XML), the builder config and the builder version (`key`; the dataset'
 its cache entry adds the DICOM files' modification times (`cache_key`), so a changed series, config or code
 misses the cache.
 Each entry is `<key>.npz` (the series' nodule arrays) and `<key>.json` (its report entry), each written to a
-temporary name and renamed, the JSON last, so a killed build never leaves a half-written entry that looks whole.
+temporary name and renamed, the JSON last, so a killed build never leaves a half-written entry that looks whole. An
+entry damaged all the same (a full disk, a partial copy) is found when it is looked up, discarded and named, and its
+series read again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import zipfile
 
 import numpy as np
 import pydicom
@@ -20,6 +24,7 @@ from tfds_lidc import ct_series
 
 ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignancy_mean', 'label', 'nodule_index',
                   'centroid_mm', 'diameter_mm')
+_TMP_SUFFIX = '.tmp'  # and the writing process's id
 
 
 def _series_uid(slices: list[str]) -> str:
@@ -54,9 +59,21 @@ def cache_key(directory: str, series_key: str) -> str:
 
 
 def _write(path: str, write) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
+    tmp = f'{path}{_TMP_SUFFIX}{os.getpid()}'
     write(tmp)
     os.replace(tmp, path)
+
+
+def remove_temporary_files(cache_dir: str) -> list[str]:
+    """Removes the temporary files of entries being written when a build was killed (call it only while no build of
+    this cache's config runs); returns their paths."""
+    if not os.path.isdir(cache_dir):
+        return []
+    pattern = re.compile(rf'[0-9a-f]{{32}}\.(npz|json){re.escape(_TMP_SUFFIX)}\d+')
+    paths = [os.path.join(cache_dir, name) for name in sorted(os.listdir(cache_dir)) if pattern.fullmatch(name)]
+    for path in paths:
+        os.remove(path)
+    return paths
 
 
 def save(cache_dir: str, cache_key: str, entry: dict, examples: list[dict]) -> None:
@@ -76,13 +93,40 @@ def save(cache_dir: str, cache_key: str, entry: dict, examples: list[dict]) -> N
     _write(os.path.join(cache_dir, f'{cache_key}.json'), write_json)
 
 
-def load_entry(cache_dir: str, cache_key: str) -> dict | None:
-    """The stored report entry of a series, or None when it is not (completely) cached."""
+def _damage(cache_dir: str, cache_key: str, entry: dict) -> str | None:
+    """What is wrong with the arrays of a parsed entry (None when each of ARRAY_FEATURES has one row per nodule
+    written; reading them checks the zip's CRCs)."""
+    path = os.path.join(cache_dir, f'{cache_key}.npz')
+    rows = len(entry.get('nodules_written', ()))
+    try:
+        with np.load(path) as data:
+            shapes = {name: data[name].shape for name in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        return f'{path} cannot be read ({type(e).__name__}: {e})'
+    expected = set(ARRAY_FEATURES) if rows else set()
+    if set(shapes) != expected or any(shape[:1] != (rows,) for shape in shapes.values()):
+        return f'{path} does not hold {rows} rows of {", ".join(sorted(expected)) or "nothing"}'
+    return None
+
+
+def load_entry(cache_dir: str, cache_key: str) -> tuple[dict | None, list[str]]:
+    """(the stored report entry of a series, or None when it is not completely cached; a note naming the entry when
+    it was damaged and has been discarded, for the series' report entry)."""
     path = os.path.join(cache_dir, f'{cache_key}.json')
     if not os.path.exists(path) or not os.path.exists(os.path.join(cache_dir, f'{cache_key}.npz')):
-        return None
-    with open(path) as f:
-        return json.load(f)
+        return None, []
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        problem = f'{path} is not valid JSON ({e})'
+    else:
+        problem = _damage(cache_dir, cache_key, entry)
+    if problem is None:
+        return entry, []
+    for name in (f'{cache_key}.json', f'{cache_key}.npz'):
+        os.remove(os.path.join(cache_dir, name))
+    return None, [f'damaged series cache entry discarded and the series read again: {problem}']
 
 
 def load_examples(cache_dir: str, entry: dict) -> list[dict]:

@@ -89,7 +89,7 @@ def process_series(task: SeriesTask) -> dict:
     directory = os.path.join(task.manual_dir, task.series_dir)
     series_key = series_cache.key(directory, task.cache_config())
     cache_key = series_cache.cache_key(directory, series_key)
-    entry = series_cache.load_entry(task.cache_dir, cache_key)
+    entry, cache_notes = series_cache.load_entry(task.cache_dir, cache_key)
     if entry is not None:
         return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
     entry = {'series_key': series_key, 'cache_key': cache_key, 'series_dir': task.series_dir,
@@ -107,9 +107,9 @@ def process_series(task: SeriesTask) -> dict:
         examples = []
     except Exception as e:  # pylint: disable=broad-except  # recorded, the build goes on and fails at its end
         entry.update(status='error', reason=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
-        return dict(entry, cached=False)
+        return dict(entry, cached=False, issues=cache_notes + entry['issues'])
     series_cache.save(task.cache_dir, cache_key, entry, examples)
-    return dict(entry, cached=False)
+    return dict(entry, cached=False, issues=cache_notes + entry['issues'])  # the notes of this run only
 
 
 def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict]:

@@ -5,20 +5,29 @@ Items of a step: 'state' (nnx state of (model, optimizer), restored against an a
 checkpoint moves between meshes and hosts), 'data_iter' (grain iterator state, one file per process),
 'radiomics_stats' (JSON: training-split mean and std), 'config' (JSON of the config that wrote it), 'model_spec'
 (JSON: tower configs, prompt token ids, class and radiomics names; with the config, all that rebuilds the model).
+
+Every command checks the steps it may read before orbax reads them (`damage`): a step with a file that is missing,
+truncated or unreadable (a full disk, a partial copy) is named in one line and never read. Eval, predict and export
+pass over it to the best intact step; a training run moves it to workdir/damaged_checkpoints/ and resumes from the
+newest intact step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import math
 import os
+import shutil
 from collections.abc import Iterator
 
 import grain.python as grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from absl import logging
 from orbax.checkpoint import checkpoint_managers
 
@@ -27,6 +36,10 @@ from autorad_jax.models.spec import ModelSpec
 from configs import autorad_lung as default_config
 
 BEST_METRIC = "auc_macro"
+DAMAGED_DIR = "damaged_checkpoints"  # where a training run moves the damaged steps of its workdir
+# The JSON files orbax writes in a step (its own metadata, the JSON items, the metrics, grain's iterator state); the
+# arrays are in OCDBT databases (an item's manifest.ocdbt and the data files under d/ that its B-tree refers to).
+_JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", "metrics")
 ITEMS = ("state", "config", "radiomics_stats", "model_spec")  # what every complete step holds (and 'data_iter')
 # Config keys that change the shapes or meaning of what a checkpoint holds; everything else may change on resume,
 # and so may these compute-only model settings. The pretrained folder is read on a fresh start only.
@@ -47,6 +60,10 @@ class IncompatibleCheckpointError(AutoradError, RuntimeError):
 
 class MissingCheckpointError(AutoradError, FileNotFoundError):
     """The workdir holds no checkpoint, or not the step asked for."""
+
+
+class DamagedCheckpointError(AutoradError, RuntimeError):
+    """A checkpoint step with a file that is missing, truncated or unreadable, or a workdir with no intact step."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -73,8 +90,99 @@ def _register_array_handler() -> None:
         logging.set_verbosity(verbosity)
 
 
-def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
-    """Async CheckpointManager keeping the latest `keep` steps and the best one by validation macro AUC."""
+def _json_damage(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            json.loads(f.read())
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError is a ValueError
+        return f"{path} is not valid JSON ({'empty' if os.path.getsize(path) == 0 else e})"
+    return None
+
+
+def _file_damage(path: str, end: int) -> str | None:
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    if size < end:
+        return f"{path} is truncated ({size} bytes; the checkpoint's index refers to bytes up to {end})"
+    return None
+
+
+def _ocdbt_damage(item_dir: str) -> str | None:
+    """The first file of the OCDBT database in `item_dir` (its manifest, B-tree nodes and data files) that cannot be
+    read, is missing or is shorter than the B-tree says; reads the index alone, not the arrays."""
+    base = ts.KvStore.open({"driver": "file", "path": item_dir + os.sep}).result()
+
+    def reason(e: ValueError) -> str:
+        return str(e).split(": ", 1)[-1]  # without tensorstore's status code
+
+    try:
+        versions = ts.ocdbt.dump(base).result()["versions"]
+    except ValueError as e:
+        return f"{os.path.join(item_dir, 'manifest.ocdbt')} cannot be read ({reason(e)})"
+    ends: dict[str, int] = {}  # data file -> the end of the last byte range the B-tree refers to in it
+    pending = [v["root"]["location"] for v in versions[-1:] if "location" in v["root"]]
+    while pending:  # locations are "kind:prefix:file:offset:length", relative to item_dir
+        location = pending.pop()
+        _, prefix, name, offset, length = location.split(":")
+        path = os.path.join(item_dir, prefix, name)
+        ends[path] = max(ends.get(path, 0), int(offset) + int(length))
+        if location.startswith("btreenode:"):
+            try:
+                entries = ts.ocdbt.dump(base, location).result()["entries"]
+            except ValueError as e:
+                return _file_damage(path, ends[path]) or f"{path} cannot be read ({reason(e)})"
+            pending += [e.get("location") or e["indirect_value"] for e in entries if "inline_value" not in e]
+    return next(filter(None, (_file_damage(path, end) for path, end in sorted(ends.items()))), None)
+
+
+def damage(step_dir: str) -> str | None:
+    """What is wrong with the checkpoint step in `step_dir`, as '<file> is truncated (...)' for the first damaged file
+    found, or None when it is whole: orbax's JSON files parse, and each file that an item's OCDBT index refers to
+    exists and is as long as the index says. Array chunks are not decompressed (a flipped bit inside one is not seen).
+    """
+    for folder, _, files in sorted(os.walk(step_dir)):
+        for name in sorted(files):
+            if name in _JSON_FILES or name.endswith(".json"):
+                if problem := _json_damage(os.path.join(folder, name)):
+                    return problem
+    for item in sorted(os.listdir(step_dir)):
+        if os.path.isfile(os.path.join(step_dir, item, "manifest.ocdbt")):
+            if problem := _ocdbt_damage(os.path.join(step_dir, item)):
+                return problem
+    return None
+
+
+def damaged_steps(workdir: str) -> dict[int, str]:
+    """{step: what is wrong} of every damaged step of `workdir` (see `damage`)."""
+    found = ocp.step.standard_name_format().find_all(checkpoint_dir(workdir))
+    return {m.step: problem for m in sorted(found, key=lambda m: m.step) if (problem := damage(os.fspath(m.path)))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepsExcept:
+    """orbax's standard step names, the `hidden` steps left out of every listing: a CheckpointManager then never reads
+    their files (it reads every step's metrics when it opens)."""
+    hidden: frozenset[int]
+    standard: ocp.step.NameFormat = ocp.step.standard_name_format()
+
+    def build_name(self, step: int) -> str:
+        return self.standard.build_name(step)
+
+    def find_all(self, base_path):
+        return (m for m in self.standard.find_all(base_path) if m.step not in self.hidden)
+
+    def find_step(self, base_path, step: int):
+        if step in self.hidden:
+            raise ValueError(f"Checkpoint step {step} under {base_path} is damaged.")
+        return self.standard.find_step(base_path, step)
+
+
+def make_manager(workdir: str, keep: int, *, read_only: bool = False,
+                 hidden: frozenset[int] = frozenset()) -> ocp.CheckpointManager:
+    """Async CheckpointManager keeping the latest `keep` steps and the best one by validation macro AUC; the `hidden`
+    steps (damaged) are not listed, read or written over."""
     _register_array_handler()
     policy = checkpoint_managers.AnyPreservationPolicy([
         checkpoint_managers.LatestN(n=keep),
@@ -82,7 +190,7 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.Che
     ])
     options = ocp.CheckpointManagerOptions(  # best_fn: orbax writes a step's metrics only when it is set
         preservation_policy=policy, best_fn=_best_metric, best_mode="max", enable_async_checkpointing=True,
-        read_only=read_only, create=not read_only)
+        read_only=read_only, create=not read_only, step_name_format=_StepsExcept(hidden) if hidden else None)
     return ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.PyGrainCheckpointHandler(),
@@ -97,12 +205,48 @@ def require_checkpoint_dir(workdir: str) -> None:
                                      f"train --workdir {workdir}).")
 
 
+def _no_intact_step(workdir: str, damaged: dict[int, str]) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"No intact checkpoint in {checkpoint_dir(workdir)}: "
+                                  + "; ".join(f"step {s}: {problem}" for s, problem in damaged.items())
+                                  + f". Train afresh in another --workdir (or move {checkpoint_dir(workdir)} away).")
+
+
+def _set_damaged_aside(workdir: str) -> None:
+    """Moves the damaged steps of `workdir` to workdir/damaged_checkpoints/, each with a warning (process 0; every
+    process has looked before and waits after), so that a training run resumes from the newest intact step and never
+    writes over a damaged one. DamagedCheckpointError, moving nothing, when no step is intact."""
+    damaged = damaged_steps(workdir)
+    if not damaged:
+        return
+    intact = [m.step for m in ocp.step.standard_name_format().find_all(checkpoint_dir(workdir))
+              if m.step not in damaged]
+    if not intact:
+        raise _no_intact_step(workdir, damaged)
+    ocp.multihost.sync_global_processes("autorad_damaged_checkpoints_found")
+    if jax.process_index() == 0:
+        for step, problem in damaged.items():
+            target, copies = os.path.join(workdir, DAMAGED_DIR, str(step)), 1
+            while os.path.exists(target):  # the same step damaged, and moved, in an earlier run
+                copies += 1
+                target = os.path.join(workdir, DAMAGED_DIR, f"{step}.{copies}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(checkpoint_dir(workdir), str(step)), target)
+            logging.warning("Checkpoint step %d is damaged: %s; moved to %s, training resumes from step %d, the "
+                            "newest intact one.", step, problem, target, max(intact))
+    ocp.multihost.sync_global_processes("autorad_damaged_checkpoints_moved")
+
+
 @contextlib.contextmanager
 def open_manager(workdir: str, *, read_only: bool = True, keep: int = 1) -> Iterator[ocp.CheckpointManager]:
-    """`make_manager` that is closed on every path (its async machinery must stop before the process ends)."""
+    """`make_manager` that is closed on every path (its async machinery must stop before the process ends). Damaged
+    steps are hidden from a read-only manager and moved aside (`_set_damaged_aside`) before a writable one opens."""
     if read_only:
         require_checkpoint_dir(workdir)
-    manager = make_manager(workdir, keep, read_only=read_only)
+        hidden = frozenset(damaged_steps(workdir))
+    else:
+        _set_damaged_aside(workdir)
+        hidden = frozenset()
+    manager = make_manager(workdir, keep, read_only=read_only, hidden=hidden)
     try:
         yield manager
     finally:
@@ -110,13 +254,27 @@ def open_manager(workdir: str, *, read_only: bool = True, keep: int = 1) -> Iter
 
 
 def pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) -> int:
-    """`step` when the workdir holds it; by default the best step. MissingCheckpointError naming what it holds."""
-    steps = manager.all_steps()
+    """`step` when the workdir holds it intact; by default the best intact step, with a warning naming each damaged
+    step passed over. MissingCheckpointError naming the steps it holds, DamagedCheckpointError naming the damaged
+    file of `step` (or of every step, when none is intact)."""
+    steps = manager.all_steps()  # the intact ones: open_manager hides the others
+    damaged = damaged_steps(workdir)
+    if step is not None and int(step) in damaged:
+        raise DamagedCheckpointError(
+            f"Checkpoint step {step} is damaged: {damaged[int(step)]}. Choose another --checkpoint"
+            + (f" (intact steps: {', '.join(map(str, sorted(steps)))})" if steps else "")
+            + " or leave --checkpoint out for the best intact one.")
+    if not steps and damaged:
+        raise _no_intact_step(workdir, damaged)
     if not steps:
         raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (python run.py train "
                                      f"--workdir {workdir}).")
     if step is None:
-        return best_step(manager)
+        chosen = best_step(manager)
+        for damaged_step, problem in damaged.items():
+            logging.warning("Checkpoint step %d is damaged: %s; using step %d, the best intact one.", damaged_step,
+                            problem, chosen)
+        return chosen
     if int(step) not in steps:
         raise MissingCheckpointError(f"No checkpoint of step {step} in {checkpoint_dir(workdir)}; it holds steps "
                                      f"{sorted(steps)}.")

@@ -78,10 +78,12 @@ class Experiment:
 
     @functools.cached_property
     def eval_step(self):
-        """(state, batch) -> (probabilities, record index), both replicated so every process can read them."""
-        return jax.jit(steps.make_eval_step(self.graphdef, Preprocessing.from_config(self.config.data)),
-                       in_shardings=(self.shardings, self.batch_sharding),
-                       out_shardings=self.replicated)
+        """(state, batch) -> (probabilities, record index), both replicated so every process can read them. Only the
+        model's part of the state (item 0) is read: the optimiser's need not be there (`restore_checkpoint`)."""
+        model_graphdef = nnx.split(nnx.merge(self.graphdef, self.abstract_state)[0])[0]
+        step = jax.jit(steps.make_eval_step(model_graphdef, Preprocessing.from_config(self.config.data)),
+                       in_shardings=(self.shardings[0], self.batch_sharding), out_shardings=self.replicated)
+        return lambda state, batch: step(state[0], batch)
 
 
 def make_experiment(config: ml_collections.ConfigDict, spec: ModelSpec,
@@ -163,11 +165,12 @@ class Restored(NamedTuple):
     step: int
 
 
-def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None, mesh: dict | None = None, *,
-                       model_only: bool = False) -> tuple[Experiment, nnx.State, Restored]:
-    """The experiment and state of `workdir`'s checkpoint `step` (default: the best by validation macro AUC), rebuilt
-    from what the checkpoint holds alone; `data` and `mesh` override the saved config.data / config.mesh keys
-    (where the dataset is now, batch sizes, devices). With `model_only` the state is the model's alone."""
+def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None,
+                       mesh: dict | None = None) -> tuple[Experiment, nnx.State, Restored]:
+    """The experiment and model state of `workdir`'s checkpoint `step` (default: the best intact one by validation
+    macro AUC), rebuilt from what the checkpoint holds alone; `data` and `mesh` override the saved config.data /
+    config.mesh keys (where the dataset is now, batch sizes, devices). The state holds the model's part (item 0 of
+    the (model, optimizer) state) alone: the optimiser's moments are not read."""
     with checkpointing.open_manager(workdir, read_only=True) as manager:
         step = checkpointing.pick_step(manager, workdir, step)
         saved, stats_json, spec = checkpointing.restore_meta(manager, step)
@@ -175,15 +178,15 @@ def restore_checkpoint(workdir: str, step: int | None, data: dict | None = None,
         config.data.update(data or {})
         config.mesh.update(mesh or {})
         exp = make_experiment(config, spec)
-        state = restore(manager, step, exp, workdir, model_only=model_only)
-    model = _model(exp, state if model_only else state[0])
-    return exp, state, Restored(model, config, spec, pipeline.RadiomicsStats.from_json(stats_json), step)
+        model_state = restore(manager, step, exp, workdir, model_only=True)
+    return exp, nnx.State({0: model_state}), Restored(_model(exp, model_state), config, spec,
+                                                      pipeline.RadiomicsStats.from_json(stats_json), step)
 
 
 def load_model(workdir: str, step: int | None = None) -> Restored:
     """The model of `workdir`'s best checkpoint by validation macro AUC (or of checkpoint `step`) on one device,
     rebuilt from what the checkpoint holds alone (no dataset, no pretrained folder).
 
-    Raises MissingCheckpointError or IncompatibleCheckpointError, naming what is wrong.
+    Raises MissingCheckpointError, DamagedCheckpointError or IncompatibleCheckpointError, naming what is wrong.
     """
-    return restore_checkpoint(workdir, step, mesh=dict(data=1, fsdp=1, tensor=1), model_only=True)[2]
+    return restore_checkpoint(workdir, step, mesh=dict(data=1, fsdp=1, tensor=1))[2]

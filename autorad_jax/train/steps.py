@@ -90,10 +90,11 @@ def make_train_step(graphdef: nnx.GraphDef, trainable: nnx.filterlib.Filter, pre
 
 
 def make_eval_step(graphdef: nnx.GraphDef, prep: Preprocessing) -> Callable:
-    """(state, batch) -> (class probabilities [B, C], record index [B]) in inference mode, from HU views."""
+    """(model state, batch) -> (class probabilities [B, C], record index [B]) in inference mode, from HU views, for
+    the model that `graphdef` describes."""
 
     def eval_step(state: nnx.State, batch: dict[str, jax.Array]):
-        model, _ = nnx.merge(graphdef, state)
+        model = nnx.merge(graphdef, state)
         logits, _ = model(preprocess.model_inputs(batch["view"], prep), batch["radiomics"], train=False,
                           image_size=prep.image_size)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), batch["index"]
