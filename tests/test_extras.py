@@ -107,5 +107,15 @@ def test_synth_without_the_demo_extra_names_it(core_env, tmp_path):
     assert not (tmp_path / "scans").exists()
 
 
+def test_a_beam_build_without_the_beam_extra_names_it(core_env, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tfds_lidc", "build", os.path.join(ROOT, "tfds_lidc", "lidc_idri"),
+                           f"--manual_dir={tmp_path}", f"--data_dir={tmp_path / 'tfds'}",
+                           "--beam_pipeline_options=runner=DirectRunner"],
+                          env=core_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "tfds_lidc build: --beam_pipeline_options needs the 'beam' extra (apache_beam is not installed): "
+        "pip install 'autorad-jax[beam]'")
+
+
 def _needs(command: str, extra: str, module: str) -> str:
     return f"run.py {command}: needs the '{extra}' extra ({module} is not installed): pip install 'autorad-jax[{extra}]'"
