@@ -68,7 +68,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         shuffle_radiomics=False,
         shuffle_seed=seed,
         # True: training examples drawn with probability proportional to 1 / (their class's count), so that classes
-        # are seen equally often (shifts calibration; see README, "Class imbalance").
+        # are seen equally often (shifts calibration; see docs/training.md, "Class imbalance").
         balanced_sampling=False,
     ))
 
@@ -115,7 +115,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_every=100 if tiny else 500,
         checkpoint_every=100 if tiny else 500,
         keep_checkpoints=3,
-        # Class imbalance (shift calibration; see README, "Class imbalance"): 'none' | 'balanced' (loss weights
+        # Class imbalance (shift calibration; docs/training.md, "Class imbalance"): 'none' | 'balanced' (loss weights
         # n / (C n_c) of the training split's class counts); logit_adjustment_tau > 0 trains on
         # logits + tau log(prior) (Menon et al. 2021), inference reads the plain logits.
         class_weights="none",

@@ -177,7 +177,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         tasks, unread = self.series_tasks(manual_dir, cache_dir)
         if not tasks:
             raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
-                             f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
+                             'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (docs/data.md, '
+                             '"Real LIDC-IDRI").')
         entries = [_unread_entry(f) for f in unread]
         try:
             entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
