@@ -64,8 +64,8 @@ def test_the_absent_modules_are_absent(core_env, tmp_path):
 
 
 def test_core_commands_run_without_torch_beam_and_pylidc(core_env, lidc_data, tmp_path):
-    """prepare (direct runner), train, eval, compare, export and predict with JAX, each in a fresh interpreter; cv's
-    modules import (its runs are train's, and tests/test_train.py runs it)."""
+    """prepare (direct runner), train (which evaluates), export and predict with JAX, each in a fresh interpreter; the
+    modules of eval, compare and cv import."""
     scans = pathlib.Path(lidc_data).parent / "scans"  # the scans lidc_data was built from (tests/conftest.py)
     manual = tmp_path / "manual"
     manual.mkdir()
@@ -81,10 +81,6 @@ def test_core_commands_run_without_torch_beam_and_pylidc(core_env, lidc_data, tm
                  "--config.train.num_steps=2", "--config.train.eval_every=2", "--config.train.checkpoint_every=2",
                  "--config.data.batch_size=8", env=core_env, cwd=tmp_path))
     assert (workdir / "metrics.json").is_file()
-    _ok(_autorad("eval", f"--workdir={workdir}", "--split=validation", env=core_env, cwd=tmp_path))
-    _ok(_autorad("compare", str(workdir), str(workdir), f"--out={tmp_path / 'comparison'}", env=core_env,
-                 cwd=tmp_path))
-    assert (tmp_path / "comparison" / "comparison.json").is_file()
     _ok(_autorad("export", f"--workdir={workdir}", f"--out={tmp_path / 'export'}", env=core_env, cwd=tmp_path))
 
     series = next(p.parent for p in sorted((scans / patients[0].name).rglob("*.xml")))
@@ -92,7 +88,9 @@ def test_core_commands_run_without_torch_beam_and_pylidc(core_env, lidc_data, tm
                              "--json", env=core_env, cwd=tmp_path))
     assert '"probabilities"' in predicted.stdout
 
-    code = "import autorad_jax.train.cv, autorad_jax.demo"
+    # eval and compare run the evaluation and comparison code that train ran above (and tests/test_train.py runs them);
+    # here their modules and cv's import without the extras.
+    code = "import autorad_jax.train.compare, autorad_jax.train.cv, autorad_jax.train.trainer, autorad_jax.demo"
     _ok(subprocess.run([sys.executable, "-c", code], env=core_env, cwd=tmp_path, capture_output=True, text=True))
 
     # The exported model in PyTorch is the torch extra's.
@@ -118,4 +116,5 @@ def test_a_beam_build_without_the_beam_extra_names_it(core_env, tmp_path):
 
 
 def _needs(command: str, extra: str, module: str) -> str:
-    return f"run.py {command}: needs the '{extra}' extra ({module} is not installed): pip install 'autorad-jax[{extra}]'"
+    return (f"run.py {command}: needs the '{extra}' extra ({module} is not installed): "
+            f"pip install 'autorad-jax[{extra}]'")

@@ -68,9 +68,14 @@ def config_comments(path: Path = CONFIG_FILE) -> dict[str, str]:
     return out
 
 
+def _escape(text: str) -> str:
+    """`text` as one Markdown table cell."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 def _cell(value: object) -> str:
     text = repr(value) if isinstance(value, str) else str(value)
-    return "`" + text.replace("|", "\\|") + "`"
+    return "`" + _escape(text) + "`"
 
 
 def configs_page() -> str:
@@ -81,7 +86,7 @@ def configs_page() -> str:
         group_key = ".".join(key.split(".")[:2])
         description = comments.get(group_key, "")
         rows.append(f"| `{key}` | {_cell(keys['tiny'][key])} | {_cell(keys['large'].get(key, ''))} | "
-                    f"{description.replace('|', chr(92) + '|')} |")
+                    f"{_escape(description)} |")
     return "\n".join([
         "# Configs reference",
         "",
@@ -108,9 +113,8 @@ def cli_flags() -> list[tuple[str, object, str]]:
 def command_line_page() -> str:
     _import_root()
     from autorad_jax import cli
-    rows = [f"| `--{name}` | {_cell(default) if default not in (None, '') else ''} | "
-            f"{help_text.replace('|', chr(92) + '|').replace(chr(10), ' ')} |" for name, default, help_text in cli_flags()
-            if name != "config"]
+    rows = [f"| `--{name}` | {_cell(default) if default not in (None, '') else ''} | {_escape(help_text)} |"
+            for name, default, help_text in cli_flags() if name != "config"]
     usage = cli.__doc__.strip()
     return "\n".join([
         "# Command-line reference",
