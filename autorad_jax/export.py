@@ -75,7 +75,7 @@ def check_exportable(model: nnx.Module, config: ml_collections.ConfigDict) -> No
         raise ExportFolderError(
             f"export writes AutoRad-Lung models ({', '.join(EXPORT_MODELS)}); this checkpoint holds a "
             f"{config.model.name!r} model ({type(model).__name__}), which has no PyTorch export: use it with "
-            f"`python run.py predict --workdir`.")
+            f"`autorad predict --workdir`.")
 
 
 def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: ModelSpec,

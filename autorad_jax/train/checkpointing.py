@@ -93,8 +93,8 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False) -> ocp.Che
 def require_checkpoint_dir(workdir: str) -> None:
     """MissingCheckpointError unless `workdir` has a checkpoint folder."""
     if not os.path.isdir(checkpoint_dir(workdir)):
-        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (python run.py "
-                                     f"train --workdir {workdir}).")
+        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (autorad train "
+                                     f"--workdir {workdir}).")
 
 
 @contextlib.contextmanager
@@ -113,7 +113,7 @@ def pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) ->
     """`step` when the workdir holds it; by default the best step. MissingCheckpointError naming what it holds."""
     steps = manager.all_steps()
     if not steps:
-        raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (python run.py train "
+        raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (autorad train "
                                      f"--workdir {workdir}).")
     if step is None:
         return best_step(manager)

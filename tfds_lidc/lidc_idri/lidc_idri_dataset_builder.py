@@ -36,7 +36,7 @@ be unpacked into the matching series folders).
 Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds;
 a series met twice (linked or copied twice) is read once.
 Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
-For a small local demo in the same layout: `python run.py synth --out DIR --num_scans N`.
+For a small local demo in the same layout: `autorad synth --out DIR --num_scans N`.
 """
 
 
