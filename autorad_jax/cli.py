@@ -18,6 +18,9 @@ Subcommands (default: demo):
 Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error); the
 default is the packaged configs/autorad_lung.py:tiny.
 
+Optional parts are extras of the package: synth (and the demo's first run) needs autorad-jax[demo], predict
+--backend torch needs autorad-jax[torch], Beam builds need autorad-jax[beam]; a command that needs one names it.
+
 Output: library logs at WARNING (--verbosity=0 for INFO), one progress bar per long phase, the command's result
 last; --json prints the result alone, as JSON.
 """
@@ -30,6 +33,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import autorad_jax
 import configs
 
 config_flags.DEFINE_config_file(
@@ -85,6 +89,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (else $JAX_PROCESS_ID).")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Multi-host: let JAX find the other processes (TPU pod slice, SLURM, Open MPI, Kubernetes).")
+_VERSION = flags.DEFINE_bool("version", False, "Print the version of autorad-jax and exit.")
 
 _PROG = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "autorad"
 SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export", "compare")
@@ -217,6 +222,9 @@ def rerun_command(argv: list[str], overrides: dict) -> str:
 
 
 def main(argv):
+    if _VERSION.value:
+        print(f"autorad-jax {autorad_jax.__version__}")
+        return
     command = argv[1] if len(argv) >= 2 else "demo"
     if len(argv) > 2 and command != "compare":
         raise app.UsageError(f"Expected one subcommand, got {argv[1:]}")
@@ -224,7 +232,7 @@ def main(argv):
         raise app.UsageError(f"Unknown subcommand {command!r}; choose from {', '.join(SUBCOMMANDS)}.")
     logging.info("%s %s", _PROG, command)
     from autorad_jax import console
-    from autorad_jax.errors import AutoradError
+    from autorad_jax.errors import AutoradError, missing_extra
     from tfds_lidc.errors import LidcDataError
     console.quiet_third_party()
     try:
@@ -235,6 +243,12 @@ def main(argv):
         # what is wrong and what to run; a traceback would only hide that. Anything else keeps its traceback.
         advice = f" Run: {rerun_command(sys.argv, e.overrides)}" if getattr(e, "overrides", None) else ""
         sys.exit(f"{_PROG} {command}: {type(e).__name__}: {e}{advice}")
+    except ModuleNotFoundError as e:  # an optional dependency group (pyproject.toml's extras) that is not installed
+        extra = missing_extra(e)
+        if extra is None:
+            raise
+        sys.exit(f"{_PROG} {command}: needs the '{extra}' extra ({e.name} is not installed): "
+                 f"pip install 'autorad-jax[{extra}]'")
     _show(command, result)
     if command == "predict" and _NODULES.value and result["errors"]:  # written, but a script must not take it as done
         sys.exit(f"{_PROG} predict: {result['errors']} of {result['rows']} rows could not be predicted; each "

@@ -36,6 +36,7 @@ def quiet_third_party() -> None:
     """Filters QUIET_WARNINGS and QUIET_LOGS (here and in worker processes), turns the progress bars of TFDS and
     transformers off and keeps TensorFlow's C++ logging (if present) quiet."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": the core needs none
     os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *CHILD_WARNINGS]))
     for message, category in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

@@ -21,3 +21,13 @@ STALE_PROMPT_EMBEDDINGS = (
 
 class PredictInputError(AutoradError, ValueError):
     """The CT, the nodule or the model given to predict cannot be used; the message says what is wrong."""
+
+
+# The optional dependency groups of pyproject.toml, by the top-level module a command imports from each; pylidc needs
+# pkg_resources, which the demo extra's setuptools pin provides.
+EXTRA_OF_MODULE = {"torch": "torch", "apache_beam": "beam", "pylidc": "demo", "pkg_resources": "demo"}
+
+
+def missing_extra(error: ModuleNotFoundError) -> str | None:
+    """The extra that installs the module `error` could not find, or None when that module belongs to no extra."""
+    return EXTRA_OF_MODULE.get((error.name or "").partition(".")[0])

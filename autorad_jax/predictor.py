@@ -106,7 +106,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
             source={"workdir": os.path.abspath(workdir), "step": restored.step, "model": config.model.name,
                     "backend": backend})
     from autorad_jax import export
-    from autorad_jax.weights.torch_model import read_export_config
+    from autorad_jax.weights.export_format import read_export_config
     export_config = read_export_config(export_dir)
     stats = pipeline.RadiomicsStats.from_json(export_config["radiomics"])
     data_config = checkpointing.saved_config(export_config["config"]).data

@@ -5,10 +5,10 @@ The argument after the colon picks the size:
   large  aimv2-large-patch14-224 vision tower (1024 wide, 24 layers) with the AIMv2-LiT text tower.
 
 CPU, demo data:
-  python run.py train --config configs/autorad_lung.py:tiny --workdir workdir/tiny
+  autorad train --config configs/autorad_lung.py:tiny --workdir workdir/tiny
 
-One GPU or a TPU host, real weights and data (`run.py prepare` builds the dataset):
-  python run.py train --config configs/autorad_lung.py:large \
+One GPU or a TPU host, real weights and data (`autorad prepare` builds the dataset):
+  autorad train --config configs/autorad_lung.py:large \
     --config.model.aimv2_dir=/models/aimv2-large-patch14-224-lit \
     --config.data.data_dir=/data/tensorflow_datasets --workdir workdir/large
 
@@ -57,7 +57,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_batch_size=64 if tiny else 128,
         worker_count=0,  # grain worker processes per host; 0 reads in the main process.
         cv_fold=-1,  # >=0: train on the other folds of train+validation, evaluate on this one.
-        cv_repeat=0,  # 0: the dataset's folds; r > 0: patients dealt anew into folds with seed r (`run.py cv` sets it).
+        cv_repeat=0,  # 0: the dataset's folds; r > 0: patients dealt anew into folds with seed r (`autorad cv` sets it).
         # Radiomics into the meta-network, fitted on the training split and saved with the checkpoint: a transform of
         # the heavy-tailed features before standardisation, 'none' | 'signed_log' (sign(x) log(1+|x|)) | 'quantile'
         # (normal scores of the training quantiles); radiomics_clip > 0 clips standardised values to [-c, c].
@@ -68,7 +68,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         shuffle_radiomics=False,
         shuffle_seed=seed,
         # True: training examples drawn with probability proportional to 1 / (their class's count), so that classes
-        # are seen equally often (shifts calibration; see README, "Class imbalance").
+        # are seen equally often (shifts calibration; see docs/training.md, "Class imbalance").
         balanced_sampling=False,
     ))
 
@@ -115,7 +115,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         eval_every=100 if tiny else 500,
         checkpoint_every=100 if tiny else 500,
         keep_checkpoints=3,
-        # Class imbalance (shift calibration; see README, "Class imbalance"): 'none' | 'balanced' (loss weights
+        # Class imbalance (shift calibration; docs/training.md, "Class imbalance"): 'none' | 'balanced' (loss weights
         # n / (C n_c) of the training split's class counts); logit_adjustment_tau > 0 trains on
         # logits + tau log(prior) (Menon et al. 2021), inference reads the plain logits.
         class_weights="none",
@@ -128,7 +128,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         compilation_cache=True,
     ))
 
-    # `run.py cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt
+    # `autorad cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt
     # anew and its own training seed.
     config.cv = ml_collections.ConfigDict(dict(models="", repeats=1))
 

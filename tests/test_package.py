@@ -22,6 +22,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
     wheel, = glob.glob(str(tmp_path / "dist" / "autorad_jax-*.whl"))
+    assert os.path.basename(wheel).startswith(f"autorad_jax-{autorad_jax.__version__}-")  # the version, defined once
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), wheel],
                    check=True, capture_output=True)
@@ -33,6 +34,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path):
                                cwd=outside, timeout=300)
     assert help_text.returncode == 0, help_text.stderr[-2000:]
     assert "predict" in help_text.stdout and "--workdir" in help_text.stdout
+    version = subprocess.run([str(site / "bin" / "autorad"), "--version"], capture_output=True, text=True, env=env,
+                             cwd=outside, timeout=300)
+    assert version.stdout == f"autorad-jax {autorad_jax.__version__}\n", version.stderr[-2000:]
 
     code = ("import configs, tfds_lidc.radiomics_features as r, autorad_jax.train.checkpointing as c; "
             "config = c.saved_config({'model': {'name': 'coop', 'n_ctx': 7}}); "

@@ -190,12 +190,12 @@ def test_eval_shards_are_disjoint_and_complete(num_processes):
 
 
 def test_missing_dataset_says_what_to_run(tmp_path):
-    with pytest.raises(pipeline.DatasetError, match="python run.py prepare"):
+    with pytest.raises(pipeline.DatasetError, match="autorad prepare"):
         pipeline.records(tiny_config(str(tmp_path)).data, "train")
 
 
 def test_wrong_builder_config_is_named(lidc_data):
-    with pytest.raises(pipeline.DatasetError, match="crop64_1mm.*python run.py prepare"):
+    with pytest.raises(pipeline.DatasetError, match="crop64_1mm.*autorad prepare"):
         pipeline.records(tiny_config(lidc_data, builder_config="crop64_1mm").data, "train")
 
 

@@ -1,4 +1,4 @@
-"""CLIP tokenizer derived from open_clip's BPE file: vocabulary and ids as CLIP's own tokenizer gives them."""
+"""CLIP tokenizer derived from the packaged CLIP BPE file: vocabulary and ids as CLIP's own tokenizer gives them."""
 
 import json
 

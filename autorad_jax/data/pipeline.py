@@ -189,9 +189,9 @@ def dataset_name(data_config: ml_collections.ConfigDict) -> str:
 
 
 def _prepare_hint(data_config: ml_collections.ConfigDict) -> str:
-    return (f"Build it with `python run.py prepare --manual_dir=/path/to/LIDC-IDRI "
+    return (f"Build it with `autorad prepare --manual_dir=/path/to/LIDC-IDRI "
             f"--builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or for demo data "
-            f"`python run.py synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
+            f"`autorad synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
 
 
 def _build_stamp(name: str, data_dir: str) -> tuple[int, ...]:
@@ -295,7 +295,7 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
         if np.shape(ex["ct"]) != (ct_size,) * 3:
             raise DatasetError(f"Dataset {name} in {data_dir} stores crops of shape {np.shape(ex['ct'])}, the "
                                f"builder config {name.split('/')[-1]} expects {(ct_size,) * 3}: rebuild it with "
-                               f"`python run.py prepare`.")
+                               f"`autorad prepare`.")
         out["label"].append(int(ex["label"]))
         out["fold"].append(int(ex["fold"]))
         out["patient_id"].append(ex["patient_id"].decode() if isinstance(ex["patient_id"], bytes)

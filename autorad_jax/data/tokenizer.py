@@ -1,15 +1,14 @@
 """Prompt tokenisation with CLIP's BPE vocabulary (the vocabulary of the AIMv2-LiT text tower).
 
 The tokenizer is `transformers.CLIPTokenizer`. It is read from the checkpoint folder when that folder carries tokenizer
-files; otherwise from a `vocab.json`/`merges.txt` pair derived once from the BPE merges file that the `open_clip_torch`
-package ships (`bpe_simple_vocab_16e6.txt.gz`), exactly as CLIP's `SimpleTokenizer` builds its vocabulary. The package
-is located without importing it (importing `open_clip` needs torchvision).
+files; otherwise from a `vocab.json`/`merges.txt` pair derived once from CLIP's BPE merges file, which this package
+ships beside this module (`bpe_simple_vocab_16e6.txt.gz`, MIT, OpenAI), exactly as CLIP's `SimpleTokenizer` builds its
+vocabulary. `transformers`' tokenizers need no PyTorch, so prompts tokenise in the core install.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import tempfile
@@ -43,17 +42,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def find_bpe_file() -> Path:
-    """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, found through the package spec (no import)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "CLIP's BPE file is needed to build the tokenizer: install open_clip_torch "
-            "(`pip install --no-deps open_clip_torch`) or give a checkpoint folder with tokenizer files.")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / BPE_FILE
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{BPE_FILE} not found in {list(spec.submodule_search_locations)}")
+    """Path of CLIP's `bpe_simple_vocab_16e6.txt.gz`, shipped with this package."""
+    return Path(__file__).with_name(BPE_FILE)
 
 
 def derive_vocab_files(bpe_path: Path | str, out_dir: Path | str) -> Path:
@@ -89,7 +79,7 @@ def default_cache_dir() -> Path:
 
 
 def load_tokenizer(checkpoint_dir: Optional[str] = None, cache_dir: Optional[str] = None) -> CLIPTokenizer:
-    """CLIP tokenizer of `checkpoint_dir` when it holds tokenizer files, else the one derived from open_clip's BPE file.
+    """CLIP tokenizer of `checkpoint_dir` when it holds tokenizer files, else the one derived from CLIP's BPE file.
 
     The derived `vocab.json`/`merges.txt` are cached in `cache_dir` (default: `default_cache_dir()`).
     """

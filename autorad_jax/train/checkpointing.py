@@ -201,8 +201,8 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False,
 def require_checkpoint_dir(workdir: str) -> None:
     """MissingCheckpointError unless `workdir` has a checkpoint folder."""
     if not os.path.isdir(checkpoint_dir(workdir)):
-        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (python run.py "
-                                     f"train --workdir {workdir}).")
+        raise MissingCheckpointError(f"No checkpoint folder {checkpoint_dir(workdir)}: train first (autorad train "
+                                     f"--workdir {workdir}).")
 
 
 def _no_intact_step(workdir: str, damaged: dict[int, str]) -> DamagedCheckpointError:
@@ -267,7 +267,7 @@ def pick_step(manager: ocp.CheckpointManager, workdir: str, step: int | None) ->
     if not steps and damaged:
         raise _no_intact_step(workdir, damaged)
     if not steps:
-        raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (python run.py train "
+        raise MissingCheckpointError(f"No checkpoint in {checkpoint_dir(workdir)}: train first (autorad train "
                                      f"--workdir {workdir}).")
     if step is None:
         chosen = best_step(manager)

@@ -46,7 +46,7 @@ def read_predictions(workdir: str) -> Predictions:
     """The predictions.csv of `workdir` (written by train and eval beside metrics.json)."""
     path = os.path.join(workdir, "predictions.csv")
     if not os.path.isfile(path):
-        raise ComparisonError(f"{path}: not found; train the run or evaluate it (`python run.py eval --workdir "
+        raise ComparisonError(f"{path}: not found; train the run or evaluate it (`autorad eval --workdir "
                               f"{workdir}`) first.")
     with open(path, newline="") as f:
         rows = list(csv.reader(f))

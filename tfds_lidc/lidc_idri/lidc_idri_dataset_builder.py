@@ -38,7 +38,7 @@ Compressed DICOM (JPEG, JPEG lossless, JPEG-LS, JPEG 2000, RLE) is read as it is
 Patient, study and series folders may be symlinks (e.g. into a shared store). Any subset of patients builds;
 a series met twice (linked or copied twice) is read once.
 Non-CT series (CR/DX radiographs) and folders with XML only are skipped and listed in build_report.json.
-For a small local demo in the same layout: `python run.py synth --out DIR --num_scans N`.
+For a small local demo in the same layout: `autorad synth --out DIR --num_scans N`.
 """
 
 
@@ -182,7 +182,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         tasks, unread = self.series_tasks(manual_dir, cache_dir)
         if not tasks:
             raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
-                             f'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (README.md, "Real LIDC-IDRI").')
+                             'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (docs/data.md, '
+                             '"Real LIDC-IDRI").')
         entries = [_unread_entry(f) for f in unread]
         try:
             entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
