@@ -24,10 +24,12 @@ from autorad_jax import export
 from autorad_jax.ct_input import read_ct
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
-from autorad_jax.weights.torch_model import EXPORT_CONFIG
+from autorad_jax.weights.export_format import EXPORT_CONFIG
 from fault_checks import ROOT, cli, cli_exit, environment
 from lidc_testdata import CONFIG, read_all
 from test_train import losses, train_config
+
+VERSION = str(tfds_lidc.Builder.VERSION)
 
 DAMAGED, INTACT = 4, 2  # the run's checkpoints: the latest is damaged, the earlier one is the fallback
 LOCK_NAME = "prepare.lock"  # a prepare's lock, in <data_dir>/lidc_idri/<config>/
@@ -236,10 +238,10 @@ def test_leftovers_of_a_killed_build_are_removed_and_named(lidc_data, tmp_path, 
     config_dir = os.path.join(data_dir, "lidc_idri", CONFIG)
     with open(os.path.join(config_dir, LOCK_NAME), "w") as f:  # the killed build's lock
         json.dump({"host": socket.gethostname(), "pid": dead.pid, "started": "earlier"}, f)
-    leftovers = [os.path.join(config_dir, "incomplete.Q7W2ZK_1.1.0"), os.path.join(cache, f"{'0' * 32}.npz.tmp4242")]
+    leftovers = [os.path.join(config_dir, f"incomplete.Q7W2ZK_{VERSION}"), os.path.join(cache, f"{'0' * 32}.npz.tmp4242")]
     os.makedirs(os.path.join(leftovers[0], "part"))
     open(leftovers[1], "w").close()
-    others = [os.path.join(data_dir, "lidc_idri", "crop64_1mm", "incomplete.Q7W2ZK_1.1.0"),  # another config's
+    others = [os.path.join(data_dir, "lidc_idri", "crop64_1mm", f"incomplete.Q7W2ZK_{VERSION}"),  # another config's
               os.path.join(config_dir, "incomplete.notours")]
     for path in others:
         os.makedirs(path)
@@ -248,18 +250,18 @@ def test_leftovers_of_a_killed_build_are_removed_and_named(lidc_data, tmp_path, 
     assert printed[0] == f"Removed what an interrupted build of lidc_idri/{CONFIG} left: {', '.join(leftovers)}"
     assert "was built from the same series; reused" in printed[1]
     assert not any(os.path.exists(p) for p in leftovers) and all(os.path.isdir(p) for p in others)
-    assert sorted(os.listdir(config_dir)) == ["1.1.0", "incomplete.notours"]  # the stale lock taken over, released
+    assert sorted(os.listdir(config_dir)) == [VERSION, "incomplete.notours"]  # the stale lock taken over, released
 
 
 def test_damaged_series_cache_entries_are_discarded_rebuilt_and_named(lidc_data, tmp_path):
     data_dir, cache = copy_dataset(lidc_data, tmp_path)
-    with open(os.path.join(lidc_data, "lidc_idri", CONFIG, "1.1.0", "build_report.json")) as f:
+    with open(os.path.join(lidc_data, "lidc_idri", CONFIG, VERSION, "build_report.json")) as f:
         series = [s for s in json.load(f)["series"] if s["nodules_written"]]
     truncated, emptied = (os.path.join(cache, f"{s['cache_key']}.{ext}") for s, ext in zip(series, ("npz", "json")))
     os.truncate(truncated, os.path.getsize(truncated) // 2)
     os.truncate(emptied, 0)
     tfds_lidc.prepare(os.path.join(os.path.dirname(lidc_data), "scans"), data_dir, CONFIG, overwrite=True)
-    with open(os.path.join(data_dir, "lidc_idri", CONFIG, "1.1.0", "build_report.json")) as f:
+    with open(os.path.join(data_dir, "lidc_idri", CONFIG, VERSION, "build_report.json")) as f:
         rep = json.load(f)
     assert rep["series_read"] - rep["series_from_cache"] == 2
     notes = {i["series_dir"]: i["issue"] for i in rep["issues"] if "damaged series cache entry" in i["issue"]}

@@ -336,7 +336,7 @@ def test_a_syntax_no_installed_decoder_reads_is_one_line_and_never_cached(series
     assert entry["status"] == "skipped" and "\n" not in reason
     assert "High-Throughput JPEG 2000" in reason and dicom_uid.HTJ2KLossless in reason
     assert "install pylibjpeg>=2.0 and pylibjpeg-openjpeg>=2.0" in reason and "corrupt" not in reason
-    assert series_cache.load_entry(str(tmp_path / "cache"), entry["cache_key"]) is None  # read again next run
+    assert series_cache.load_entry(str(tmp_path / "cache"), entry["cache_key"])[0] is None  # read again next run
     assert "series_key" not in entry  # and out of the dataset's fingerprint, so the dataset is not reused as whole
     summary = report.summary(report.build([entry], {}, {}, "", manual), "build_report.json")
     assert "series skipped: 1 x no installed decoder reads transfer syntax High-Throughput JPEG" in summary

@@ -5,7 +5,6 @@ import dataclasses
 
 import numpy as np
 import SimpleITK as sitk
-from matplotlib import path as mplpath
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial.distance import cdist
 
@@ -109,6 +108,7 @@ def cluster_bbox(cluster: list[Annotation], shape: tuple[int, int, int], pad: in
 
 def _fill(contour: Contour, grid: np.ndarray, offset: np.ndarray) -> np.ndarray:
     """Pixels of the (y, x) sub-grid inside the closed contour (pixel centres)."""
+    from matplotlib import path as mplpath  # a second of imports that only a build's rasterisation needs
     pts = contour.ij
     if (pts[0] != pts[-1]).any():
         pts = np.vstack([pts, pts[:1]])
