@@ -157,7 +157,7 @@ def trainable_torch_parameters(model: torch_model.AutoRadLungTorch, mode: str) -
     the prompt learner), as the JAX trainer's `trainable_filter`; the others get requires_grad False."""
     trains = list(model.prompt_learner.parameters())
     if mode == "full":
-        trains += list(model.aimv2.vision_model.parameters()) + list(model.aimv2.visual_projection.parameters())
+        trains += list(model.towers.vision_model.parameters()) + list(model.towers.visual_projection.parameters())
     chosen = {id(p) for p in trains}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)

@@ -1,16 +1,17 @@
 """Conditioned prompt learner (CoCoOp's `PromptLearner`; AutoRad-Lung conditions it on radiomics, CoCoOp on images).
 
-For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]`. The context vectors `ctx` are
+For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]` (SigLIP's tokenizer adds no SOS: its
+prompts start with the context and keep their padding). The context vectors `ctx` are
 learned; the meta-network `meta_net` (linear1 -> ReLU -> linear2) maps a sample's conditioning vector (its standardised
 radiomic features, or its L2-normalised image feature for CoCoOp) to a shift of the context: one shift for all context
 tokens (`conditioning='shared'`, CoCoOp) or one per token (`'per_token'`). Without a meta-network
 (`conditioning=None`) this is CoOp: one context for every sample; with a fixed context as well (`learn_ctx=False`) it
 is the zero-shot prompt "a CT scan of a <class>.".
 
-`token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
+`token_prefix` (SOS, or nothing) and `token_suffix` (class words, '.', EOS, padding) are constant embeddings taken from the frozen token
 table at construction, and again (`embed_tokens`) when pretrained towers are loaded into the built model. The
 prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77 positions) are computed outside the
-model, by `autorad_jax.modeling`, and saved with it.
+model, by `autorad_jax.modeling`, and saved with it (for SigLIP: its fixed length of 64).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class MetaNet(nnx.Module):
 
 def token_embeddings(tokens: PromptTokens, token_embedding: Array) -> tuple[Array, Array, Array]:
     """The class prompts' rows of the token table [V, D], in float32: (the ctx_init phrase [n_ctx, D], the SOS
-    [C, 1, D], the class words, '.' and EOS [C, L - 1 - n_ctx, D])."""
+    [C, s, D] (s = ctx_start, 1 or 0), the class words, '.', EOS and padding [C, L - s - n_ctx, D])."""
     embedding = jnp.asarray(token_embedding)[jnp.asarray(tokens.ids, jnp.int32)].astype(jnp.float32)  # [C, L, D]
-    return embedding[0, 1:1 + tokens.n_ctx], embedding[:, :1], embedding[:, 1 + tokens.n_ctx:]
+    start, end = tokens.ctx_start, tokens.ctx_start + tokens.n_ctx
+    return embedding[0, start:end], embedding[:, :start], embedding[:, end:]
 
 
 class PromptLearner(nnx.Module):
@@ -79,6 +81,7 @@ class PromptLearner(nnx.Module):
         phrase, prefix, suffix = token_embeddings(tokens, token_embedding)
 
         self.n_ctx = n_ctx
+        self.ctx_start = tokens.ctx_start
         self.conditioning = conditioning
         self.dtype = dtype
         ctx = (phrase if tokens.ctx_from_tokens
@@ -105,7 +108,8 @@ class PromptLearner(nnx.Module):
     def embeds_with(self, token_embedding: Array) -> bool:
         """True when the fixed embeddings (SOS, class words, '.', EOS) are the rows of `token_embedding` [V, D] for
         the prompts' token ids, as they are for the frozen text tower's own table."""
-        tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False)
+        tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False,
+                              ctx_start=self.ctx_start)
         _, prefix, suffix = token_embeddings(tokens, token_embedding)
         return bool(jnp.array_equal(prefix, self.token_prefix.get_value())
                     and jnp.array_equal(suffix, self.token_suffix.get_value()))
