@@ -1,7 +1,7 @@
 """Export of a trained AutoRad-Lung (or CoOp) model: workdir -> `transformers` AIMv2 folder + PyTorch model folder.
 
 `export(workdir, out_dir)` writes the folder that `autorad_jax.weights.torch_model.AutoRadLungTorch.from_export`
-loads (layout in that module): the AIMv2 towers through the AIMv2 name map (`hf_aimv2.save_pretrained`), the prompt
+loads (layout in that module): the AIMv2 towers through the AIMv2 name map (`pretrained.save_pretrained`), the prompt
 learner through its name map, and a JSON config with class names, tokenised prompts, radiomics names and statistics,
 the preprocessing and the training config, and a model card (README.md, autorad_jax/model_card.py). `load_export`
 reads such a folder back into the JAX model. Weights are safetensors only.
@@ -34,7 +34,7 @@ from autorad_jax.models.aimv2 import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
 from autorad_jax.models.spec import ModelSpec, PromptTokens
 from autorad_jax.train import checkpointing, experiment
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
                                              EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
@@ -51,20 +51,20 @@ class ExportTargetError(AutoradError, FileExistsError):
 def _resize_position_embedding(towers: str, image_size: int) -> None:
     """Rewrites a saved vision tower for `image_size` inputs with the position table the JAX model interpolates to
     (transformers' AIMv2 does not interpolate)."""
-    hf_config = hf_aimv2.read_json(os.path.join(towers, hf_aimv2.CONFIG_NAME))
+    hf_config = pretrained.read_json(os.path.join(towers, pretrained.CONFIG_NAME))
     joint = "vision_config" in hf_config
     vision = hf_config["vision_config"] if joint else hf_config
     key = _POSITION_KEY if joint else _POSITION_KEY.removeprefix("vision_model.")
     old, new = vision["image_size"] // vision["patch_size"], image_size // vision["patch_size"]
     if old == new:
         return
-    weights_file = os.path.join(towers, hf_aimv2.WEIGHTS_NAME)
-    tensors = hf_aimv2.read_safetensors_file(weights_file)
+    weights_file = os.path.join(towers, pretrained.WEIGHTS_NAME)
+    tensors = pretrained.read_safetensors_file(weights_file)
     tensors[key] = np.asarray(interpolate_position_embedding(jnp.asarray(tensors[key]), (old, old), (new, new)),
                               np.float32)
     save_file(tensors, weights_file, metadata={"format": "pt"})
     vision["image_size"] = image_size
-    with open(os.path.join(towers, hf_aimv2.CONFIG_NAME), "w") as f:
+    with open(os.path.join(towers, pretrained.CONFIG_NAME), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
 
 
@@ -89,7 +89,7 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
     os.makedirs(out_dir, exist_ok=True)
     towers, vision = os.path.join(out_dir, EXPORT_TOWERS), os.path.join(out_dir, EXPORT_VISION)
     for folder, module in ((towers, model.aimv2), (vision, model.aimv2.vision_model)):
-        hf_aimv2.save_pretrained(module, folder)
+        pretrained.save_pretrained(module, folder)
         _resize_position_embedding(folder, int(config.data.image_size))
     load_tokenizer(tokenizer_dir).save_pretrained(towers)
     prompt_learner = model.prompt_learner
@@ -175,7 +175,7 @@ def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
     towers_dir = os.path.join(export_dir, EXPORT_TOWERS)
     m = export_config["model"]
     spec = ModelSpec(
-        towers=hf_aimv2.read_config(towers_dir),
+        towers=pretrained.read_config(towers_dir),
         prompts=PromptTokens(np.asarray(export_config["tokenized_prompts"], np.int32), int(m["n_ctx"]),
                              bool(m.get("ctx_from_tokens", False))),
         class_names=tuple(export_config["class_names"]),
@@ -184,9 +184,9 @@ def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
         model = nnx.eval_shape(lambda: models.Model(config.model, spec, rngs=nnx.Rngs(0)))
     except ValueError as e:
         raise ExportFolderError(f"{export_dir}: the AIMv2 folder does not fit the exported model: {e}") from e
-    hf_aimv2.hf_state_to_nnx(model.aimv2, hf_aimv2.read_safetensors(towers_dir), towers_dir)
+    pretrained.hf_state_to_nnx(model.aimv2, pretrained.read_safetensors(towers_dir), towers_dir)
     weights = os.path.join(export_dir, EXPORT_WEIGHTS)
-    load_prompt_learner_state(model.prompt_learner, hf_aimv2.read_safetensors_file(weights), weights)
+    load_prompt_learner_state(model.prompt_learner, pretrained.read_safetensors_file(weights), weights)
     if not np.array_equal(model.prompt_learner.tokenized_prompts[...], spec.prompts.ids):
         raise ExportFolderError(f"{export_dir}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
     if not model.prompt_learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):

@@ -22,8 +22,8 @@ from autorad_jax.data.tokenizer import EOT_TOKEN_ID, VOCAB_SIZE, count_tokens, l
 from autorad_jax.errors import ConfigError
 from autorad_jax.models.aimv2 import Aimv2Config, Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.models.spec import ModelSpec, PromptTokens, Towers
-from autorad_jax.weights import hf_aimv2
-from autorad_jax.weights.hf_aimv2 import PretrainedFolderError
+from autorad_jax.weights import pretrained
+from autorad_jax.weights.pretrained import PretrainedFolderError
 
 TOKENIZER_DIR = "tokenizer"  # in a workdir: the text tower's tokenizer, saved on a fresh start
 
@@ -42,7 +42,7 @@ def towers_config(model_config: ml_collections.ConfigDict) -> Towers | None:
     name = model_config.name
     if name not in models.TOWER_MODELS:
         return None
-    towers = hf_aimv2.read_config(model_config.aimv2_dir) if model_config.aimv2_dir else random_towers(model_config)
+    towers = pretrained.read_config(model_config.aimv2_dir) if model_config.aimv2_dir else random_towers(model_config)
     if name in models.VISION_MODELS:
         if isinstance(towers, Aimv2TextConfig):
             raise PretrainedFolderError(f"{model_config.aimv2_dir} holds an AIMv2 text tower; {name} needs "
@@ -99,9 +99,9 @@ def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict, 
     shape checked), and the prompts' fixed token embeddings (`spec.prompts`) from its token table. The linear probe
     and late fusion take the vision tower of a joint folder."""
     folder = model_config.aimv2_dir
-    state = hf_aimv2.read_safetensors(folder)
+    state = pretrained.read_safetensors(folder)
     if model_config.name in models.PROMPT_MODELS:
-        hf_aimv2.hf_state_to_nnx(model.aimv2, state, folder)
+        pretrained.hf_state_to_nnx(model.aimv2, state, folder)
         model.prompt_learner.embed_tokens(spec.prompts,
                                           model.aimv2.text_model.embeddings.token_embedding.embedding.get_value())
         return
@@ -110,4 +110,4 @@ def load_pretrained(model: nnx.Module, model_config: ml_collections.ConfigDict, 
     prefix = "vision_model."
     if any(k.startswith(prefix) for k in state):  # a joint folder: its vision tower
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
-    hf_aimv2.hf_state_to_nnx(model.vision_model, state, folder)
+    pretrained.hf_state_to_nnx(model.vision_model, state, folder)
