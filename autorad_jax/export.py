@@ -31,11 +31,11 @@ from autorad_jax.data import pipeline, preprocess
 from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS, AutoradError
 from autorad_jax.modeling import TOKENIZER_DIR, copy_tokenizer
 from autorad_jax.models import families
-from autorad_jax.models.aimv2 import interpolate_position_embedding
+from autorad_jax.models.towers import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
 from autorad_jax.models.spec import ModelSpec, PromptTokens
 from autorad_jax.train import checkpointing, experiment
-from autorad_jax.weights import hf_aimv2 as pretrained
+from autorad_jax.weights import pretrained
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import (DEFAULT_FAMILY, EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION,
                                              EXPORT_WEIGHTS, ExportFolderError, export_towers, read_export_config)

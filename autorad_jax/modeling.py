@@ -29,8 +29,8 @@ from autorad_jax.data.tokenizer import (EOT_TOKEN_ID, SOT_TOKEN_ID, VOCAB_SIZE, 
 from autorad_jax.errors import ConfigError
 from autorad_jax.models import families
 from autorad_jax.models.spec import ModelSpec, PromptTokens, Towers
-from autorad_jax.weights import hf_aimv2 as pretrained
-from autorad_jax.weights.hf_aimv2 import PretrainedFolderError
+from autorad_jax.weights import pretrained
+from autorad_jax.weights.pretrained import PretrainedFolderError
 
 TOKENIZER_DIR = "tokenizer"  # in a workdir: the text tower's tokenizer, saved on a fresh start
 INITS = ("pretrained", "random")

@@ -14,7 +14,7 @@ from transformers import Aimv2Model, Aimv2VisionModel
 
 from autorad_jax import export, modeling, models
 from autorad_jax.data import pipeline, preprocess
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained
 from autorad_jax.weights.name_map import WeightsMismatchError
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import AutoRadLungTorch, ExportFolderError
@@ -167,7 +167,7 @@ def test_towers_of_another_model_are_refused(exported, tmp_path):
     folder = shutil.copytree(exported, tmp_path / "export")
     _, _, other = build(text=dict(autorad_lung.get_config("tiny").model.text.to_dict(), num_hidden_layers=1))
     shutil.rmtree(folder / "aimv2")
-    hf_aimv2.save_pretrained(other.aimv2, str(folder / "aimv2"))
+    pretrained.save_pretrained(other.aimv2, str(folder / "aimv2"))
     config = json.loads((folder / "aimv2" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 2  # config of the right model, weights of another
     (folder / "aimv2" / "config.json").write_text(json.dumps(config))
@@ -210,7 +210,7 @@ def test_truncated_weights_are_named_in_one_line_by_both_backends(exported, tmp_
     path = folder / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     for load in (AutoRadLungTorch.from_export, export.load_export):
-        with pytest.raises((ExportFolderError, hf_aimv2.PretrainedFolderError), match="truncated or corrupt") as e:
+        with pytest.raises((ExportFolderError, pretrained.PretrainedFolderError), match="truncated or corrupt") as e:
             load(str(folder))
         assert damaged.split("/")[-1] in str(e.value) and "\n" not in str(e.value)
 

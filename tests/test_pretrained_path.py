@@ -23,7 +23,7 @@ from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained as folders
 from fault_checks import ROOT
 from test_train import train_config
 
@@ -58,7 +58,7 @@ def pretrained(tmp_path_factory):
 
 def _towers(restored: experiment.Restored) -> dict[str, np.ndarray]:
     model = restored.model
-    return hf_aimv2.nnx_to_hf_state(model.aimv2 if hasattr(model, "aimv2") else model.vision_model)
+    return folders.nnx_to_hf_state(model.aimv2 if hasattr(model, "aimv2") else model.vision_model)
 
 
 def _copy(folder: str, tmp_path_factory) -> str:
@@ -76,12 +76,12 @@ def prompt_run(pretrained, lidc_data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("prompt_run"))
     config = prompt_config(lidc_data, folder, num_steps=4)
     reads = []
-    original = hf_aimv2.read_safetensors
-    hf_aimv2.read_safetensors = lambda path: reads.append(path) or original(path)
+    original = folders.read_safetensors
+    folders.read_safetensors = lambda path: reads.append(path) or original(path)
     try:
         result = trainer.train_and_evaluate(config, workdir)
     finally:
-        hf_aimv2.read_safetensors = original
+        folders.read_safetensors = original
     shutil.rmtree(folder)
     return config, workdir, result, weights, reads
 
@@ -139,7 +139,7 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
     random_config = config.copy_and_resolve_references()
     random_config.model.pretrained_dir = ""
     random_state = experiment.make_experiment(random_config, exp.spec).init_state()
-    towers = hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
+    towers = folders.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
     assert towers.keys() == weights.keys()
     assert all(np.array_equal(v, weights[k]) for k, v in towers.items())
     # The prompts read through the folder's token table: SOS, the ctx_init phrase, the class words, '.' and EOS.
@@ -203,7 +203,7 @@ def test_both_layouts_train_the_same_model_from_a_folder(pretrained, lidc_data):
         for _ in range(2):
             state, metrics = exp.train_step(state, pipeline.to_global(batch, exp.batch_sharding))
             losses.append(float(metrics["loss"]))
-        runs.append((losses, hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)))
+        runs.append((losses, folders.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)))
     (unrolled_losses, unrolled), (scanned_losses, scanned) = runs
     np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
     assert scanned.keys() == unrolled.keys()
@@ -231,7 +231,7 @@ def test_vision_training_from_the_joint_folder(pretrained, lidc_data, options, a
         state, metrics = exp.train_step(state, pipeline.to_global(next(batches), exp.batch_sharding))
         assert bool(metrics["finite"])
     model, _ = nnx.merge(exp.graphdef, state)
-    towers = hf_aimv2.nnx_to_hf_state(model.aimv2)
+    towers = folders.nnx_to_hf_state(model.aimv2)
     changed = {k for k in weights if not np.array_equal(towers[k], weights[k])}
     assert changed and all(k.startswith(("vision_model.", "visual_projection.")) for k in changed)
     if options["trainable"] == "last_k":
@@ -254,7 +254,7 @@ def test_linear_probe_from_a_vision_only_folder(pretrained, lidc_data, tmp_path,
 def test_a_joint_model_cannot_start_from_a_vision_only_folder(pretrained, lidc_data):
     _, _, vision, _ = pretrained
     config = train_config(lidc_data, pretrained_dir=vision)
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="needs a joint image-text model"):
+    with pytest.raises(folders.PretrainedFolderError, match="needs a joint image-text model"):
         modeling.towers_config(config.model)
 
 

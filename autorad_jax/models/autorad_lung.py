@@ -93,11 +93,8 @@ class AutoRadLung(nnx.Module):
         if condition_on not in CONDITION_INPUTS:
             raise ConfigError(f"condition_on must be one of {CONDITION_INPUTS}, got {condition_on!r}")
         self.condition_on = condition_on
-        family = families.of_config(towers.config)
-        self.family = family.name
-        self.image_projection = family.image_projection
-        self.has_logit_bias = family.logit_bias
-        setattr(self, family.name, towers)  # the name in the state and checkpoints: aimv2, clip or siglip
+        self.family = families.of_config(towers.config).name
+        setattr(self, self.family, towers)  # the name in the state and checkpoints: aimv2, clip or siglip
         self.prompt_learner = prompt_learner
         self.pooling = pooling
         self.prompt_chunk_size = int(prompt_chunk_size)
@@ -109,8 +106,8 @@ class AutoRadLung(nnx.Module):
 
     def image_features(self, images: Array, image_size: int | None = None) -> Array:
         """Projected (not normalised) image features [B, P]."""
-        pooled = pooled_image_features(self.towers.vision_model, images, self.pooling, image_size)
-        return getattr(self.towers, self.image_projection)(pooled) if self.image_projection else pooled
+        return self.towers.project_image(
+            pooled_image_features(self.towers.vision_model, images, self.pooling, image_size))
 
     def text_features(self, prompts: Array) -> Array:
         """Projected (not normalised) class features [B, C, P] of prompt embeddings [B, C, L, D]."""
@@ -144,7 +141,5 @@ class AutoRadLung(nnx.Module):
         text = l2_normalize(self.text_features(self.prompt_learner(cond)))
         text = jnp.broadcast_to(text, (image.shape[0], *text.shape[1:]))  # CoOp: one set of class features
         scale = self.towers.logit_scale_value()
-        logits = scale * jnp.einsum("bp,bcp->bc", image, text)
-        if self.has_logit_bias:
-            logits = logits + self.towers.logit_bias[...].astype(jnp.float32)
+        logits = scale * jnp.einsum("bp,bcp->bc", image, text) + self.towers.logit_bias_value()
         return logits, {"image_features": image, "text_features": text, "logit_scale": scale}

@@ -1,13 +1,14 @@
 """The tower families (AIMv2, CLIP, SigLIP): the one place that says how they differ.
 
-Every family is one models/ module with a joint image-text model (`vision_model`, `text_model`, `logit_scale`,
-`logit_scale_value()`, `get_image_features`, `get_text_features(input_ids, attention_mask=None, inputs_embeds=None)`)
-and a vision-only model, both built from a config dataclass that reads and writes transformers' config.json
-(`from_hf_dict`/`to_hf_dict`). What the rest of the code needs to know about a family is a field of its `Family`:
-which config.json `model_type`s it reads, where its text tower pools (CLIP and AIMv2 at the EOS token of a causal
-tower, so a prompt can end there; SigLIP at the last position of a bidirectional tower, so its prompts keep the fixed
-padding length it was trained with), whether it has a projection after the vision pooler and a logit bias, and which
-tokenizer its folders carry. Family modules are imported when first used.
+Every family is one models/ module with a joint image-text model (`autorad_jax.models.towers.ImageTextModel`:
+`vision_model`, `text_model`, `project_image`, `get_text_features(input_ids, attention_mask=None, inputs_embeds=None)`,
+`logit_scale_value()`, `logit_bias_value()`) and a vision-only model, both built from a config dataclass that reads
+and writes transformers' config.json (`from_hf_dict`/`to_hf_dict`). What the rest of the code needs to know about a
+family is a field of its `Family`: which config.json `model_type`s it reads, where its text tower pools (CLIP and
+AIMv2 at the EOS token of a causal tower, so a prompt can end there; SigLIP at the last position of a bidirectional
+tower, so its prompts keep the fixed padding length it was trained with), whether its image feature is projected,
+which tokenizer its folders carry and how random-init towers are configured. Family modules are imported when first
+used.
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ class Family:
     model_type: str  # config.json of a joint folder
     vision_model_type: str  # config.json of a vision-only folder
     text_pooling: str  # 'eos': causal tower pooled at EOS (prompts cut after it); 'last': last of a fixed length
-    image_projection: Optional[str]  # the joint model's layer after the vision pooler (None: the pooler is the feature)
-    logit_bias: bool  # a learned bias added to the scaled cosine (SigLIP)
+    projects_image: bool  # a projection after the vision pooler (else the pooler's width is the feature's)
     tokenizer_class: str  # transformers class of the folder's tokenizer
     tokenizer_files: tuple[str, ...]  # the files a folder needs for it
     bpe_fallback: bool  # a folder without tokenizer files takes CLIP's BPE vocabulary (AIMv2-LiT was trained on it)
@@ -92,16 +92,16 @@ def _siglip_config(vision: dict, text: dict, projection_dim: int, tokens: TextTo
 _CLIP_FILES = ("vocab.json", "merges.txt")
 FAMILIES = {f.name: f for f in (
     Family("aimv2", "autorad_jax.models.aimv2", "Aimv2Model", "Aimv2Config", "Aimv2VisionModel", "Aimv2VisionConfig",
-           "aimv2", "aimv2_vision_model", text_pooling="eos", image_projection="visual_projection", logit_bias=False,
+           "aimv2", "aimv2_vision_model", text_pooling="eos", projects_image=True,
            tokenizer_class="CLIPTokenizer", tokenizer_files=_CLIP_FILES, bpe_fallback=True,
            random_config=_aimv2_config, vision_tops=("rms_norm", "head")),
-    Family("clip", "autorad_jax.models.clip", "CLIPModel", "CLIPConfig", "CLIPVisionModel", "CLIPVisionConfig",
-           "clip", "clip_vision_model", text_pooling="eos", image_projection="visual_projection", logit_bias=False,
+    Family("clip", "autorad_jax.models.clip", "ClipModel", "ClipConfig", "ClipVisionModel", "ClipVisionConfig",
+           "clip", "clip_vision_model", text_pooling="eos", projects_image=True,
            tokenizer_class="CLIPTokenizer", tokenizer_files=_CLIP_FILES, bpe_fallback=False,
            random_config=_clip_config, vision_tops=("post_layernorm",)),
     Family("siglip", "autorad_jax.models.siglip", "SiglipModel", "SiglipConfig", "SiglipVisionModel",
-           "SiglipVisionConfig", "siglip", "siglip_vision_model", text_pooling="last", image_projection=None,
-           logit_bias=True, tokenizer_class="SiglipTokenizer", tokenizer_files=("spiece.model",), bpe_fallback=False,
+           "SiglipVisionConfig", "siglip", "siglip_vision_model", text_pooling="last", projects_image=False,
+           tokenizer_class="SiglipTokenizer", tokenizer_files=("spiece.model",), bpe_fallback=False,
            random_config=_siglip_config, vision_tops=("post_layernorm", "head")),
 )}
 VISION_TOPS = frozenset(name for f in FAMILIES.values() for name in f.vision_tops)
@@ -138,7 +138,7 @@ def is_vision_only(towers) -> bool:
 
 def image_feature_width(towers) -> int:
     """Width of a joint model's image feature: its projection's, or the vision tower's own without one."""
-    return towers.projection_dim if of_config(towers).image_projection else towers.vision_config.hidden_size
+    return towers.projection_dim if of_config(towers).projects_image else towers.vision_config.hidden_size
 
 
 def config_from_hf_dict(d: dict[str, Any]):
