@@ -22,7 +22,7 @@ from autorad_jax.models import families
 from autorad_jax.models.autorad_lung import l2_normalize
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
-from autorad_jax.weights import hf_aimv2 as pretrained
+from autorad_jax.weights import pretrained
 from configs import autorad_lung
 from test_train import train_config
 
@@ -127,13 +127,15 @@ def test_clip_prompts_start_with_sos_and_end_at_the_last_eos(folders):
 def test_a_folder_without_its_tokenizer_files_is_one_line_naming_them(folders, family, tmp_path):
     folder = str(tmp_path / family)
     shutil.copytree(folders[family], folder)
-    for name in families.get(family).tokenizer_files:
-        os.remove(os.path.join(folder, name))
+    file_sets = families.get(family).tokenizer_files
+    for name in {n for names in file_sets for n in names}:
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     with pytest.raises(TokenizerFilesError) as e:
         modeling.model_spec(_model_config(pretrained_dir=folder), CLASS_NAMES, RADIOMICS)
     message = str(e.value)
     assert "\n" not in message and message.startswith(folder)
-    assert all(name in message for name in families.get(family).tokenizer_files)
+    assert all(name in message for names in file_sets for name in names)
 
 
 def test_a_folder_of_an_unsupported_family_is_one_line_naming_its_config(folders, tmp_path):
@@ -150,17 +152,17 @@ def test_a_folder_of_an_unsupported_family_is_one_line_naming_its_config(folders
 
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_every_model_runs_on_each_family_and_zero_shot_logits_are_the_scaled_cosines(family):
-    """Random-init towers of the family (config.model.towers); zero-shot logits = scale * cos (+ SigLIP's bias)
-    computed from the towers' own features of the prompts' token ids."""
+    """Random-init towers of the family (config.model.towers), each model traced (abstractly); zero-shot logits =
+    scale * cos (+ SigLIP's bias) computed from the towers' own features of the prompts' token ids."""
     images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 3))
     radiomics = jax.random.normal(jax.random.key(1), (2, len(RADIOMICS)))
     for name in models.TOWER_MODELS:
         config = _model_config(towers=family, name=name)
         spec = modeling.model_spec(config, CLASS_NAMES, RADIOMICS)
-        model = models.Model(config, spec, rngs=nnx.Rngs(0))
-        logits, _ = model(images, radiomics)
-        assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits))), name
         assert spec.family.name == family
+        model = nnx.eval_shape(lambda: models.Model(config, spec, rngs=nnx.Rngs(0)))
+        logits, _ = nnx.eval_shape(lambda m: m(images, radiomics), model)
+        assert (logits.shape, logits.dtype) == ((2, 3), jnp.float32), name
     config = _model_config(towers=family, name="zero_shot")
     spec = modeling.model_spec(config, CLASS_NAMES, RADIOMICS)
     model = models.Model(config, spec, rngs=nnx.Rngs(0))
@@ -203,7 +205,7 @@ def test_the_family_is_in_the_checkpoint_and_eval_export_predict_need_the_workdi
     np.testing.assert_equal(metrics["accuracy"], result["test"]["accuracy"])
 
     out = export.export(workdir, str(tmp_path / "export"))
-    assert sorted(os.listdir(out))[:2] == sorted([family, f"{family}_vision"])
+    assert {family, f"{family}_vision"} <= set(os.listdir(out))
     assert f"**{family}**" in open(os.path.join(out, "README.md")).read()
     series = sorted(glob.glob(os.path.join(os.path.dirname(lidc_data), "scans", "*", "*", "*")))[0]
     xml = glob.glob(os.path.join(series, "*.xml"))[0]

@@ -112,16 +112,17 @@ class TokenizerFilesError(AutoradError, FileNotFoundError):
     """A pretrained folder lacks the tokenizer files of its tower family."""
 
 
-def folder_tokenizer(folder: str, tokenizer_class: str, files: Sequence[str], *,
+def folder_tokenizer(folder: str, tokenizer_class: str, file_sets: Sequence[Sequence[str]], *,
                      bpe_fallback: bool = False) -> PreTrainedTokenizerBase:
-    """The `transformers` tokenizer `tokenizer_class` of a pretrained folder, which must hold `files`; with
-    `bpe_fallback`, a folder without any of them takes CLIP's BPE vocabulary (`load_tokenizer()`)."""
+    """The `transformers` tokenizer `tokenizer_class` of a pretrained folder, which must hold one of `file_sets`; with
+    `bpe_fallback`, a folder without any tokenizer file takes CLIP's BPE vocabulary (`load_tokenizer()`)."""
     import transformers
-    missing = [name for name in files if not (Path(folder) / name).is_file()]
-    if missing and bpe_fallback and len(missing) == len(files):
-        return load_tokenizer()
-    if missing:
-        raise TokenizerFilesError(f"{folder} has no {tokenizer_class} tokenizer: missing {', '.join(missing)} (save the "
+    present = lambda names: all((Path(folder) / name).is_file() for name in names)
+    if not any(present(names) for names in file_sets):
+        if bpe_fallback and not any((Path(folder) / n).is_file() for names in file_sets for n in names):
+            return load_tokenizer()
+        wanted = " or ".join(" and ".join(names) for names in file_sets)
+        raise TokenizerFilesError(f"{folder} has no {tokenizer_class} tokenizer files: missing {wanted} (save the "
                                   f"model's tokenizer into the folder with save_pretrained).")
     return getattr(transformers, tokenizer_class).from_pretrained(folder)
 

@@ -36,7 +36,7 @@ class Family:
     text_pooling: str  # 'eos': causal tower pooled at EOS (prompts cut after it); 'last': last of a fixed length
     projects_image: bool  # a projection after the vision pooler (else the pooler's width is the feature's)
     tokenizer_class: str  # transformers class of the folder's tokenizer
-    tokenizer_files: tuple[str, ...]  # the files a folder needs for it
+    tokenizer_files: tuple[tuple[str, ...], ...]  # the files a folder needs for it: one of these sets
     bpe_fallback: bool  # a folder without tokenizer files takes CLIP's BPE vocabulary (AIMv2-LiT was trained on it)
     random_config: Callable[..., dict[str, Any]]  # (vision, text, projection_dim, tokens) -> joint config.json dict
     vision_tops: tuple[str, ...]  # children of vision_model above its blocks (they train with trainable='last_k')
@@ -89,7 +89,7 @@ def _siglip_config(vision: dict, text: dict, projection_dim: int, tokens: TextTo
                             "pad_token_id": tokens.pad_token_id, "projection_size": text["hidden_size"]}}
 
 
-_CLIP_FILES = ("vocab.json", "merges.txt")
+_CLIP_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 FAMILIES = {f.name: f for f in (
     Family("aimv2", "autorad_jax.models.aimv2", "Aimv2Model", "Aimv2Config", "Aimv2VisionModel", "Aimv2VisionConfig",
            "aimv2", "aimv2_vision_model", text_pooling="eos", projects_image=True,
@@ -101,7 +101,7 @@ FAMILIES = {f.name: f for f in (
            random_config=_clip_config, vision_tops=("post_layernorm",)),
     Family("siglip", "autorad_jax.models.siglip", "SiglipModel", "SiglipConfig", "SiglipVisionModel",
            "SiglipVisionConfig", "siglip", "siglip_vision_model", text_pooling="last", projects_image=False,
-           tokenizer_class="SiglipTokenizer", tokenizer_files=("spiece.model",), bpe_fallback=False,
+           tokenizer_class="SiglipTokenizer", tokenizer_files=(("spiece.model",),), bpe_fallback=False,
            random_config=_siglip_config, vision_tops=("post_layernorm", "head")),
 )}
 VISION_TOPS = frozenset(name for f in FAMILIES.values() for name in f.vision_tops)
