@@ -12,10 +12,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from autorad_jax import weights
-from autorad_jax.models import clip
+from autorad_jax.models import clip, siglip
 
 # family -> shape -> (config class, vision kwargs, text kwargs, joint kwargs); the shapes differ in depth, widths, patch
-# grid, activation and (CLIP) the EOS rule: eos_token_id 2 pools at the highest token id, as the legacy configs.
+# grid, activation, (CLIP) the EOS rule: eos_token_id 2 pools at the highest token id, as the legacy configs, and
+# (SigLIP) the text head's width.
 SHAPES = {
     "clip": {
         "a": (transformers.CLIPConfig,
@@ -31,9 +32,23 @@ SHAPES = {
                    max_position_embeddings=10, eos_token_id=2, hidden_act="gelu"),
               dict(projection_dim=24, logit_scale_init_value=3.0)),
     },
+    "siglip": {
+        "a": (transformers.SiglipConfig,
+              dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+                   patch_size=14),
+              dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
+                   max_position_embeddings=12, projection_size=64),
+              dict()),
+        "b": (transformers.SiglipConfig,
+              dict(hidden_size=32, intermediate_size=40, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+                   patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5),
+              dict(hidden_size=48, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2, vocab_size=100,
+                   max_position_embeddings=10, projection_size=32, hidden_act="gelu"),
+              dict()),
+    },
 }
 CASES = [(family, shape) for family in SHAPES for shape in SHAPES[family]]
-OURS = {"clip": clip.ClipModel}
+OURS = {"clip": clip.ClipModel, "siglip": siglip.SiglipModel}
 
 
 def rel_err(ours, ref) -> float:

@@ -353,17 +353,24 @@ def interpolate_position_embedding(table: Array, old_grid: tuple[int, int], new_
 
 
 class ImageTextModel(nnx.Module):
-    """The calls of every joint model. A family's model holds ``config``, ``vision_model``, ``text_model`` and
-    ``logit_scale``, and says how pooled tower outputs become embeddings (``project_image``, ``project_text``) and what
-    the logit scale and bias are (``logit_scale_value``, ``logit_bias_value``).
+    """The calls of every joint model. A family's model holds ``config``, ``vision_model`` and ``text_model`` (of the
+    classes ``vision_class`` and ``text_class``, see ``_init_towers``) and ``logit_scale``, and says how pooled tower
+    outputs become embeddings (``project_image``, ``project_text``) and what the logit scale and bias are
+    (``logit_scale_value``, ``logit_bias_value``).
 
     ``logits_per_text = logit_scale_value() * normalize(text_embeds) @ normalize(image_embeds).T + logit_bias_value()``
     (float32), as transformers.
     """
 
-    config: Any
-    vision_model: nnx.Module
-    text_model: nnx.Module
+    vision_class: type
+    text_class: type
+
+    def _init_towers(self, config, *, scan_split: int, **tower_kwargs) -> None:
+        """Sets ``config`` and the towers: ``scan_split`` goes to the vision tower, ``tower_kwargs`` (``dtype``,
+        ``rngs``, ``attention_implementation``, ``remat``, ``remat_policy``, ``scan_layers``) to both."""
+        self.config = config
+        self.vision_model = self.vision_class(config.vision_config, scan_split=scan_split, **tower_kwargs)
+        self.text_model = self.text_class(config.text_config, **tower_kwargs)
 
     def project_image(self, pooled: Array) -> Array:
         raise NotImplementedError
@@ -406,17 +413,12 @@ class ProjectedImageTextModel(ImageTextModel):
     ``text_projection``) + a learned scalar ``logit_scale`` (AIMv2-LiT, CLIP). ``scan_layers`` applies to both towers,
     ``scan_split`` to the vision tower only (see ``Encoder``)."""
 
-    vision_class: type
-    text_class: type
-
     def __init__(self, config, *, dtype=jnp.float32, rngs: nnx.Rngs, attention_implementation: Optional[str] = None,
                  remat: bool = False, remat_policy: Optional[Callable[..., bool]] = None, scan_layers: bool = False,
                  scan_split: int = 0):
-        self.config = config
-        kw = dict(dtype=dtype, rngs=rngs, attention_implementation=attention_implementation, remat=remat,
-                  remat_policy=remat_policy, scan_layers=scan_layers)
-        self.vision_model = self.vision_class(config.vision_config, scan_split=scan_split, **kw)
-        self.text_model = self.text_class(config.text_config, **kw)
+        self._init_towers(config, scan_split=scan_split, dtype=dtype, rngs=rngs,
+                          attention_implementation=attention_implementation, remat=remat, remat_policy=remat_policy,
+                          scan_layers=scan_layers)
         p = config.projection_dim
         self.visual_projection = linear(config.vision_config.hidden_size, p, ("embed", None), bias=False, dtype=dtype,
                                         rngs=rngs)

@@ -22,7 +22,7 @@ from safetensors.numpy import save_file
 
 from autorad_jax.errors import AutoradError
 from autorad_jax.models.towers import JointConfig
-from autorad_jax.weights import hf_aimv2, hf_clip
+from autorad_jax.weights import hf_aimv2, hf_clip, hf_siglip
 from autorad_jax.weights.hf_towers import Family
 from autorad_jax.weights.name_map import NameMap, dump, load, variables
 
@@ -30,7 +30,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
-FAMILIES: tuple[Family, ...] = (hf_aimv2.FAMILY, hf_clip.FAMILY)
+FAMILIES: tuple[Family, ...] = (hf_aimv2.FAMILY, hf_clip.FAMILY, hf_siglip.FAMILY)
 _BY_MODEL_TYPE = {config_class.model_type: (family, config_class, model_class)
                   for family in FAMILIES for config_class, model_class in family.models}
 _BY_CONFIG_CLASS = {config_class: family for family in FAMILIES for config_class, _ in family.models}
