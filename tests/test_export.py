@@ -128,14 +128,15 @@ def test_incomplete_export_folder_names_the_missing_file(exported, tmp_path, mis
         export.load_export(str(folder))
 
 
-def test_version_one_export_reads_as_untransformed_radiomics_and_a_newer_one_is_refused(exported, tmp_path):
+def test_version_one_export_reads_as_untransformed_radiomics_of_aimv2_and_a_newer_one_is_refused(exported, tmp_path):
     config, _, model = build()
     images, raw, stats = inputs(config, batch=1)  # the statistics of the `exported` fixture
     folder = shutil.copytree(exported, tmp_path / "export")
     with open(folder / "autorad_lung.json") as f:
         export_config = json.load(f)
-    assert export_config["format_version"] == 2
-    del export_config["model"]["condition_on"]
+    assert export_config["format_version"] == 3 and export_config["model"]["family"] == "aimv2"
+    for key in ("condition_on", "family", "ctx_start"):
+        del export_config["model"][key]
     for key in ("transform", "clip"):
         del export_config["radiomics"][key]
     with open(folder / "autorad_lung.json", "w") as f:
@@ -143,8 +144,8 @@ def test_version_one_export_reads_as_untransformed_radiomics_and_a_newer_one_is_
     expected, _ = forward(model, images, stats.apply(raw))
     assert_relative(torch_logits(str(folder), images, raw), expected, 1e-4)
     with open(folder / "autorad_lung.json", "w") as f:
-        json.dump({**export_config, "format_version": 3}, f)
-    with pytest.raises(ExportFolderError, match="format_version 3, this version of autorad-jax reads 1 and 2"):
+        json.dump({**export_config, "format_version": 4}, f)
+    with pytest.raises(ExportFolderError, match="format_version 4, this version of autorad-jax reads 1 and 2 and 3"):
         AutoRadLungTorch.from_export(str(folder))
 
 
