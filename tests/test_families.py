@@ -31,7 +31,7 @@ RADIOMICS = tuple(f"f{i}" for i in range(5))
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
               patch_size=14)
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-SIGLIP_LENGTH = 16  # the fixed padding length of the test's SigLIP text tower (64 for google/siglip-*)
+SIGLIP_LENGTH = 24  # the fixed padding length of the test's SigLIP text tower (64 for google/siglip-*)
 CORPUS = [f"{ctx} {name}." for ctx in ("a CT scan of a", "X X X X", "a photo of a") for name in CLASS_NAMES] * 20
 
 
@@ -61,7 +61,7 @@ def siglip_tokenizer(folder: str) -> transformers.SiglipTokenizer:
     pad 0, EOS 1, unk 2, no BOS)."""
     import sentencepiece as spm
     spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=os.path.join(folder, "spiece"),
-                                   vocab_size=40, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+                                   vocab_size=100, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
                                    minloglevel=2)
     return transformers.SiglipTokenizer(vocab_file=os.path.join(folder, "spiece.model"),
                                         model_max_length=SIGLIP_LENGTH)
@@ -216,7 +216,7 @@ def test_the_family_is_in_the_checkpoint_and_eval_export_predict_need_the_workdi
         np.testing.assert_allclose(p, probs[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("family", list(FOLDERS))
+@pytest.mark.parametrize("family", ["siglip"])  # random towers of every family: test_every_model_runs_on_each_family
 def test_init_random_builds_the_folders_towers_untrained(folders, lidc_data, family, tmp_path):
     config = train_config(lidc_data, num_steps=1, pretrained_dir=folders[family], init="random")
     assert not modeling.loads_pretrained(config.model)

@@ -101,7 +101,8 @@ class PromptLearner(nn.Module):
                 linear1=nn.Linear(cond_dim, meta_hidden_dim), relu=nn.ReLU(),
                 linear2=nn.Linear(meta_hidden_dim, out_dim)))
         self.register_buffer("tokenized_prompts", torch.zeros(num_classes, length, dtype=torch.int32))
-        self.register_buffer("token_prefix", torch.zeros(num_classes, ctx_start, width))  # SOS (none for SigLIP)
+        # SOS (none for SigLIP's prompts)
+        self.register_buffer("token_prefix", torch.zeros(num_classes, ctx_start, width) if ctx_start else None)
         self.register_buffer("token_suffix", torch.zeros(num_classes, length - ctx_start - n_ctx, width))  # words . EOS
 
     def context(self, cond: torch.Tensor) -> torch.Tensor:
@@ -114,10 +115,10 @@ class PromptLearner(nn.Module):
 
     def construct_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
         """`[prefix | ctx | suffix]` for every sample and class: ctx [B, n_ctx, D] -> prompts [B, C, L, D]."""
-        b, c = ctx.shape[0], self.token_prefix.shape[0]
-        prefix = self.token_prefix[None].expand(b, *self.token_prefix.shape)
-        suffix = self.token_suffix[None].expand(b, *self.token_suffix.shape)
-        return torch.cat([prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), suffix], dim=2)
+        b, c = ctx.shape[0], self.token_suffix.shape[0]
+        expand = lambda buffer: buffer[None].expand(b, *buffer.shape)
+        prefix = [] if self.token_prefix is None else [expand(self.token_prefix)]
+        return torch.cat([*prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), expand(self.token_suffix)], dim=2)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
@@ -236,7 +237,8 @@ class AutoRadLungTorch(nn.Module):
         if prompt_learner.tokenized_prompts.tolist() != tokens:
             raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
         rows = towers.text_model.embeddings.token_embedding.weight[prompt_learner.tokenized_prompts.long()]
-        if not (torch.equal(rows[:, :ctx_start], prompt_learner.token_prefix)
+        prefix = prompt_learner.token_prefix
+        if not ((prefix is None or torch.equal(rows[:, :ctx_start], prefix))
                 and torch.equal(rows[:, ctx_start + m["n_ctx"]:], prompt_learner.token_suffix)):
             raise ExportFolderError(f"{path}: {STALE_PROMPT_EMBEDDINGS}")
         return cls(towers, prompt_learner, pooling=m["pooling"],
