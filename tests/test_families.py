@@ -216,7 +216,7 @@ def test_the_family_is_in_the_checkpoint_and_eval_export_predict_need_the_workdi
         np.testing.assert_allclose(p, probs[0], atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["siglip"])  # random towers of every family: test_every_model_runs_on_each_family
+@pytest.mark.parametrize("family", list(FOLDERS))
 def test_init_random_builds_the_folders_towers_untrained(folders, lidc_data, family, tmp_path):
     config = train_config(lidc_data, num_steps=1, pretrained_dir=folders[family], init="random")
     assert not modeling.loads_pretrained(config.model)
