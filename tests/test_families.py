@@ -17,6 +17,7 @@ import transformers
 from flax import nnx
 
 from autorad_jax import export, modeling, models
+from autorad_jax.data import preprocess
 from autorad_jax.data.tokenizer import TokenizerFilesError, load_tokenizer
 from autorad_jax.models import families
 from autorad_jax.models.autorad_lung import l2_normalize
@@ -153,7 +154,8 @@ def test_a_folder_of_an_unsupported_family_is_one_line_naming_its_config(folders
 @pytest.mark.parametrize("family", list(families.FAMILIES))
 def test_every_model_runs_on_each_family_and_zero_shot_logits_are_the_scaled_cosines(family):
     """Random-init towers of the family (config.model.towers), each model traced (abstractly); zero-shot logits =
-    scale * cos (+ SigLIP's bias) computed from the towers' own features of the prompts' token ids."""
+    scale * cos (+ SigLIP's bias) computed from the towers' own features of the prompts' token ids and of the images
+    in the family's normalisation (SigLIP's mean and std 0.5, from the pipeline's CLIP normalisation)."""
     images = jax.random.uniform(jax.random.key(0), (2, 28, 28, 3))
     radiomics = jax.random.normal(jax.random.key(1), (2, len(RADIOMICS)))
     for name in models.TOWER_MODELS:
@@ -173,7 +175,9 @@ def test_every_model_runs_on_each_family_and_zero_shot_logits_are_the_scaled_cos
         towers.logit_bias.set_value(jnp.full_like(towers.logit_bias[...], bias))
     logits, _ = model(images, radiomics)
     text = np.asarray(l2_normalize(towers.get_text_features(jnp.asarray(spec.prompts.ids))))
-    image = np.asarray(l2_normalize(towers.get_image_features(images)))
+    pixels = images * preprocess.AIMV2_STD + preprocess.AIMV2_MEAN  # in [0, 1]
+    family_pixels = (pixels - 0.5) / 0.5 if family == "siglip" else images
+    image = np.asarray(l2_normalize(towers.get_image_features(family_pixels)))
     np.testing.assert_allclose(logits, float(towers.logit_scale_value()) * image @ text.T + bias, atol=1e-4)
 
 

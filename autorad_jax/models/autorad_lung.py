@@ -73,8 +73,9 @@ def build_towers(model_config, towers, *, rngs: nnx.Rngs) -> nnx.Module:
 
 def pooled_image_features(vision_model, images: Array, pooling: str, image_size: int | None = None) -> Array:
     """Vision tower output pooled by the attention-pool head ('head', when the tower has one) or token mean ('mean');
-    `images` resized to `image_size` first when given."""
-    out = vision_model(images, image_size)
+    `images` (normalised by the pipeline) normalised as the tower's family was trained and resized to `image_size`
+    first when given."""
+    out = vision_model(families.to_family_normalisation(images, vision_model.config), image_size)
     return out.pooler_output if pooling == "head" else jnp.mean(out.last_hidden_state, axis=1)
 
 

@@ -17,9 +17,16 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from autorad_jax.errors import ConfigError
 
 TEXT_POOLINGS = ("eos", "last")
+# The input pipeline's normalisation (autorad_jax.data.preprocess): OpenAI CLIP's per-channel mean and std, which AIMv2
+# was trained with too. A family trained with other values gets the pipeline's images re-normalised in its vision
+# tower's input (`to_family_normalisation`).
+PIPELINE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+PIPELINE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,8 @@ class Family:
     bpe_fallback: bool  # a folder without tokenizer files takes CLIP's BPE vocabulary (AIMv2-LiT was trained on it)
     random_config: Callable[..., dict[str, Any]]  # (vision, text, projection_dim, tokens) -> joint config.json dict
     vision_tops: tuple[str, ...]  # children of vision_model above its blocks (they train with trainable='last_k')
+    image_mean: tuple[float, ...] = PIPELINE_MEAN  # the per-channel normalisation its vision tower was trained with
+    image_std: tuple[float, ...] = PIPELINE_STD
 
     def _attr(self, name: str):
         return getattr(importlib.import_module(self.module), name)
@@ -102,7 +111,8 @@ FAMILIES = {f.name: f for f in (
     Family("siglip", "autorad_jax.models.siglip", "SiglipModel", "SiglipConfig", "SiglipVisionModel",
            "SiglipVisionConfig", "siglip", "siglip_vision_model", text_pooling="last", projects_image=False,
            tokenizer_class="SiglipTokenizer", tokenizer_files=(("spiece.model",),), bpe_fallback=False,
-           random_config=_siglip_config, vision_tops=("post_layernorm", "head")),
+           random_config=_siglip_config, vision_tops=("post_layernorm", "head"), image_mean=(0.5, 0.5, 0.5),
+           image_std=(0.5, 0.5, 0.5)),
 )}
 VISION_TOPS = frozenset(name for f in FAMILIES.values() for name in f.vision_tops)
 
@@ -134,6 +144,17 @@ def of_config(towers) -> Family:
 def is_vision_only(towers) -> bool:
     """True for a vision tower's config, False for a joint image-text config."""
     return by_model_type(towers.model_type)[1]
+
+
+def to_family_normalisation(images, vision_config):
+    """Images [B, H, W, 3] normalised as the pipeline does, normalised instead as `vision_config`'s family was trained
+    (an affine map per channel, which commutes with the bilinear resize); unchanged for AIMv2 and CLIP."""
+    family = of_config(vision_config)
+    if (family.image_mean, family.image_std) == (PIPELINE_MEAN, PIPELINE_STD):
+        return images
+    pipeline_mean, pipeline_std = np.asarray(PIPELINE_MEAN, np.float32), np.asarray(PIPELINE_STD, np.float32)
+    mean, std = np.asarray(family.image_mean, np.float32), np.asarray(family.image_std, np.float32)
+    return images * (pipeline_std / std) + (pipeline_mean - mean) / std
 
 
 def image_feature_width(towers) -> int:

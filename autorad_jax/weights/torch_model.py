@@ -58,10 +58,12 @@ def export_towers(family: str) -> tuple[str, str]:
     return family, f"{family}_vision"
 
 
-class TextPath(NamedTuple):
-    """How a family's `transformers` text tower runs on prompt embeddings: its final norm, whether it is causal and
-    pooled at EOS (else bidirectional, pooled at the last position), its projection after pooling (a child of the
-    joint model, or of the text tower), and whether its logit scale is clamped (AIMv2) and a bias added (SigLIP)."""
+class TorchFamily(NamedTuple):
+    """How a family's `transformers` towers run here: the text tower's final norm, whether it is causal and pooled at
+    EOS (else bidirectional, pooled at the last position), its projection after pooling (a child of the joint model,
+    or of the text tower), the image projection (None: the vision pooler's output is the feature), whether the logit
+    scale is clamped (AIMv2) and a bias added (SigLIP), and the image normalisation the vision tower was trained with
+    (None: the export's preprocessing one)."""
     final_norm: str
     causal_eos: bool
     projection: str
@@ -69,12 +71,13 @@ class TextPath(NamedTuple):
     image_projection: Optional[str]
     clamp_scale: bool
     logit_bias: bool
+    image_mean_std: Optional[tuple[float, float]]
 
 
-TEXT_PATHS = {  # the PyTorch side of autorad_jax.models.families
-    "aimv2": TextPath("rms_norm", True, "text_projection", False, "visual_projection", True, False),
-    "clip": TextPath("final_layer_norm", True, "text_projection", False, "visual_projection", False, False),
-    "siglip": TextPath("final_layer_norm", False, "head", True, None, False, True),
+TORCH_FAMILIES = {  # the PyTorch side of autorad_jax.models.families
+    "aimv2": TorchFamily("rms_norm", True, "text_projection", False, "visual_projection", True, False, None),
+    "clip": TorchFamily("final_layer_norm", True, "text_projection", False, "visual_projection", False, False, None),
+    "siglip": TorchFamily("final_layer_norm", False, "head", True, None, False, True, (0.5, 0.5)),
 }
 
 
@@ -194,10 +197,10 @@ class AutoRadLungTorch(nn.Module):
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if condition_on not in CONDITION_INPUTS:
             raise ValueError(f"condition_on must be one of {CONDITION_INPUTS}, got {condition_on!r}")
-        if family not in TEXT_PATHS:
-            raise ValueError(f"family must be one of {tuple(TEXT_PATHS)}, got {family!r}")
+        if family not in TORCH_FAMILIES:
+            raise ValueError(f"family must be one of {tuple(TORCH_FAMILIES)}, got {family!r}")
         self.towers, self.prompt_learner, self.pooling = towers, prompt_learner, pooling
-        self.family, self.path = family, TEXT_PATHS[family]
+        self.family, self.path = family, TORCH_FAMILIES[family]
         self.condition_on = condition_on
         self.config = config or {}
         self.standardize = radiomics
@@ -221,7 +224,7 @@ class AutoRadLungTorch(nn.Module):
             raise ExportFolderError(f"{towers_dir}: the {family} weights do not match their config.json: {bad}")
         tokens = config["tokenized_prompts"]
         condition_on = m.get("condition_on", "radiomics")
-        image_width = (towers.config.projection_dim if TEXT_PATHS[family].image_projection
+        image_width = (towers.config.projection_dim if TORCH_FAMILIES[family].image_projection
                        else towers.config.vision_config.hidden_size)
         ctx_start = m.get("ctx_start", 1)
         prompt_learner = PromptLearner(
@@ -257,10 +260,19 @@ class AutoRadLungTorch(nn.Module):
         mean, std = (torch.tensor(p[k], dtype=x.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
         return (x - mean) / std
 
+    def to_family_normalisation(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images normalised with the export's preprocessing mean and std, normalised as the family was trained."""
+        if self.path.image_mean_std is None:
+            return pixel_values
+        p = self.config["preprocessing"]
+        mean, std = (torch.tensor(p[k], dtype=pixel_values.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
+        family_mean, family_std = self.path.image_mean_std
+        return (pixel_values * std + mean - family_mean) / family_std
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Projected (not normalised) image features [B, P]: the tower's pooler (attention-pool head, class token) or
         the mean of tokens, then the family's image projection if it has one."""
-        out = self.towers.vision_model(pixel_values=pixel_values)
+        out = self.towers.vision_model(pixel_values=self.to_family_normalisation(pixel_values))
         pooled = out.pooler_output if self.pooling == "head" else out.last_hidden_state.mean(1)
         projection = self.path.image_projection
         return getattr(self.towers, projection)(pooled) if projection else pooled
