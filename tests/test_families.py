@@ -22,7 +22,7 @@ from autorad_jax.data.tokenizer import TokenizerFilesError, load_tokenizer
 from autorad_jax.models import families
 from autorad_jax.models.autorad_lung import l2_normalize
 from autorad_jax.predict import predict
-from autorad_jax.train import checkpointing, experiment, trainer
+from autorad_jax.train import checkpointing, encoders, experiment, trainer
 from autorad_jax.weights import pretrained
 from configs import autorad_lung
 from test_train import train_config
@@ -240,3 +240,13 @@ def test_a_config_written_with_aimv2_dir_still_names_its_folder(folders):
     saved["model"]["aimv2_dir"] = folders["clip"]
     config = checkpointing.saved_config(saved)
     assert modeling.pretrained_dir(config.model) == folders["clip"]
+
+
+def test_the_comparison_runs_each_family_pretrained_where_it_has_a_folder_and_random_always(folders):
+    config = autorad_lung.get_config("tiny")
+    config.encoders.update(clip_dir=folders["clip"])
+    assert encoders.runs(config) == [("aimv2", "random", ""), ("clip", "pretrained", folders["clip"]),
+                                     ("clip", "random", folders["clip"]), ("siglip", "random", "")]
+    run = encoders.run_config(config, "clip", "random", folders["clip"])
+    assert (run.model.pretrained_dir, run.model.towers, run.model.init) == (folders["clip"], "clip", "random")
+    assert run.data.to_dict() == config.data.to_dict() and run.seed == config.seed  # the same split, folds and seed
