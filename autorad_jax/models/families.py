@@ -91,11 +91,11 @@ def _clip_config(vision: dict, text: dict, projection_dim: int, tokens: TextToke
 
 
 def _siglip_config(vision: dict, text: dict, projection_dim: int, tokens: TextTokens) -> dict[str, Any]:
-    # SigLIP has no projections: both towers end in a head of width hidden_size (the text head's projection_size).
+    # SigLIP has no projections: the text tower's head maps to the vision tower's width, the embeddings' width.
     del projection_dim
     return {"model_type": "siglip", "vision_config": vision,
             "text_config": {**text, "vocab_size": tokens.vocab_size, "eos_token_id": tokens.eos_token_id,
-                            "pad_token_id": tokens.pad_token_id, "projection_size": text["hidden_size"]}}
+                            "pad_token_id": tokens.pad_token_id, "projection_size": vision["hidden_size"]}}
 
 
 _CLIP_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
