@@ -21,7 +21,6 @@ import numpy as np
 
 from autorad_jax.errors import ConfigError
 
-TEXT_POOLINGS = ("eos", "last")
 # The input pipeline's normalisation (autorad_jax.data.preprocess): OpenAI CLIP's per-channel mean and std, which AIMv2
 # was trained with too. A family trained with other values gets the pipeline's images re-normalised in its vision
 # tower's input (`to_family_normalisation`).
