@@ -9,6 +9,8 @@ Subcommands (default: demo):
   train    train and evaluate a config in --workdir (resumes from its checkpoints)
   eval     evaluate the best checkpoint of --workdir on --split
   cv       5-fold patient cross-validation of the model and the baselines, with a summary table
+  encoders train the model with each tower family (AIMv2, CLIP, SigLIP) pretrained and random-init
+           (config.encoders) in --workdir, and compare them against the first on the same test patients
   predict  malignancy of nodules in a new CT (--ct with --mask, --center/--diameter or --xml; --report DIR for
            pictures with saliency), or of every row of a CSV (--nodules FILE.csv, LUNA16 columns with --ct_root)
   export   write the trained model of --workdir as transformers and PyTorch folders to --out
@@ -52,7 +54,9 @@ _NUM_SCANS = flags.DEFINE_integer("num_scans", 8, "Number of scans to generate (
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (synth).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to evaluate (eval).")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (eval, export); default: the best.")
-_AIMV2_DIR = flags.DEFINE_string("aimv2_dir", None, "Local AIMv2(-LiT) save_pretrained folder (demo).")
+_PRETRAINED_DIR = flags.DEFINE_string("pretrained_dir", None,
+                                      "Local AIMv2(-LiT), CLIP or SigLIP save_pretrained folder (demo).")
+flags.DEFINE_alias("aimv2_dir", "pretrained_dir")
 _CT = flags.DEFINE_string("ct", None, "CT: DICOM series folder, or NIfTI / NRRD / MetaImage file, in any orientation "
                           "(predict).")
 _SERIES = flags.DEFINE_string(
@@ -92,7 +96,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
 _VERSION = flags.DEFINE_bool("version", False, "Print the version of autorad-jax and exit.")
 
 _PROG = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "autorad"
-SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "predict", "export", "compare")
+SUBCOMMANDS = ("demo", "synth", "prepare", "train", "eval", "cv", "encoders", "predict", "export", "compare")
 
 
 def _config():
@@ -136,13 +140,13 @@ def _hu_range(values: list[str]) -> tuple[float, float]:
 
 def _run(command: str, args: list[str]):
     """Calls the one library function behind `command` (imported here: each pulls in a different stack)."""
-    if command in ("demo", "train", "eval", "cv"):
+    if command in ("demo", "train", "eval", "cv", "encoders"):
         from autorad_jax.train import distributed
         distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                auto=_DISTRIBUTED.value)
     if command == "demo":
         from autorad_jax import demo
-        return demo.run_demo(_config(), _WORKDIR.value, aimv2_dir=_AIMV2_DIR.value)
+        return demo.run_demo(_config(), _WORKDIR.value, pretrained_dir=_PRETRAINED_DIR.value)
     if command == "synth":
         from tfds_lidc import synth
         return synth.generate(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value,
@@ -163,6 +167,11 @@ def _run(command: str, args: list[str]):
                                     data_dir=_data_dir_given())
         from autorad_jax.train import cv
         return cv.cross_validate(_config(), _WORKDIR.value)
+    if command == "encoders":
+        from autorad_jax.train import compare, encoders
+        result = encoders.compare_encoders(_config(), _WORKDIR.value)
+        print(compare.format_table(result))
+        return result
     if command == "compare":
         from autorad_jax.train import compare
         result = compare.compare(args + (_WORKDIRS.value or []), _OUT.value or "workdir/comparison")

@@ -47,10 +47,12 @@ def _ensure_dataset(data_config: ml_collections.ConfigDict, scans_dir: str) -> N
                       num_workers=os.cpu_count() or 1)
 
 
-def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", aimv2_dir: str | None = None) -> dict:
+def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo",
+             pretrained_dir: str | None = None) -> dict:
     """Runs the demo with `config` (the tiny config by default) in `workdir`; returns {model: test metrics}.
 
-    `aimv2_dir`: a local AIMv2(-LiT) save_pretrained folder; without it the AIMv2 towers are randomly initialised.
+    `pretrained_dir`: a local AIMv2(-LiT), CLIP or SigLIP save_pretrained folder; without it the towers are randomly
+    initialised.
     config.data.data_dir is replaced by workdir/tensorflow_datasets: the demo never touches a real dataset.
     """
     start = time.time()
@@ -58,11 +60,12 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str = "workdir/demo", a
     workdir = os.path.abspath(workdir)
     base = config.copy_and_resolve_references()
     base.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
-    if aimv2_dir:
-        base.model.aimv2_dir = aimv2_dir
+    if pretrained_dir:
+        base.model.pretrained_dir = pretrained_dir
     notice = ("NOTE: demo data -- real LIDC-IDRI geometry and reader ratings, SIMULATED CT intensities; "
-              + ("AIMv2 weights from " + base.model.aimv2_dir if base.model.aimv2_dir
-                 else "the AIMv2 encoder is randomly initialised (untrained); pass --aimv2_dir for real weights")
+              + ("encoder weights from " + base.model.pretrained_dir if base.model.pretrained_dir
+                 else f"the {base.model.towers} encoder is randomly initialised (untrained); pass --pretrained_dir for "
+                      f"real weights")
               + ". These numbers say nothing about real nodules.")
     _say(notice)
     _ensure_dataset(base.data, os.path.join(workdir, "lidc_demo"))

@@ -1,7 +1,8 @@
-"""Export of a trained AutoRad-Lung (or CoOp) model: workdir -> `transformers` AIMv2 folder + PyTorch model folder.
+"""Export of a trained AutoRad-Lung (or CoOp) model: workdir -> `transformers` folder of its tower family (AIMv2,
+CLIP, SigLIP) + PyTorch model folder.
 
 `export(workdir, out_dir)` writes the folder that `autorad_jax.weights.torch_model.AutoRadLungTorch.from_export`
-loads (layout in that module): the AIMv2 towers through the AIMv2 name map (`hf_aimv2.save_pretrained`), the prompt
+loads (layout in that module): the towers through their family's name map (`save_pretrained`), the prompt
 learner through its name map, and a JSON config with class names, tokenised prompts, radiomics names and statistics,
 the preprocessing and the training config, and a model card (README.md, autorad_jax/model_card.py). `load_export`
 reads such a folder back into the JAX model. Weights are safetensors only.
@@ -27,21 +28,23 @@ from safetensors.numpy import save_file
 
 from autorad_jax import model_card, models
 from autorad_jax.data import pipeline, preprocess
-from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS, AutoradError
-from autorad_jax.modeling import TOKENIZER_DIR
-from autorad_jax.models.aimv2 import interpolate_position_embedding
+from autorad_jax.modeling import TOKENIZER_DIR, copy_tokenizer
+from autorad_jax.models import families
+from autorad_jax.models.towers import interpolate_position_embedding
 from autorad_jax.models.autorad_lung import AutoRadLung
 from autorad_jax.models.spec import ModelSpec, PromptTokens
 from autorad_jax.train import checkpointing, experiment
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
-from autorad_jax.weights.export_format import (EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, EXPORT_TOWERS,
-                                               EXPORT_VISION, EXPORT_WEIGHTS, ExportFolderError, read_export_config)
+from autorad_jax.weights.export_format import (DEFAULT_FAMILY, EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_FORMAT_VERSION,
+                                               EXPORT_WEIGHTS, ExportFolderError, export_towers, read_export_config)
 
 _POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 EXPORT_MODELS = ("autorad_lung", "coop", "cocoop")  # models with a learned context, read by AutoRadLungTorch
-EXPORT_ENTRIES = (EXPORT_TOWERS, EXPORT_VISION, EXPORT_WEIGHTS, EXPORT_CONFIG, model_card.CARD_NAME)  # what it writes
+# what it writes
+EXPORT_ENTRIES = (*(d for f in families.FAMILIES for d in export_towers(f)), EXPORT_WEIGHTS, EXPORT_CONFIG,
+                  model_card.CARD_NAME)
 
 
 class ExportTargetError(AutoradError, FileExistsError):
@@ -50,21 +53,24 @@ class ExportTargetError(AutoradError, FileExistsError):
 
 def _resize_position_embedding(towers: str, image_size: int) -> None:
     """Rewrites a saved vision tower for `image_size` inputs with the position table the JAX model interpolates to
-    (transformers' AIMv2 does not interpolate)."""
-    hf_config = hf_aimv2.read_json(os.path.join(towers, hf_aimv2.CONFIG_NAME))
+    (transformers' AIMv2 does not interpolate; CLIP and SigLIP would, only when asked). The rows before the patch grid
+    (CLIP's class token) stay as they are."""
+    hf_config = pretrained.read_json(os.path.join(towers, pretrained.CONFIG_NAME))
     joint = "vision_config" in hf_config
     vision = hf_config["vision_config"] if joint else hf_config
     key = _POSITION_KEY if joint else _POSITION_KEY.removeprefix("vision_model.")
     old, new = vision["image_size"] // vision["patch_size"], image_size // vision["patch_size"]
     if old == new:
         return
-    weights_file = os.path.join(towers, hf_aimv2.WEIGHTS_NAME)
-    tensors = hf_aimv2.read_safetensors_file(weights_file)
-    tensors[key] = np.asarray(interpolate_position_embedding(jnp.asarray(tensors[key]), (old, old), (new, new)),
-                              np.float32)
+    weights_file = os.path.join(towers, pretrained.WEIGHTS_NAME)
+    tensors = pretrained.read_safetensors_file(weights_file)
+    table = tensors[key]
+    extra = table.shape[0] - old * old
+    grid = interpolate_position_embedding(jnp.asarray(table[extra:]), (old, old), (new, new))
+    tensors[key] = np.concatenate([table[:extra], np.asarray(grid, np.float32)])
     save_file(tensors, weights_file, metadata={"format": "pt"})
     vision["image_size"] = image_size
-    with open(os.path.join(towers, hf_aimv2.CONFIG_NAME), "w") as f:
+    with open(os.path.join(towers, pretrained.CONFIG_NAME), "w") as f:
         json.dump(hf_config, f, indent=2, sort_keys=True)
 
 
@@ -87,18 +93,19 @@ def export_model(model: AutoRadLung, config: ml_collections.ConfigDict, spec: Mo
     """
     check_exportable(model, config)
     os.makedirs(out_dir, exist_ok=True)
-    towers, vision = os.path.join(out_dir, EXPORT_TOWERS), os.path.join(out_dir, EXPORT_VISION)
-    for folder, module in ((towers, model.aimv2), (vision, model.aimv2.vision_model)):
-        hf_aimv2.save_pretrained(module, folder)
+    towers, vision = (os.path.join(out_dir, name) for name in export_towers(model.family))
+    for folder, module in ((towers, model.towers), (vision, model.towers.vision_model)):
+        pretrained.save_pretrained(module, folder)
         _resize_position_embedding(folder, int(config.data.image_size))
-    load_tokenizer(tokenizer_dir).save_pretrained(towers)
+    copy_tokenizer(tokenizer_dir, towers)
     prompt_learner = model.prompt_learner
     save_file(prompt_learner_state(prompt_learner), os.path.join(out_dir, EXPORT_WEIGHTS), metadata={"format": "pt"})
     meta_net = prompt_learner.meta_net
     export_config = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION,
-        "model": {"name": config.model.name, "pooling": model.pooling, "condition_on": model.condition_on,
-                  "n_ctx": int(prompt_learner.n_ctx),
+        "model": {"name": config.model.name, "family": model.family, "pooling": model.pooling,
+                  "condition_on": model.condition_on, "n_ctx": int(prompt_learner.n_ctx),
+                  "ctx_start": int(prompt_learner.ctx_start),
                   "ctx_from_tokens": bool(spec.prompts.ctx_from_tokens), "conditioning": prompt_learner.conditioning,
                   "meta_hidden_dim": None if meta_net is None else int(meta_net.linear1.out_features)},
         "class_names": list(spec.class_names),
@@ -172,23 +179,23 @@ def load_export(export_dir: str) -> tuple[AutoRadLung, dict[str, Any]]:
     """The JAX model of an export folder (the inverse of `export_model`) and the folder's JSON config."""
     export_config = read_export_config(export_dir)
     config = checkpointing.saved_config(export_config["config"])
-    towers_dir = os.path.join(export_dir, EXPORT_TOWERS)
     m = export_config["model"]
+    towers_dir = os.path.join(export_dir, export_towers(m.get("family", DEFAULT_FAMILY))[0])
     spec = ModelSpec(
-        towers=hf_aimv2.read_config(towers_dir),
+        towers=pretrained.read_config(towers_dir),
         prompts=PromptTokens(np.asarray(export_config["tokenized_prompts"], np.int32), int(m["n_ctx"]),
-                             bool(m.get("ctx_from_tokens", False))),
+                             bool(m.get("ctx_from_tokens", False)), int(m.get("ctx_start", 1))),
         class_names=tuple(export_config["class_names"]),
         radiomics_names=tuple(export_config["radiomics"]["feature_names"]))
     try:
         model = nnx.eval_shape(lambda: models.Model(config.model, spec, rngs=nnx.Rngs(0)))
     except ValueError as e:
-        raise ExportFolderError(f"{export_dir}: the AIMv2 folder does not fit the exported model: {e}") from e
-    hf_aimv2.hf_state_to_nnx(model.aimv2, hf_aimv2.read_safetensors(towers_dir), towers_dir)
+        raise ExportFolderError(f"{export_dir}: the towers' folder does not fit the exported model: {e}") from e
+    pretrained.hf_state_to_nnx(model.towers, pretrained.read_safetensors(towers_dir), towers_dir)
     weights = os.path.join(export_dir, EXPORT_WEIGHTS)
-    load_prompt_learner_state(model.prompt_learner, hf_aimv2.read_safetensors_file(weights), weights)
+    load_prompt_learner_state(model.prompt_learner, pretrained.read_safetensors_file(weights), weights)
     if not np.array_equal(model.prompt_learner.tokenized_prompts[...], spec.prompts.ids):
         raise ExportFolderError(f"{export_dir}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
-    if not model.prompt_learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):
+    if not model.prompt_learner.embeds_with(models.token_embedding(model.towers).get_value()):
         raise ExportFolderError(f"{export_dir}: {STALE_PROMPT_EMBEDDINGS}")
     return model, export_config

@@ -18,6 +18,16 @@ import ml_collections
 import yaml
 
 CARD_NAME = "README.md"
+FAMILY_NAMES = {  # tower family -> (its towers, the transformers classes of its folders, its logits)
+    "aimv2": ("an AIMv2 vision tower with the AIMv2-LiT text tower", "Aimv2Model", "Aimv2VisionModel",
+              "scale × cos(image, class), with the family's learned scale"),
+    "clip": ("CLIP's vision and text towers", "CLIPModel", "CLIPVisionModel",
+             "scale × cos(image, class), with the family's learned scale"),
+    "siglip": ("SigLIP's vision and text towers", "SiglipModel", "SiglipVisionModel",
+               "scale × cos(image, class) + bias, with the family's learned scale and bias (trained with a sigmoid "
+               "loss; here the logits go into a softmax over the classes, which the bias, one constant, leaves as it "
+               "is)"),
+}
 DEMO_MARKER = "SIMULATED"  # in the SeriesDescription of every series the demo-data generator writes
 CARD_METRICS = ("accuracy", "balanced_accuracy", "auc_macro", "f1_macro", "recall_macro", "specificity_macro")
 LABEL_PROTOCOL = {
@@ -102,9 +112,11 @@ def model_card(config: ml_collections.ConfigDict, export_config: dict[str, Any],
     prep, data = export_config["preprocessing"], training_data(config)
     rows, index = _metrics_table(metrics or {})
     name = export_config["model"]["name"]
+    family = export_config["model"].get("family", "aimv2")
+    towers_text, joint_class, vision_class, logits_text = FAMILY_NAMES[family]
     meta = {
         "library_name": "autorad-jax", "pipeline_tag": "image-classification", "license": "other",
-        "tags": ["medical-imaging", "lung-nodule", "ct", "radiomics", "aimv2", "jax", "flax", "pytorch",
+        "tags": ["medical-imaging", "lung-nodule", "ct", "radiomics", family, "jax", "flax", "pytorch",
                  *(["demo-data", "simulated-data"] if data["kind"] == "demo" else [])],
         "datasets": ["LIDC-IDRI"],
     }
@@ -127,13 +139,13 @@ def model_card(config: ml_collections.ConfigDict, export_config: dict[str, Any],
 
 ## Model
 
-AutoRad-Lung (arXiv:2503.20662) as trained by autorad-jax: an AIMv2 vision tower embeds a view of the nodule; a
-meta-network maps the nodule's standardised radiomic features to a shift of learnable prompt context tokens; the
-AIMv2-LiT text tower embeds one prompt per class; logits = scale × cos(image, class). Model `{name}`,
-conditioning `{export_config['model'].get('conditioning')}`, {export_config['model']['n_ctx']} context tokens.
-Classes: {classes}.
+AutoRad-Lung (arXiv:2503.20662) as trained by autorad-jax, on the **{family}** tower family ({towers_text}): the
+vision tower embeds a view of the nodule; a meta-network maps the nodule's standardised radiomic features to a shift
+of learnable prompt context tokens; the text tower embeds one prompt per class; logits = {logits_text}. Model
+`{name}`, conditioning `{export_config['model'].get('conditioning')}`,
+{export_config['model']['n_ctx']} context tokens. Classes: {classes}.
 
-Files: `aimv2/` (transformers `Aimv2Model`), `aimv2_vision/` (`Aimv2VisionModel`), `autorad_lung.safetensors` and
+Files: `{family}/` (transformers `{joint_class}`), `{family}_vision/` (`{vision_class}`), `autorad_lung.safetensors` and
 `autorad_lung.json` (prompt learner, prompts, radiomics names and statistics, preprocessing), loaded in PyTorch by
 `AutoRadLungTorch.from_export` and in JAX by `autorad_jax.export.load_export`.
 
@@ -142,7 +154,7 @@ Files: `aimv2/` (transformers `Aimv2Model`), `aimv2_vision/` (`Aimv2VisionModel`
 CT in HU resampled to {prep['spacing_mm']} mm isotropic; a {prep['crop_size']}³ crop around the nodule's consensus
 mask (≥ {prep['consensus_level']:.0%} of readers); view `{prep['view']}` of three slices through the crop's centre;
 window {prep['window_hu'][0]:g} … {prep['window_hu'][1]:g} HU to [0, 1]; resized to {prep['image_size']} pixels;
-normalised with the AIMv2 mean and std. {len(export_config['radiomics']['feature_names'])} pyradiomics features of
+normalised with the mean and std in `autorad_lung.json`. {len(export_config['radiomics']['feature_names'])} pyradiomics features of
 the mask on the isotropic CT, standardised with the training split's mean and std (in `autorad_lung.json`).
 
 ## Labels

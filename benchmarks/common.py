@@ -25,7 +25,7 @@ from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
 from autorad_jax.models.aimv2 import Aimv2TextConfig, Aimv2VisionConfig
 from autorad_jax.train import experiment, perf
-from autorad_jax.weights import hf_aimv2, torch_model
+from autorad_jax.weights import pretrained, torch_model
 from autorad_jax.weights.prompt_learner import prompt_learner_state
 
 # Radiomic features of the lidc_idri builder's default parameters (configs/radiomics.yaml).
@@ -139,7 +139,7 @@ def torch_model_like(exp: experiment.Experiment, state: nnx.State, device: str) 
     """The PyTorch AutoRad-Lung (transformers' AIMv2 + our prompt learner) with the JAX model's weights."""
     model, _ = nnx.merge(exp.graphdef, state)
     aimv2 = transformers.Aimv2Model(transformers.Aimv2Config(**model.aimv2.config.to_hf_dict()))
-    aimv2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in hf_aimv2.nnx_to_hf_state(model.aimv2).items()})
+    aimv2.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in pretrained.nnx_to_hf_state(model.aimv2).items()})
     learner = model.prompt_learner
     meta_net = learner.meta_net
     torch_learner = torch_model.PromptLearner(
@@ -157,7 +157,7 @@ def trainable_torch_parameters(model: torch_model.AutoRadLungTorch, mode: str) -
     the prompt learner), as the JAX trainer's `trainable_filter`; the others get requires_grad False."""
     trains = list(model.prompt_learner.parameters())
     if mode == "full":
-        trains += list(model.aimv2.vision_model.parameters()) + list(model.aimv2.visual_projection.parameters())
+        trains += list(model.towers.vision_model.parameters()) + list(model.towers.visual_projection.parameters())
     chosen = {id(p) for p in trains}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)

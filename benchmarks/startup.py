@@ -61,7 +61,7 @@ def run_case(variant: str, mode: str, layout: str, batch_size: int, steps: int, 
     with tempfile.TemporaryDirectory() as folder:
         if pretrained:
             _pretrained_folder(config, folder)
-            config.model.aimv2_dir = folder
+            config.model.pretrained_dir = folder
         spec = modeling.resolve_spec(config, tuple(f"feature_{i}" for i in range(NUM_RADIOMICS)))
         exp = experiment.make_experiment(config, spec)
         with collector.paused():  # as the trainer does

@@ -1,15 +1,18 @@
-r"""AutoRad-Lung: AIMv2 image features matched against radiomics-conditioned prompts.
+r"""AutoRad-Lung: image features matched against radiomics-conditioned prompts.
 
 The argument after the colon picks the size:
   tiny   random-init small towers, 32^3 crops, runs on a 2-core CPU in minutes (the demo uses it);
   large  aimv2-large-patch14-224 vision tower (1024 wide, 24 layers) with the AIMv2-LiT text tower.
+The towers are AIMv2's, CLIP's or SigLIP's: a pretrained folder's config.json names its family; random-init towers
+(no folder) are of the family --config.model.towers=aimv2|clip|siglip at the variant's sizes; --config.model.init=random
+builds a folder's towers untrained (see docs/encoders.md).
 
 CPU, demo data:
   autorad train --config configs/autorad_lung.py:tiny --workdir workdir/tiny
 
 One GPU or a TPU host, real weights and data (`autorad prepare` builds the dataset):
   autorad train --config configs/autorad_lung.py:large \
-    --config.model.aimv2_dir=/models/aimv2-large-patch14-224-lit \
+    --config.model.pretrained_dir=/models/aimv2-large-patch14-224-lit \
     --config.data.data_dir=/data/tensorflow_datasets --workdir workdir/large
 
 Baselines and ablations share everything else:
@@ -75,7 +78,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict(dict(
         # autorad_lung | coop | cocoop | zero_shot | radiomics_logreg | radiomics_mlp | linear_probe | late_fusion
         name="autorad_lung",
-        aimv2_dir="",  # local save_pretrained folder of a joint AIMv2(-LiT) model; empty: random-init towers.
+        # Local save_pretrained folder of an AIMv2(-LiT), CLIP or SigLIP model (config.json, safetensors, tokenizer
+        # files); empty: random-init towers of the family `towers` sized by vision/text/projection_dim below.
+        pretrained_dir="",
+        towers="aimv2",  # aimv2 | clip | siglip: the family of random-init towers (a folder names its own)
+        init="pretrained",  # pretrained | random (the folder's towers untrained: what pre-training buys)
         dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
         attention_implementation="",  # '' (XLA) | 'cudnn' (fused attention on NVIDIA GPUs)
         remat="none",  # none | full (recompute each block in the backward pass) | dots (keep matmul outputs)
@@ -131,6 +138,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # `autorad cv`: the models to cross-validate (comma-separated; empty: all) and how often, each repeat with folds dealt
     # anew and its own training seed.
     config.cv = ml_collections.ConfigDict(dict(models="", repeats=1))
+
+    # `run.py encoders`: the same model trained with each tower family and init, compared against the first run
+    # (docs/encoders.md). A family with a folder runs 'pretrained' and 'random' (its towers untrained); without one,
+    # random-init towers at config.model's sizes.
+    config.encoders = ml_collections.ConfigDict(dict(
+        families="aimv2,clip,siglip", inits="pretrained,random", aimv2_dir="", clip_dir="", siglip_dir=""))
 
     # Mesh axis sizes; -1 takes the remaining devices.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))

@@ -11,7 +11,7 @@ import transformers
 from flax import nnx
 
 from autorad_jax.models import aimv2
-from autorad_jax.weights.hf_aimv2 import load_pretrained
+from autorad_jax.weights import load_pretrained
 from compiled import forward
 
 TEXT_LEN = 16

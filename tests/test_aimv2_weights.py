@@ -17,7 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from autorad_jax.models import aimv2
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import hf_aimv2, pretrained
 from autorad_jax.weights import name_map as name_map_engine
 from autorad_jax.weights.name_map import WeightsMismatchError
 
@@ -97,13 +97,13 @@ def folders(tmp_path_factory):
 @pytest.mark.parametrize("kind", KINDS)
 def test_load_matches_transformers(folders, kind):
     path, ref = folders[kind]
-    model = hf_aimv2.load_pretrained(path)
+    model = pretrained.load_pretrained(path)
     expected = {"vision": aimv2.Aimv2VisionModel, "text": aimv2.Aimv2TextModel, "joint": aimv2.Aimv2Model}[kind]
     assert type(model) is expected
     ours = _run_ours(model, kind, *_inputs())
     for name in ref:
         assert rel_err(ours[name], ref[name]) <= 1e-5, name
-    ours_bf16 = _run_ours(hf_aimv2.load_pretrained(path, dtype=jnp.bfloat16), kind, *_inputs())
+    ours_bf16 = _run_ours(pretrained.load_pretrained(path, dtype=jnp.bfloat16), kind, *_inputs())
     for name in ref:
         assert rel_err(ours_bf16[name], ref[name]) <= 2e-2, name
 
@@ -111,11 +111,11 @@ def test_load_matches_transformers(folders, kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_round_trip_and_transformers_reload(folders, kind, tmp_path):
     path, ref = folders[kind]
-    model = hf_aimv2.load_pretrained(path)
-    hf_aimv2.save_pretrained(model, tmp_path)
+    model = pretrained.load_pretrained(path)
+    pretrained.save_pretrained(model, tmp_path)
 
     # Bit-identical parameters after load -> save -> load, and the same tensors as the original folder.
-    again = hf_aimv2.load_pretrained(tmp_path)
+    again = pretrained.load_pretrained(tmp_path)
     for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
         assert p1 == p2 and v1.dtype == v2.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(v1[...]), np.asarray(v2[...]), err_msg=str(p1))
@@ -136,7 +136,7 @@ def test_round_trip_and_transformers_reload(folders, kind, tmp_path):
 def test_non_native_image_size_matches_reference_interpolation(folders, tmp_path):
     """84 px on a 56 px checkpoint: grid 4x4 -> 6x6, bicubic as torch.nn.functional.interpolate(align_corners=False)."""
     path, _ = folders["vision"]
-    model = hf_aimv2.load_pretrained(path)
+    model = pretrained.load_pretrained(path)
     table = np.array(model.embeddings.position_embedding.embedding[...])
     d = table.shape[-1]
 
@@ -172,65 +172,65 @@ def test_bad_folders_fail_with_names(folders, tmp_path):
     config = json.loads((path / "config.json").read_text())
     tensors = load_file(path / "model.safetensors")
 
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="config.json does not exist"):
-        hf_aimv2.load_pretrained(tmp_path)
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match=re.escape(f"{path / 'model.safetensors'} is a file: "
+    with pytest.raises(pretrained.PretrainedFolderError, match="config.json does not exist"):
+        pretrained.load_pretrained(tmp_path)
+    with pytest.raises(pretrained.PretrainedFolderError, match=re.escape(f"{path / 'model.safetensors'} is a file: "
                        f"give the folder that holds it, config.json and the weights ({path}?)")):
-        hf_aimv2.load_pretrained(path / "model.safetensors")
+        pretrained.load_pretrained(path / "model.safetensors")
     snapshot = tmp_path / "models--apple--aimv2" / "snapshots" / "0123abcd"
     shutil.copytree(path, snapshot)
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match=re.escape(
+    with pytest.raises(pretrained.PretrainedFolderError, match=re.escape(
             f"{snapshot.parent.parent} is a Hugging Face cache folder, not a model folder: give one of its "
             f"snapshots ({snapshot}).")):
-        hf_aimv2.load_pretrained(snapshot.parent.parent)
+        pretrained.load_pretrained(snapshot.parent.parent)
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="no model.safetensors"):
-        hf_aimv2.load_pretrained(tmp_path)
+    with pytest.raises(pretrained.PretrainedFolderError, match="no model.safetensors"):
+        pretrained.load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(config)[:40])
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="config.json is not valid JSON"):
-        hf_aimv2.load_pretrained(tmp_path)
+    with pytest.raises(pretrained.PretrainedFolderError, match="config.json is not valid JSON"):
+        pretrained.load_pretrained(tmp_path)
 
-    _write(tmp_path / "type", {**config, "model_type": "clip_vision_model"}, tensors)
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="clip_vision_model"):
-        hf_aimv2.load_pretrained(tmp_path / "type")
+    _write(tmp_path / "type", {**config, "model_type": "dinov2"}, tensors)
+    with pytest.raises(pretrained.PretrainedFolderError, match="model_type 'dinov2' is not one of"):
+        pretrained.load_pretrained(tmp_path / "type")
 
     missing = dict(tensors)
     del missing["encoder.layers.1.ffn.up_proj.weight"]
     _write(tmp_path / "missing", config, missing)
     with pytest.raises(WeightsMismatchError, match=r"missing \['encoder.layers.1.ffn.up_proj.weight'\]"):
-        hf_aimv2.load_pretrained(tmp_path / "missing")
+        pretrained.load_pretrained(tmp_path / "missing")
 
     _write(tmp_path / "extra", config, {**tensors, "head.extra.weight": np.zeros(3, np.float32)})
     with pytest.raises(WeightsMismatchError, match=r"unexpected \['head.extra.weight'\]"):
-        hf_aimv2.load_pretrained(tmp_path / "extra")
+        pretrained.load_pretrained(tmp_path / "extra")
 
     misshapen = {**tensors, "head.k_proj.weight": np.zeros((64, 32), np.float32)}
     _write(tmp_path / "shape", config, misshapen)
     with pytest.raises(WeightsMismatchError, match=r"head.k_proj.weight has shape \(64, 32\)"):
-        hf_aimv2.load_pretrained(tmp_path / "shape")
+        pretrained.load_pretrained(tmp_path / "shape")
 
     truncated = (tmp_path / "shape" / "model.safetensors").read_bytes()
     (tmp_path / "shape" / "model.safetensors").write_bytes(truncated[: len(truncated) // 2])
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="model.safetensors is not a readable safetensors file"):
-        hf_aimv2.load_pretrained(tmp_path / "shape")
+    with pytest.raises(pretrained.PretrainedFolderError, match="model.safetensors is not a readable safetensors file"):
+        pretrained.load_pretrained(tmp_path / "shape")
 
 
 def test_name_map_covers_every_parameter_once():
     config = aimv2.Aimv2Config(vision_config=aimv2.Aimv2VisionConfig(**VISION), text_config=aimv2.Aimv2TextConfig(**TEXT),
                                projection_dim=16)
     model = aimv2.Aimv2Model(config, rngs=nnx.Rngs(0))
-    mapping = hf_aimv2.name_map(config)
+    mapping = hf_aimv2.FAMILY.name_map(config)
     paths = [path for path, _ in mapping.values()]
     assert len(paths) == len(set(paths))
     assert set(paths) == {path for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    state = hf_aimv2.nnx_to_hf_state(model)
+    state = pretrained.nnx_to_hf_state(model)
     assert all(isinstance(v, np.ndarray) for v in state.values()) and state["logit_scale"].shape == ()
     assert jax.tree.structure(state) == jax.tree.structure(dict.fromkeys(mapping, 0))
 
 
 def test_public_import_in_a_fresh_interpreter():
     """The documented entry point imports first, on its own (no import cycle through autorad_jax.models)."""
-    code = "from autorad_jax.weights.hf_aimv2 import load_pretrained, save_pretrained"
+    code = "from autorad_jax.weights import load_pretrained, save_pretrained"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=pathlib.Path(__file__).parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
@@ -242,7 +242,7 @@ def test_scanned_layout_matches_transformers_and_round_trips(folders, kind, tmp_
     its outputs, and write back the very tensors they read."""
     path, ref = folders[kind]
     kwargs = dict(scan_layers=True) if kind == "text" else dict(scan_layers=True, scan_split=1)
-    model = hf_aimv2.load_pretrained(path, **kwargs)
+    model = pretrained.load_pretrained(path, **kwargs)
     vision = {"vision": model, "text": None, "joint": getattr(model, "vision_model", None)}[kind]
     if vision is not None:
         assert vision.encoder.layers["0"].ffn.up_proj.kernel.shape == (1, 64, 96)
@@ -251,12 +251,12 @@ def test_scanned_layout_matches_transformers_and_round_trips(folders, kind, tmp_
     for name in ref:
         assert rel_err(ours[name], ref[name]) <= 1e-5, name
 
-    hf_aimv2.save_pretrained(model, tmp_path)
+    pretrained.save_pretrained(model, tmp_path)
     original, saved = load_file(path / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert sorted(original) == sorted(saved)
     for key in original:
         np.testing.assert_array_equal(original[key], saved[key], err_msg=key)
-    again = hf_aimv2.load_pretrained(tmp_path, **kwargs)
+    again = pretrained.load_pretrained(tmp_path, **kwargs)
     for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
         assert p1 == p2
         np.testing.assert_array_equal(np.asarray(v1[...]), np.asarray(v2[...]), err_msg=str(p1))
@@ -266,10 +266,10 @@ def test_scanned_name_map_fills_every_row_once():
     """Each stacked parameter takes one transformers key per row; a map that misses a row is refused."""
     config = aimv2.Aimv2VisionConfig(**VISION)
     model = aimv2.Aimv2VisionModel(config, rngs=nnx.Rngs(0), scan_layers=True)
-    mapping = hf_aimv2.name_map(config, vision_starts=(0,))
+    mapping = hf_aimv2.FAMILY.name_map(config, vision_starts=(0,))
     assert mapping["encoder.layers.1.ffn.up_proj.weight"][0] == ("encoder", "layers", "0", "ffn", "up_proj", "kernel")
     assert mapping["encoder.layers.1.ffn.up_proj.weight"][2] == 1
-    state = hf_aimv2.nnx_to_hf_state(model)
+    state = pretrained.nnx_to_hf_state(model)
     kernel = np.asarray(model.encoder.layers["0"].ffn.up_proj.kernel[...])
     np.testing.assert_array_equal(state["encoder.layers.1.ffn.up_proj.weight"], kernel[1].T)
     del mapping["encoder.layers.1.ffn.up_proj.weight"]

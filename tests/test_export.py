@@ -14,7 +14,7 @@ from transformers import Aimv2Model, Aimv2VisionModel
 
 from autorad_jax import export, modeling, models
 from autorad_jax.data import pipeline, preprocess
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained
 from autorad_jax.weights.name_map import WeightsMismatchError
 from autorad_jax.weights.prompt_learner import load_prompt_learner_state, prompt_learner_state
 from autorad_jax.weights.torch_model import AutoRadLungTorch, ExportFolderError
@@ -128,14 +128,15 @@ def test_incomplete_export_folder_names_the_missing_file(exported, tmp_path, mis
         export.load_export(str(folder))
 
 
-def test_version_one_export_reads_as_untransformed_radiomics_and_a_newer_one_is_refused(exported, tmp_path):
+def test_version_one_export_reads_as_untransformed_radiomics_of_aimv2_and_a_newer_one_is_refused(exported, tmp_path):
     config, _, model = build()
     images, raw, stats = inputs(config, batch=1)  # the statistics of the `exported` fixture
     folder = shutil.copytree(exported, tmp_path / "export")
     with open(folder / "autorad_lung.json") as f:
         export_config = json.load(f)
-    assert export_config["format_version"] == 2
-    del export_config["model"]["condition_on"]
+    assert export_config["format_version"] == 3 and export_config["model"]["family"] == "aimv2"
+    for key in ("condition_on", "family", "ctx_start"):
+        del export_config["model"][key]
     for key in ("transform", "clip"):
         del export_config["radiomics"][key]
     with open(folder / "autorad_lung.json", "w") as f:
@@ -143,8 +144,8 @@ def test_version_one_export_reads_as_untransformed_radiomics_and_a_newer_one_is_
     expected, _ = forward(model, images, stats.apply(raw))
     assert_relative(torch_logits(str(folder), images, raw), expected, 1e-4)
     with open(folder / "autorad_lung.json", "w") as f:
-        json.dump({**export_config, "format_version": 3}, f)
-    with pytest.raises(ExportFolderError, match="format_version 3, this version of autorad-jax reads 1 and 2"):
+        json.dump({**export_config, "format_version": 4}, f)
+    with pytest.raises(ExportFolderError, match="format_version 4, this version of autorad-jax reads 1 and 2 and 3"):
         AutoRadLungTorch.from_export(str(folder))
 
 
@@ -167,7 +168,7 @@ def test_towers_of_another_model_are_refused(exported, tmp_path):
     folder = shutil.copytree(exported, tmp_path / "export")
     _, _, other = build(text=dict(autorad_lung.get_config("tiny").model.text.to_dict(), num_hidden_layers=1))
     shutil.rmtree(folder / "aimv2")
-    hf_aimv2.save_pretrained(other.aimv2, str(folder / "aimv2"))
+    pretrained.save_pretrained(other.aimv2, str(folder / "aimv2"))
     config = json.loads((folder / "aimv2" / "config.json").read_text())
     config["text_config"]["num_hidden_layers"] = 2  # config of the right model, weights of another
     (folder / "aimv2" / "config.json").write_text(json.dumps(config))
@@ -210,7 +211,7 @@ def test_truncated_weights_are_named_in_one_line_by_both_backends(exported, tmp_
     path = folder / damaged
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     for load in (AutoRadLungTorch.from_export, export.load_export):
-        with pytest.raises((ExportFolderError, hf_aimv2.PretrainedFolderError), match="truncated or corrupt") as e:
+        with pytest.raises((ExportFolderError, pretrained.PretrainedFolderError), match="truncated or corrupt") as e:
             load(str(folder))
         assert damaged.split("/")[-1] in str(e.value) and "\n" not in str(e.value)
 

@@ -23,7 +23,7 @@ from autorad_jax.data.tokenizer import load_tokenizer
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.predict import predict
 from autorad_jax.train import checkpointing, experiment, trainer
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained as folders
 from fault_checks import ROOT
 from test_train import train_config
 
@@ -58,7 +58,7 @@ def pretrained(tmp_path_factory):
 
 def _towers(restored: experiment.Restored) -> dict[str, np.ndarray]:
     model = restored.model
-    return hf_aimv2.nnx_to_hf_state(model.aimv2 if hasattr(model, "aimv2") else model.vision_model)
+    return folders.nnx_to_hf_state(model.aimv2 if hasattr(model, "aimv2") else model.vision_model)
 
 
 def _copy(folder: str, tmp_path_factory) -> str:
@@ -76,18 +76,18 @@ def prompt_run(pretrained, lidc_data, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("prompt_run"))
     config = prompt_config(lidc_data, folder, num_steps=4)
     reads = []
-    original = hf_aimv2.read_safetensors
-    hf_aimv2.read_safetensors = lambda path: reads.append(path) or original(path)
+    original = folders.read_safetensors
+    folders.read_safetensors = lambda path: reads.append(path) or original(path)
     try:
         result = trainer.train_and_evaluate(config, workdir)
     finally:
-        hf_aimv2.read_safetensors = original
+        folders.read_safetensors = original
     shutil.rmtree(folder)
     return config, workdir, result, weights, reads
 
 
-def prompt_config(lidc_data, aimv2_dir: str, num_steps: int):
-    config = train_config(lidc_data, num_steps=num_steps, aimv2_dir=aimv2_dir)
+def prompt_config(lidc_data, pretrained_dir: str, num_steps: int):
+    config = train_config(lidc_data, num_steps=num_steps, pretrained_dir=pretrained_dir)
     config.optim.name = "sgd"
     config.data.update(view="planes", label_scheme="binary", label_rule="mean_3malignant")
     return config
@@ -108,7 +108,7 @@ def test_a_fresh_run_reads_the_pretrained_weights_once_and_trains_on_them(prompt
 
 def test_without_the_pretrained_folder_resume_eval_export_and_predict_work(prompt_run, lidc_data, tmp_path):
     config, workdir, first, _, _ = prompt_run
-    assert not os.path.exists(config.model.aimv2_dir)
+    assert not os.path.exists(config.model.pretrained_dir)
     # eval with the command line's config, which need not match the run's (only data_dir is taken from it)
     other = train_config(lidc_data)
     metrics = trainer.evaluate(other, workdir, split="test", step=first["best_step"])
@@ -125,7 +125,7 @@ def test_without_the_pretrained_folder_resume_eval_export_and_predict_work(promp
     for p in probs[1:]:
         np.testing.assert_allclose(p, probs[0], atol=1e-4)
 
-    assert trainer.train_and_evaluate(prompt_config(lidc_data, config.model.aimv2_dir, 6), workdir)["step"] == 6
+    assert trainer.train_and_evaluate(prompt_config(lidc_data, config.model.pretrained_dir, 6), workdir)["step"] == 6
 
 
 @pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
@@ -133,13 +133,13 @@ def test_init_from_a_folder_reads_the_towers_and_draws_the_rest_as_a_random_init
                                                                                       scan_layers):
     """The towers and the prompts' token embeddings come from the folder, everything else from the seed."""
     joint, weights, _, _ = pretrained
-    config = train_config(lidc_data, aimv2_dir=joint, trainable="full", scan_layers=scan_layers)
+    config = train_config(lidc_data, pretrained_dir=joint, trainable="full", scan_layers=scan_layers)
     exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
     state = exp.init_state()
     random_config = config.copy_and_resolve_references()
-    random_config.model.aimv2_dir = ""
+    random_config.model.pretrained_dir = ""
     random_state = experiment.make_experiment(random_config, exp.spec).init_state()
-    towers = hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
+    towers = folders.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)
     assert towers.keys() == weights.keys()
     assert all(np.array_equal(v, weights[k]) for k, v in towers.items())
     # The prompts read through the folder's token table: SOS, the ctx_init phrase, the class words, '.' and EOS.
@@ -176,11 +176,11 @@ def test_a_checkpoint_whose_prompts_were_embedded_with_another_table_is_refused(
 
 @pytest.mark.parametrize("name", ["radiomics_logreg", "radiomics_mlp"])
 def test_a_model_without_towers_ignores_the_folder_that_cv_and_the_demo_give_every_model(pretrained, lidc_data, name):
-    config = train_config(lidc_data, aimv2_dir=pretrained[0], name=name)
+    config = train_config(lidc_data, pretrained_dir=pretrained[0], name=name)
     exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
     assert exp.spec.towers is None
     random_config = config.copy_and_resolve_references()
-    random_config.model.aimv2_dir = ""
+    random_config.model.pretrained_dir = ""
     for leaf, expected in zip(jax.tree.leaves(exp.init_state()),
                               jax.tree.leaves(experiment.make_experiment(random_config, exp.spec).init_state())):
         np.testing.assert_array_equal(leaf, expected)
@@ -192,7 +192,7 @@ def test_both_layouts_train_the_same_model_from_a_folder(pretrained, lidc_data):
     joint = pretrained[0]
     runs = []
     for scan in (False, True):
-        config = train_config(lidc_data, aimv2_dir=joint, trainable="full", scan_layers=scan)
+        config = train_config(lidc_data, pretrained_dir=joint, trainable="full", scan_layers=scan)
         names = pipeline.radiomics_names(config.data)
         size, batch_size = pipeline.crop_size(config.data), config.data.batch_size
         batch = {"view": np.random.default_rng(1).integers(-1000, 400, (batch_size, size, size, 3)).astype(np.int16),
@@ -203,7 +203,7 @@ def test_both_layouts_train_the_same_model_from_a_folder(pretrained, lidc_data):
         for _ in range(2):
             state, metrics = exp.train_step(state, pipeline.to_global(batch, exp.batch_sharding))
             losses.append(float(metrics["loss"]))
-        runs.append((losses, hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)))
+        runs.append((losses, folders.nnx_to_hf_state(nnx.merge(exp.graphdef, state)[0].aimv2)))
     (unrolled_losses, unrolled), (scanned_losses, scanned) = runs
     np.testing.assert_allclose(scanned_losses, unrolled_losses, rtol=1e-5)
     assert scanned.keys() == unrolled.keys()
@@ -220,7 +220,7 @@ def test_vision_training_from_the_joint_folder(pretrained, lidc_data, options, a
     """Two updates of the sharded train step on 8 devices, from the pretrained towers: only what the mode trains
     moves."""
     joint, weights, _, _ = pretrained
-    config = train_config(lidc_data, aimv2_dir=joint, **options)
+    config = train_config(lidc_data, pretrained_dir=joint, **options)
     config.optim.grad_accum_steps = accum
     exp = experiment.make_experiment(config, modeling.resolve_spec(config, pipeline.radiomics_names(config.data)))
     assert exp.mesh.devices.size == 8
@@ -231,7 +231,7 @@ def test_vision_training_from_the_joint_folder(pretrained, lidc_data, options, a
         state, metrics = exp.train_step(state, pipeline.to_global(next(batches), exp.batch_sharding))
         assert bool(metrics["finite"])
     model, _ = nnx.merge(exp.graphdef, state)
-    towers = hf_aimv2.nnx_to_hf_state(model.aimv2)
+    towers = folders.nnx_to_hf_state(model.aimv2)
     changed = {k for k in weights if not np.array_equal(towers[k], weights[k])}
     assert changed and all(k.startswith(("vision_model.", "visual_projection.")) for k in changed)
     if options["trainable"] == "last_k":
@@ -244,7 +244,7 @@ def test_vision_training_from_the_joint_folder(pretrained, lidc_data, options, a
 def test_linear_probe_from_a_vision_only_folder(pretrained, lidc_data, tmp_path, tmp_path_factory):
     vision, weights = pretrained[2], pretrained[3]
     folder = _copy(vision, tmp_path_factory)
-    trainer.train_and_evaluate(train_config(lidc_data, aimv2_dir=folder, name="linear_probe"), str(tmp_path))
+    trainer.train_and_evaluate(train_config(lidc_data, pretrained_dir=folder, name="linear_probe"), str(tmp_path))
     shutil.rmtree(folder)
     towers = _towers(experiment.load_model(str(tmp_path)))
     for key, value in weights.items():
@@ -253,8 +253,8 @@ def test_linear_probe_from_a_vision_only_folder(pretrained, lidc_data, tmp_path,
 
 def test_a_joint_model_cannot_start_from_a_vision_only_folder(pretrained, lidc_data):
     _, _, vision, _ = pretrained
-    config = train_config(lidc_data, aimv2_dir=vision)
-    with pytest.raises(hf_aimv2.PretrainedFolderError, match="needs a joint AIMv2"):
+    config = train_config(lidc_data, pretrained_dir=vision)
+    with pytest.raises(folders.PretrainedFolderError, match="needs a joint image-text model"):
         modeling.towers_config(config.model)
 
 

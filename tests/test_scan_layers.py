@@ -12,7 +12,7 @@ from autorad_jax.data import pipeline
 from autorad_jax.data.preprocess import Preprocessing
 from autorad_jax.models import trainable_filter
 from autorad_jax.train import checkpointing, experiment, steps
-from autorad_jax.weights import hf_aimv2
+from autorad_jax.weights import pretrained
 from configs import autorad_lung
 
 BATCH, NUM_RADIOMICS = 8, 5
@@ -42,7 +42,7 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
     unrolled = _config(False, {})
     spec = _spec(unrolled)
     model_u, optimizer_u = steps.build(unrolled, spec)
-    before = hf_aimv2.nnx_to_hf_state(model_u.aimv2)
+    before = pretrained.nnx_to_hf_state(model_u.aimv2)
     graphdef_u, state_u = nnx.split((model_u, optimizer_u))
     prep = Preprocessing.from_config(unrolled.data, train=True, seed=unrolled.seed)
     step_u = jax.jit(steps.make_train_step(graphdef_u, trainable_filter(unrolled.model, spec), prep))
@@ -51,7 +51,7 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
     scanned = _config(True, dict(data=2, fsdp=2, tensor=2))
     exp = experiment.make_experiment(scanned, spec)
     model_s, optimizer_s = steps.build(scanned, spec)
-    hf_aimv2.hf_state_to_nnx(model_s.aimv2, before)
+    pretrained.hf_state_to_nnx(model_s.aimv2, before)
     nnx.update(model_s.prompt_learner, nnx.state(model_u.prompt_learner))
     state_s = jax.device_put(nnx.state((model_s, optimizer_s)), exp.shardings)
 
@@ -64,8 +64,8 @@ def test_scanned_last_k_on_eight_devices_trains_what_unrolled_trains():
     for batch in batches:
         state_u, metrics_u = step_u(state_u, batch)
         state_s, metrics_s = exp.train_step(state_s, pipeline.to_global(batch, exp.batch_sharding))
-    after_u = hf_aimv2.nnx_to_hf_state(nnx.merge(graphdef_u, state_u)[0].aimv2)
-    after_s = hf_aimv2.nnx_to_hf_state(nnx.merge(exp.graphdef, state_s)[0].aimv2)
+    after_u = pretrained.nnx_to_hf_state(nnx.merge(graphdef_u, state_u)[0].aimv2)
+    after_s = pretrained.nnx_to_hf_state(nnx.merge(exp.graphdef, state_s)[0].aimv2)
     assert abs(float(metrics_s["loss"]) - float(metrics_u["loss"])) <= 1e-5 * abs(float(metrics_u["loss"]))
     for key, value in after_s.items():
         trains = key.startswith(("vision_model.encoder.layers.1.", "vision_model.head.", "vision_model.rms_norm.",

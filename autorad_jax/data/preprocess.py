@@ -29,10 +29,10 @@ import ml_collections
 import numpy as np
 
 from autorad_jax.data import pipeline
-from autorad_jax.models import resize
+from autorad_jax.models import families, resize
 
-AIMV2_MEAN = np.array((0.48145466, 0.4578275, 0.40821073), np.float32)
-AIMV2_STD = np.array((0.26862954, 0.26130258, 0.27577711), np.float32)
+AIMV2_MEAN = np.array(families.PIPELINE_MEAN, np.float32)  # CLIP's too; other families re-normalise in their towers
+AIMV2_STD = np.array(families.PIPELINE_STD, np.float32)
 SHIFT_FRACTION = 0.0625  # largest augmentation shift, as a fraction of the view's size
 CONTRAST_JITTER = 0.1
 BRIGHTNESS_JITTER = 0.05

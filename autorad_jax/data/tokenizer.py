@@ -1,9 +1,12 @@
-"""Prompt tokenisation with CLIP's BPE vocabulary (the vocabulary of the AIMv2-LiT text tower).
+"""Prompt tokenisation with each tower family's tokenizer: CLIP's BPE vocabulary (CLIP and the AIMv2-LiT text tower)
+or SigLIP's SentencePiece model.
 
-The tokenizer is `transformers.CLIPTokenizer`. It is read from the checkpoint folder when that folder carries tokenizer
-files; otherwise from a `vocab.json`/`merges.txt` pair derived once from CLIP's BPE merges file, which this package
-ships beside this module (`bpe_simple_vocab_16e6.txt.gz`, MIT, OpenAI), exactly as CLIP's `SimpleTokenizer` builds its
-vocabulary. `transformers`' tokenizers need no PyTorch, so prompts tokenise in the core install.
+A pretrained folder's tokenizer is read from its files (`folder_tokenizer`: `vocab.json`/`merges.txt` or
+`tokenizer.json` for `transformers.CLIPTokenizer`, `spiece.model` for `SiglipTokenizer`). Random-init towers, and AIMv2
+folders without tokenizer files, take CLIP's BPE vocabulary (`load_tokenizer()`): a `vocab.json`/`merges.txt` pair
+derived once from CLIP's BPE merges file, which this package ships beside this module (`bpe_simple_vocab_16e6.txt.gz`,
+MIT, OpenAI), exactly as CLIP's `SimpleTokenizer` builds its vocabulary. `transformers`' tokenizers need no PyTorch, so
+prompts tokenise in the core install.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from autorad_jax.errors import AutoradError
+
 if TYPE_CHECKING:  # transformers takes seconds to import; only building prompts needs it, not loading a model
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, PreTrainedTokenizerBase
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN, EOT_TOKEN = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408
 EOT_TOKEN_ID = VOCAB_SIZE - 1  # `<|endoftext|>`, the last vocabulary entry (the text tower pools at it)
+SOT_TOKEN_ID = VOCAB_SIZE - 2
 _NUM_MERGES = 49152 - 256 - 2  # CLIP's SimpleTokenizer keeps merges lines [1, 48895).
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
@@ -92,6 +98,25 @@ def load_tokenizer(checkpoint_dir: Optional[str] = None, cache_dir: Optional[str
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+class TokenizerFilesError(AutoradError, FileNotFoundError):
+    """A pretrained folder lacks the tokenizer files of its tower family."""
+
+
+def folder_tokenizer(folder: str, tokenizer_class: str, file_sets: Sequence[Sequence[str]], *,
+                     bpe_fallback: bool = False) -> PreTrainedTokenizerBase:
+    """The `transformers` tokenizer `tokenizer_class` of a pretrained folder, which must hold one of `file_sets`; with
+    `bpe_fallback`, a folder without any tokenizer file takes CLIP's BPE vocabulary (`load_tokenizer()`)."""
+    import transformers
+    present = lambda names: all((Path(folder) / name).is_file() for name in names)
+    if not any(present(names) for names in file_sets):
+        if bpe_fallback and not any((Path(folder) / n).is_file() for names in file_sets for n in names):
+            return load_tokenizer()
+        wanted = " or ".join(" and ".join(names) for names in file_sets)
+        raise TokenizerFilesError(f"{folder} has no {tokenizer_class} tokenizer files: missing {wanted} (save the "
+                                  f"model's tokenizer into the folder with save_pretrained).")
+    return getattr(transformers, tokenizer_class).from_pretrained(folder)
+
+
 class TokenizedPrompts(NamedTuple):
     """`input_ids` [N, context_length] int32 (SOS ... EOS, then padding); `eos_index` [N] position of the first EOS."""
 
@@ -99,7 +124,7 @@ class TokenizedPrompts(NamedTuple):
     eos_index: np.ndarray
 
 
-def tokenize_prompts(tokenizer: CLIPTokenizer, texts: Sequence[str], context_length: int) -> TokenizedPrompts:
+def tokenize_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], context_length: int) -> TokenizedPrompts:
     """Tokenises `texts` with SOS/EOS, padded to `context_length` with the tokenizer's pad token.
 
     Raises ValueError when a text does not fit (truncating would drop its EOS, where the text tower pools).
@@ -114,6 +139,6 @@ def tokenize_prompts(tokenizer: CLIPTokenizer, texts: Sequence[str], context_len
     return TokenizedPrompts(ids, eos_index)
 
 
-def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
-    """Number of BPE tokens of `text` without SOS/EOS."""
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """Number of tokens of `text` without SOS/EOS."""
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])

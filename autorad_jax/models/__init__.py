@@ -1,5 +1,6 @@
 """Models: `Model(config.model, spec, rngs=...)` builds the one config.model.name asks for, random-init, from the config
-and a `ModelSpec` (tower configs, prompt token ids, classes, radiomics names); `trainable_filter` picks what trains.
+and a `ModelSpec` (tower configs of one family, prompt token ids, classes, radiomics names); `trainable_filter` picks
+what trains. Every tower model runs on every tower family (AIMv2, CLIP, SigLIP: `autorad_jax.models.families`).
 This package imports jax, flax and numpy only: it reads no file. Pretrained weights are loaded into a built model by
 `autorad_jax.modeling`.
 
@@ -10,10 +11,11 @@ linear_probe, late_fusion (vision features + radiomics, one linear layer). All s
 images to it first, in the vision tower). The trainer runs no steps for NO_STEP_MODELS:
 the logistic regression is fitted as a convex problem (autorad_jax.train.convex_fit), zero-shot has nothing to fit.
 
-Trainable parameters by config.model.trainable (the text tower, text projection and logit scale never train):
+Trainable parameters by config.model.trainable (the text tower, text projection, logit scale and bias never train):
   prompt  the prompt learner (`ctx`, `meta_net`) and the baselines' own layers (`classifier`, `hidden`);
-  last_k  + the last `trainable_last_k` vision blocks and the top of the vision tower: its final RMSNorm, its
-          attention-pool head and `visual_projection` (with k = 0 only that top trains);
+  last_k  + the last `trainable_last_k` vision blocks and the top of the vision tower: its final norm (AIMv2's
+          RMSNorm, CLIP's and SigLIP's post_layernorm), its attention-pool head (AIMv2, SigLIP) and
+          `visual_projection` (AIMv2, CLIP) (with k = 0 only that top trains);
   full    + the whole vision tower (patch embedding and position embedding included).
 With config.model.scan_layers the vision blocks are stacked in scanned groups keyed by their first block, and for
 last_k the stack is split at the first trainable block, so that the filter selects whole groups: `("encoder",
@@ -28,8 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autorad_jax.errors import ConfigError
-from autorad_jax.models.aimv2 import Aimv2Config
-from autorad_jax.models.autorad_lung import AutoRadLung, build_aimv2
+from autorad_jax.models import families
+from autorad_jax.models.autorad_lung import AutoRadLung, build_towers
 from autorad_jax.models.baselines import LateFusion, LinearProbe, RadiomicsLogReg, RadiomicsMLP, build_vision
 from autorad_jax.models.prompt_learner import PromptLearner
 from autorad_jax.models.spec import ModelSpec, PromptTokens
@@ -39,14 +41,13 @@ __all__ = ["MODEL_NAMES", "NO_STEP_MODELS", "PROMPT_MODELS", "TOWER_MODELS", "TR
 
 MODEL_NAMES = ("autorad_lung", "coop", "cocoop", "zero_shot", "radiomics_logreg", "radiomics_mlp", "linear_probe",
                "late_fusion")
-PROMPT_MODELS = ("autorad_lung", "coop", "cocoop", "zero_shot")  # joint AIMv2 towers + class prompts
-VISION_MODELS = ("linear_probe", "late_fusion")  # an AIMv2 vision tower alone
-TOWER_MODELS = PROMPT_MODELS + VISION_MODELS  # models with an AIMv2 vision tower
+PROMPT_MODELS = ("autorad_lung", "coop", "cocoop", "zero_shot")  # joint image-text towers + class prompts
+VISION_MODELS = ("linear_probe", "late_fusion")  # a vision tower alone
+TOWER_MODELS = PROMPT_MODELS + VISION_MODELS  # models with a vision tower
 NO_STEP_MODELS = ("radiomics_logreg", "zero_shot")  # fitted without the trainer's step loop
 TRAINABLE_MODES = ("prompt", "last_k", "full")
-_FROZEN = frozenset({"text_model", "text_projection", "logit_scale"})
+_FROZEN = frozenset({"text_model", "text_projection", "logit_scale", "logit_bias"})
 _VISION = frozenset({"vision_model", "visual_projection"})
-_VISION_TOP = frozenset({"rms_norm", "head"})  # children of vision_model that train in 'last_k'
 
 
 def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
@@ -55,7 +56,7 @@ def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
     dtype = jnp.dtype(model_config.dtype)
     num_classes, num_radiomics = len(spec.class_names), spec.num_radiomics
     if name in TOWER_MODELS and spec.towers is None:
-        raise ConfigError(f"config.model.name={name!r} needs AIMv2 towers, and the model spec has none.")
+        raise ConfigError(f"config.model.name={name!r} needs towers, and the model spec has none.")
     # The towers draw from `rngs`, the rest from its own key, taken first: unrolled and scanned blocks draw in another
     # order, and the layout must not change the other parameters' initial values.
     towers_rngs, rngs = rngs, nnx.Rngs(rngs.params())
@@ -76,26 +77,32 @@ def Model(model_config, spec: ModelSpec, *, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def _prompt_model(model_config, spec: ModelSpec, *, towers_rngs: nnx.Rngs, rngs: nnx.Rngs) -> AutoRadLung:
-    """AIMv2 towers (drawn from `towers_rngs`) + the prompt learner of config.model.name (from `rngs`): conditioned on
+    """Joint towers (drawn from `towers_rngs`) + the prompt learner of config.model.name (from `rngs`): conditioned on
     radiomics (autorad_lung) or on the image feature (cocoop), unconditioned (coop), or fixed (zero_shot)."""
     name = model_config.name
-    if not isinstance(spec.towers, Aimv2Config) or spec.prompts is None:
-        raise ConfigError(f"config.model.name={name!r} needs joint AIMv2 image-text towers and class prompts; the "
+    if families.is_vision_only(spec.towers) or spec.prompts is None:
+        raise ConfigError(f"config.model.name={name!r} needs joint image-text towers and class prompts; the "
                          f"model spec has {type(spec.towers).__name__} towers and "
                          f"{'no' if spec.prompts is None else 'its'} prompts.")
     if name == "zero_shot" and not spec.prompts.ctx_from_tokens:
         raise ConfigError("config.model.ctx_init must be a phrase (e.g. 'a CT scan of a') for zero_shot: its prompts "
                          "are that phrase and the class name, fixed.")
-    aimv2 = build_aimv2(model_config, spec.towers, rngs=towers_rngs)
+    towers = build_towers(model_config, spec.towers, rngs=towers_rngs)
     condition_on = "image" if name == "cocoop" else "radiomics"
+    token_table = token_embedding(towers)
     prompt_learner = PromptLearner(
-        tokens=spec.prompts, token_embedding=aimv2.text_model.embeddings.token_embedding.embedding[...],
-        cond_dim=spec.towers.projection_dim if condition_on == "image" else spec.num_radiomics,
+        tokens=spec.prompts, token_embedding=token_table[...],
+        cond_dim=families.image_feature_width(spec.towers) if condition_on == "image" else spec.num_radiomics,
         meta_hidden_dim=model_config.meta_hidden_dim,
         conditioning=model_config.conditioning if name in ("autorad_lung", "cocoop") else None,
         learn_ctx=name != "zero_shot", dtype=jnp.dtype(model_config.dtype), rngs=rngs)
-    return AutoRadLung(aimv2, prompt_learner, pooling=model_config.pooling,
+    return AutoRadLung(towers, prompt_learner, pooling=model_config.pooling,
                        prompt_chunk_size=model_config.prompt_chunk_size, condition_on=condition_on)
+
+
+def token_embedding(towers: nnx.Module) -> nnx.Param:
+    """The frozen text tower's token table [vocab, width] of a family's joint model."""
+    return towers.text_model.embeddings.token_embedding.embedding
 
 
 def trainable_filter(model_config, spec: ModelSpec) -> Callable[[tuple, object], bool]:
@@ -116,7 +123,7 @@ def trainable_filter(model_config, spec: ModelSpec) -> Callable[[tuple, object],
         if "vision_model" not in path:
             return True  # visual_projection
         below = path[path.index("vision_model") + 1:]
-        if below[0] in _VISION_TOP:
+        if below[0] in families.VISION_TOPS:
             return True
         return below[:2] == ("encoder", "layers") and int(below[2]) >= first_block
 

@@ -3,7 +3,7 @@
 
   RadiomicsLogReg  one linear layer on the standardised radiomics (logistic regression through softmax cross-entropy);
   RadiomicsMLP     Linear -> ReLU blocks on the radiomics, then a linear classifier;
-  LinearProbe      AIMv2 vision features (frozen unless config.model.trainable says otherwise) -> linear classifier;
+  LinearProbe      vision features of a tower family (frozen unless config.model.trainable says otherwise) -> linear classifier;
   LateFusion       the linear probe's classifier on [pooled vision features, standardised radiomics].
 CoOp is `AutoRadLung` with a prompt learner without meta-network (see `autorad_jax.models.Model`).
 """
@@ -17,16 +17,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from autorad_jax.errors import ConfigError
-from autorad_jax.models.aimv2 import Aimv2VisionConfig, Aimv2VisionModel
+from autorad_jax.models import families
 from autorad_jax.models.autorad_lung import POOLINGS, pooled_image_features, tower_options, vision_scan_split
 
 Array = jax.Array
 
 
-def build_vision(model_config, vision: Aimv2VisionConfig, *, rngs: nnx.Rngs) -> Aimv2VisionModel:
-    """The AIMv2 vision tower of `vision`, random-init, with config.model's compute options."""
-    return Aimv2VisionModel(vision, rngs=rngs, scan_split=vision_scan_split(model_config, vision.num_hidden_layers),
-                            **tower_options(model_config))
+def build_vision(model_config, vision, *, rngs: nnx.Rngs) -> nnx.Module:
+    """The vision tower of `vision` (a family's vision config), random-init, with config.model's compute options."""
+    return families.of_config(vision).vision_model(
+        vision, rngs=rngs, scan_split=vision_scan_split(model_config, vision.num_hidden_layers),
+        **tower_options(model_config))
 
 
 def _dense(din: int, dout: int, *, dtype, rngs: nnx.Rngs) -> nnx.Linear:
@@ -66,9 +67,9 @@ class RadiomicsMLP(nnx.Module):
 
 
 class LinearProbe(nnx.Module):
-    """Logits = `classifier(pooled AIMv2 vision features)`; `aux['image_features']` are the pooled features."""
+    """Logits = `classifier(pooled vision features)`; `aux['image_features']` are the pooled features."""
 
-    def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, *, pooling: str = "head", dtype=jnp.float32,
+    def __init__(self, vision_model: nnx.Module, num_classes: int, *, pooling: str = "head", dtype=jnp.float32,
                  rngs: nnx.Rngs, num_radiomics: int = 0):
         if pooling not in POOLINGS:
             raise ConfigError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -96,10 +97,10 @@ class LinearProbe(nnx.Module):
 
 
 class LateFusion(LinearProbe):
-    """Logits = `classifier([pooled AIMv2 vision features, standardised radiomics])` (one linear layer);
+    """Logits = `classifier([pooled vision features, standardised radiomics])` (one linear layer);
     `aux['image_features']` are the pooled features."""
 
-    def __init__(self, vision_model: Aimv2VisionModel, num_classes: int, num_radiomics: int, *, pooling: str = "head",
+    def __init__(self, vision_model: nnx.Module, num_classes: int, num_radiomics: int, *, pooling: str = "head",
                  dtype=jnp.float32, rngs: nnx.Rngs):
         super().__init__(vision_model, num_classes, pooling=pooling, dtype=dtype, rngs=rngs,
                          num_radiomics=num_radiomics)

@@ -1,16 +1,17 @@
 """Conditioned prompt learner (CoCoOp's `PromptLearner`; AutoRad-Lung conditions it on radiomics, CoCoOp on images).
 
-For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]`. The context vectors `ctx` are
+For each class the text tower reads `[SOS][ctx_1 .. ctx_n][class words][.][EOS]` (SigLIP's tokenizer adds no SOS: its
+prompts start with the context and keep their padding). The context vectors `ctx` are
 learned; the meta-network `meta_net` (linear1 -> ReLU -> linear2) maps a sample's conditioning vector (its standardised
 radiomic features, or its L2-normalised image feature for CoCoOp) to a shift of the context: one shift for all context
 tokens (`conditioning='shared'`, CoCoOp) or one per token (`'per_token'`). Without a meta-network
 (`conditioning=None`) this is CoOp: one context for every sample; with a fixed context as well (`learn_ctx=False`) it
 is the zero-shot prompt "a CT scan of a <class>.".
 
-`token_prefix` (SOS) and `token_suffix` (class words, '.', EOS) are constant embeddings taken from the frozen token
+`token_prefix` (SOS; None where the prompts have none) and `token_suffix` (class words, '.', EOS, padding) are constant embeddings taken from the frozen token
 table at construction, and again (`embed_tokens`) when pretrained towers are loaded into the built model. The
 prompts' token ids (`PromptTokens`, cut after the last EOS: ~15 of the tower's 77 positions) are computed outside the
-model, by `autorad_jax.modeling`, and saved with it.
+model, by `autorad_jax.modeling`, and saved with it (for SigLIP: its fixed length of 64).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class MetaNet(nnx.Module):
 
 def token_embeddings(tokens: PromptTokens, token_embedding: Array) -> tuple[Array, Array, Array]:
     """The class prompts' rows of the token table [V, D], in float32: (the ctx_init phrase [n_ctx, D], the SOS
-    [C, 1, D], the class words, '.' and EOS [C, L - 1 - n_ctx, D])."""
+    [C, s, D] (s = ctx_start, 1 or 0), the class words, '.', EOS and padding [C, L - s - n_ctx, D])."""
     embedding = jnp.asarray(token_embedding)[jnp.asarray(tokens.ids, jnp.int32)].astype(jnp.float32)  # [C, L, D]
-    return embedding[0, 1:1 + tokens.n_ctx], embedding[:, :1], embedding[:, 1 + tokens.n_ctx:]
+    start, end = tokens.ctx_start, tokens.ctx_start + tokens.n_ctx
+    return embedding[0, start:end], embedding[:, :start], embedding[:, end:]
 
 
 class PromptLearner(nnx.Module):
@@ -79,6 +81,7 @@ class PromptLearner(nnx.Module):
         phrase, prefix, suffix = token_embeddings(tokens, token_embedding)
 
         self.n_ctx = n_ctx
+        self.ctx_start = tokens.ctx_start
         self.conditioning = conditioning
         self.dtype = dtype
         ctx = (phrase if tokens.ctx_from_tokens
@@ -89,7 +92,9 @@ class PromptLearner(nnx.Module):
                          if conditioning is not None else None)
         self.tokenized_prompts = PromptBuffer(jnp.asarray(tokens.ids, jnp.int32), out_sharding=(None, None),
                                               eager_sharding=False)
-        self.token_prefix = PromptBuffer(prefix, out_sharding=(None, None, "embed"), eager_sharding=False)
+        # Checkpoints hold no empty arrays: prompts without SOS (SigLIP's) have no prefix at all.
+        self.token_prefix = (PromptBuffer(prefix, out_sharding=(None, None, "embed"), eager_sharding=False)
+                             if tokens.ctx_start else None)
         self.token_suffix = PromptBuffer(suffix, out_sharding=(None, None, "embed"), eager_sharding=False)
 
     def embed_tokens(self, tokens: PromptTokens, token_embedding: Array) -> None:
@@ -97,7 +102,8 @@ class PromptLearner(nnx.Module):
         [V, D] anew: a model built with random towers and then given pretrained ones reads its prompts through the
         pretrained table."""
         phrase, prefix, suffix = token_embeddings(tokens, token_embedding)
-        self.token_prefix.set_value(prefix)
+        if self.token_prefix is not None:
+            self.token_prefix.set_value(prefix)
         self.token_suffix.set_value(suffix)
         if tokens.ctx_from_tokens:
             self.ctx.set_value(phrase)
@@ -105,9 +111,11 @@ class PromptLearner(nnx.Module):
     def embeds_with(self, token_embedding: Array) -> bool:
         """True when the fixed embeddings (SOS, class words, '.', EOS) are the rows of `token_embedding` [V, D] for
         the prompts' token ids, as they are for the frozen text tower's own table."""
-        tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False)
+        tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False,
+                              ctx_start=self.ctx_start)
         _, prefix, suffix = token_embeddings(tokens, token_embedding)
-        return bool(jnp.array_equal(prefix, self.token_prefix.get_value())
+        own_prefix = prefix if self.token_prefix is None else self.token_prefix.get_value()
+        return bool(jnp.array_equal(prefix, own_prefix)
                     and jnp.array_equal(suffix, self.token_suffix.get_value()))
 
     @property
@@ -127,10 +135,10 @@ class PromptLearner(nnx.Module):
     def construct_prompts(self, ctx: Array) -> Array:
         """`[prefix | ctx | suffix]` for every sample and class: ctx [B, n_ctx, D] -> prompts [B, C, L, D]."""
         b, c = ctx.shape[0], self.num_classes
-        prefix = jnp.broadcast_to(self.token_prefix[...].astype(ctx.dtype)[None], (b, *self.token_prefix.shape))
-        suffix = jnp.broadcast_to(self.token_suffix[...].astype(ctx.dtype)[None], (b, *self.token_suffix.shape))
+        fixed = lambda buffer: jnp.broadcast_to(buffer[...].astype(ctx.dtype)[None], (b, *buffer.shape))
         ctx = jnp.broadcast_to(ctx[:, None], (b, c, *ctx.shape[1:]))
-        return jnp.concatenate([prefix, ctx, suffix], axis=2)
+        prefix = [] if self.token_prefix is None else [fixed(self.token_prefix)]
+        return jnp.concatenate([*prefix, ctx, fixed(self.token_suffix)], axis=2)
 
     def __call__(self, cond: Array) -> Array:
         """Prompt embeddings [B, C, L, D] of conditioning vectors [B, cond_dim] ([1, C, L, D] without meta-network)."""

@@ -96,10 +96,10 @@ def patch_resize_weights(n_in: int, n_out: int, patch: int) -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def resized_patch_conv(images: jax.Array, kernel: jax.Array, bias: jax.Array, size: int, dtype) -> jax.Array:
-    """Patch convolution (`kernel` [p, p, C, D], stride p, plus `bias`) of `images` [B, H, W, C] resized to size x size,
-    computed as one convolution of `images` (see the module docstring; both axes must `folds_into_patches`). The
-    kernel is folded in float32; the convolution runs in `dtype`."""
+def resized_patch_conv(images: jax.Array, kernel: jax.Array, bias: jax.Array | None, size: int, dtype) -> jax.Array:
+    """Patch convolution (`kernel` [p, p, C, D], stride p, plus `bias` unless None) of `images` [B, H, W, C] resized to
+    size x size, computed as one convolution of `images` (see the module docstring; both axes must
+    `folds_into_patches`). The kernel is folded in float32; the convolution runs in `dtype`."""
     (_, h, w, _), patch = images.shape, kernel.shape[0]
     rows, cols = patch_resize_weights(h, size, patch), patch_resize_weights(w, size, patch)
     folded = jnp.einsum("ia,jb,ijcd->abcd", rows, cols, kernel.astype(jnp.float32),
@@ -108,4 +108,4 @@ def resized_patch_conv(images: jax.Array, kernel: jax.Array, bias: jax.Array, si
     strides = (patch * h // size, patch * w // size)
     out = jax.lax.conv_general_dilated(padded.astype(dtype), folded.astype(dtype), strides, "VALID",
                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return out + bias.astype(dtype)
+    return out if bias is None else out + bias.astype(dtype)

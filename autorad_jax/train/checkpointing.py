@@ -43,8 +43,8 @@ _JSON_FILES = ("_CHECKPOINT_METADATA", "_METADATA", "_sharding", "metadata", "me
 ITEMS = ("state", "config", "radiomics_stats", "model_spec")  # what every complete step holds (and 'data_iter')
 # Config keys that change the shapes or meaning of what a checkpoint holds; everything else may change on resume,
 # and so may these compute-only model settings. The pretrained folder is read on a fresh start only.
-_FREE_KEYS = ("model.aimv2_dir", "model.dtype", "model.attention_implementation", "model.remat",
-              "model.prompt_chunk_size")
+_FREE_KEYS = ("model.pretrained_dir", "model.aimv2_dir", "model.init", "model.dtype", "model.attention_implementation",
+              "model.remat", "model.prompt_chunk_size")
 _STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.image_size", "data.window_hu",
                         "data.label_scheme", "data.label_rule", "data.min_readers", "data.min_diameter_mm",
                         "data.cv_fold", "data.cv_repeat", "data.radiomics_transform", "data.radiomics_clip",

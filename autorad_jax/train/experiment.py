@@ -41,8 +41,8 @@ class Experiment:
     loss_options: steps.LossOptions = steps.LossOptions()  # class-imbalance constants of the training loss
 
     def init_state(self) -> nnx.State:
-        """Fresh state, random-init directly in its shardings. When config.model.aimv2_dir is set, the pretrained
-        towers are read once on the host and placed into those shardings, and only the other leaves are drawn: the
+        """Fresh state, random-init directly in its shardings. With config.model.init 'pretrained' and a folder, the
+        pretrained towers are read once on the host and placed into those shardings, and only the other leaves are drawn: the
         jitted init returns those alone, so XLA drops the towers' random draws (most of the init's compile and run
         time); the other leaves get the draws a full random init gives them (equal up to float32 rounding). A model
         without towers (the radiomics baselines, which `cv` and the demo run with the same config) has nothing to
@@ -50,7 +50,7 @@ class Experiment:
         def build() -> nnx.State:
             return nnx.split(steps.build(self.config, self.spec))[1]
 
-        if not self.config.model.aimv2_dir or self.spec.towers is None:
+        if not modeling.loads_pretrained(self.config.model) or self.spec.towers is None:
             return jax.jit(build, out_shardings=self.shardings)()
         model, optimizer = nnx.merge(self.graphdef, self.abstract_state)
         modeling.load_pretrained(model, self.config.model, self.spec)
@@ -151,7 +151,7 @@ def check_prompt_embeddings(model: nnx.Module, where: str) -> None:
     (frozen) text tower's token table, as in runs started from a pretrained folder before the prompts were embedded
     with the folder's table."""
     learner = getattr(model, "prompt_learner", None)
-    if learner is None or learner.embeds_with(model.aimv2.text_model.embeddings.token_embedding.embedding.get_value()):
+    if learner is None or learner.embeds_with(models.token_embedding(model.towers).get_value()):
         return
     raise checkpointing.IncompatibleCheckpointError(f"{where}: {STALE_PROMPT_EMBEDDINGS}")
 

@@ -13,7 +13,9 @@ from autorad_jax.weights.name_map import COPY, LINEAR, NameMap, dump, load, vari
 def prompt_learner_map(prompt_learner: PromptLearner) -> NameMap:
     """torch key -> (nnx path inside the prompt learner, transform) for every variable of the module."""
     entries = {"ctx": (("ctx",), COPY), "tokenized_prompts": (("tokenized_prompts",), COPY),
-               "token_prefix": (("token_prefix",), COPY), "token_suffix": (("token_suffix",), COPY)}
+               "token_suffix": (("token_suffix",), COPY)}
+    if prompt_learner.token_prefix is not None:  # prompts without SOS have none
+        entries["token_prefix"] = (("token_prefix",), COPY)
     if prompt_learner.meta_net is not None:
         for layer in ("linear1", "linear2"):
             entries[f"meta_net.{layer}.weight"] = (("meta_net", layer, "kernel"), LINEAR)

@@ -1,9 +1,10 @@
-"""AutoRad-Lung in PyTorch, on `transformers`' AIMv2, for models exported from JAX (`autorad_jax.export`).
+"""AutoRad-Lung in PyTorch, on `transformers`' AIMv2, CLIP or SigLIP, for models exported from JAX
+(`autorad_jax.export`).
 
-An export folder holds:
-  aimv2/                    the (fine-tuned) AIMv2 towers as a `transformers` folder (`Aimv2Model.from_pretrained`),
-                            with the CLIP tokenizer files of the text tower
-  aimv2_vision/             the (fine-tuned) vision tower alone (`Aimv2VisionModel.from_pretrained`)
+An export folder holds (<family>: aimv2, clip or siglip, as autorad_lung.json's model.family says):
+  <family>/                 the (fine-tuned) towers as a `transformers` folder (`AutoModel.from_pretrained`: Aimv2Model,
+                            CLIPModel, SiglipModel), with the tokenizer files of the text tower
+  <family>_vision/          the (fine-tuned) vision tower alone (`AutoModel.from_pretrained`)
   autorad_lung.json         class names, tokenised prompts, radiomics feature names and standardisation statistics,
                             the preprocessing the model expects, and the training config
   autorad_lung.safetensors  the prompt learner: ctx, meta_net (absent for CoOp), token_prefix, token_suffix,
@@ -22,17 +23,40 @@ from __future__ import annotations
 import collections
 import math
 import os
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import safetensors.torch
 import torch
 from torch import nn
-from transformers import Aimv2Model
+from transformers import AutoModel
 
 from autorad_jax.errors import STALE_PROMPT_EMBEDDINGS
-from autorad_jax.weights.export_format import (CONDITION_INPUTS, CONDITIONINGS, EXPORT_CONFIG, EXPORT_TOWERS,
-                                               EXPORT_WEIGHTS, POOLINGS, RADIOMICS_TRANSFORMS, ExportFolderError,
+from autorad_jax.weights.export_format import (CONDITION_INPUTS, CONDITIONINGS, EXPORT_CONFIG, EXPORT_WEIGHTS, POOLINGS,
+                                               RADIOMICS_TRANSFORMS, DEFAULT_FAMILY, ExportFolderError, export_towers,
                                                read_export_config)
+
+class TorchFamily(NamedTuple):
+    """How a family's `transformers` towers run here: the text tower's final norm, whether it is causal and pooled at
+    EOS (else bidirectional, pooled at the last position), its projection after pooling (a child of the joint model,
+    or of the text tower), the image projection (None: the vision pooler's output is the feature), whether the logit
+    scale is clamped (AIMv2) and a bias added (SigLIP), and the image normalisation the vision tower was trained with
+    (None: the export's preprocessing one)."""
+    final_norm: str
+    causal_eos: bool
+    projection: str
+    projection_in_text_model: bool
+    image_projection: Optional[str]
+    clamp_scale: bool
+    logit_bias: bool
+    image_mean_std: Optional[tuple[float, float]]
+
+
+TORCH_FAMILIES = {  # the PyTorch side of autorad_jax.models.families
+    "aimv2": TorchFamily("rms_norm", True, "text_projection", False, "visual_projection", True, False, None),
+    "clip": TorchFamily("final_layer_norm", True, "text_projection", False, "visual_projection", False, False, None),
+    "siglip": TorchFamily("final_layer_norm", False, "head", True, None, False, True, (0.5, 0.5)),
+}
+
 
 class PromptLearner(nn.Module):
     """CoCoOp-style prompts `[SOS][ctx + shift(cond)][class words . EOS]` as text-tower input embeddings.
@@ -44,7 +68,7 @@ class PromptLearner(nn.Module):
     """
 
     def __init__(self, *, n_ctx: int, width: int, num_classes: int, length: int, cond_dim: int,
-                 meta_hidden_dim: Optional[int], conditioning: Optional[str]):
+                 meta_hidden_dim: Optional[int], conditioning: Optional[str], ctx_start: int = 1):
         super().__init__()
         if conditioning is not None and conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning must be one of {CONDITIONINGS} or None, got {conditioning!r}")
@@ -57,8 +81,9 @@ class PromptLearner(nn.Module):
                 linear1=nn.Linear(cond_dim, meta_hidden_dim), relu=nn.ReLU(),
                 linear2=nn.Linear(meta_hidden_dim, out_dim)))
         self.register_buffer("tokenized_prompts", torch.zeros(num_classes, length, dtype=torch.int32))
-        self.register_buffer("token_prefix", torch.zeros(num_classes, 1, width))  # SOS
-        self.register_buffer("token_suffix", torch.zeros(num_classes, length - 1 - n_ctx, width))  # words . EOS
+        # SOS (none for SigLIP's prompts)
+        self.register_buffer("token_prefix", torch.zeros(num_classes, ctx_start, width) if ctx_start else None)
+        self.register_buffer("token_suffix", torch.zeros(num_classes, length - ctx_start - n_ctx, width))  # words . EOS
 
     def context(self, cond: torch.Tensor) -> torch.Tensor:
         """Context per sample [B, n_ctx, width] (CoOp: [1, n_ctx, width], shared by all samples)."""
@@ -70,10 +95,10 @@ class PromptLearner(nn.Module):
 
     def construct_prompts(self, ctx: torch.Tensor) -> torch.Tensor:
         """`[prefix | ctx | suffix]` for every sample and class: ctx [B, n_ctx, D] -> prompts [B, C, L, D]."""
-        b, c = ctx.shape[0], self.token_prefix.shape[0]
-        prefix = self.token_prefix[None].expand(b, *self.token_prefix.shape)
-        suffix = self.token_suffix[None].expand(b, *self.token_suffix.shape)
-        return torch.cat([prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), suffix], dim=2)
+        b, c = ctx.shape[0], self.token_suffix.shape[0]
+        expand = lambda buffer: buffer[None].expand(b, *buffer.shape)
+        prefix = [] if self.token_prefix is None else [expand(self.token_prefix)]
+        return torch.cat([*prefix, ctx[:, None].expand(b, c, *ctx.shape[1:]), expand(self.token_suffix)], dim=2)
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings [B, C, L, D] ([1, C, L, D] without a meta-network)."""
@@ -135,20 +160,24 @@ class RadiomicsStandardizer(nn.Module):
 class AutoRadLungTorch(nn.Module):
     """`forward(pixel_values [B,3,H,W] normalised, radiomics [B,F] raw) -> logits [B, C]`.
 
-    logits[b, c] = logit_scale * cos(image feature of b, text feature of the class-c prompt built for b). Radiomics are
-    transformed and standardised with the training split's statistics (`standardize`, a `RadiomicsStandardizer`).
-    The prompt learner reads them, or, with `condition_on='image'` (CoCoOp), the normalised image feature.
+    logits[b, c] = logit_scale * cos(image feature of b, text feature of the class-c prompt built for b) (+ SigLIP's
+    logit_bias). Radiomics are transformed and standardised with the training split's statistics (`standardize`, a
+    `RadiomicsStandardizer`). The prompt learner reads them, or, with `condition_on='image'` (CoCoOp), the normalised
+    image feature. `towers` is the family's `transformers` joint model (Aimv2Model, CLIPModel or SiglipModel).
     """
 
-    def __init__(self, aimv2: Aimv2Model, prompt_learner: PromptLearner, *, pooling: str,
+    def __init__(self, towers: nn.Module, prompt_learner: PromptLearner, *, pooling: str,
                  radiomics: RadiomicsStandardizer, config: Optional[dict[str, Any]] = None,
-                 condition_on: str = "radiomics"):
+                 condition_on: str = "radiomics", family: str = DEFAULT_FAMILY):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if condition_on not in CONDITION_INPUTS:
             raise ValueError(f"condition_on must be one of {CONDITION_INPUTS}, got {condition_on!r}")
-        self.aimv2, self.prompt_learner, self.pooling = aimv2, prompt_learner, pooling
+        if family not in TORCH_FAMILIES:
+            raise ValueError(f"family must be one of {tuple(TORCH_FAMILIES)}, got {family!r}")
+        self.towers, self.prompt_learner, self.pooling = towers, prompt_learner, pooling
+        self.family, self.path = family, TORCH_FAMILIES[family]
         self.condition_on = condition_on
         self.config = config or {}
         self.standardize = radiomics
@@ -162,20 +191,24 @@ class AutoRadLungTorch(nn.Module):
     def from_export(cls, path: str) -> "AutoRadLungTorch":
         """Loads an export folder written by `autorad_jax.export` (safetensors and JSON only)."""
         config = read_export_config(path)
-        towers = os.path.join(path, EXPORT_TOWERS)
-        _check_safetensors(os.path.join(towers, "model.safetensors"))
-        aimv2, info = Aimv2Model.from_pretrained(towers, output_loading_info=True, dtype=torch.float32)
+        m = config["model"]
+        family = m.get("family", DEFAULT_FAMILY)
+        towers_dir = os.path.join(path, export_towers(family)[0])
+        _check_safetensors(os.path.join(towers_dir, "model.safetensors"))
+        towers, info = AutoModel.from_pretrained(towers_dir, output_loading_info=True, dtype=torch.float32)
         bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if bad:
-            raise ExportFolderError(f"{towers}: the AIMv2 weights do not match their config.json: {bad}")
-        m = config["model"]
+            raise ExportFolderError(f"{towers_dir}: the {family} weights do not match their config.json: {bad}")
         tokens = config["tokenized_prompts"]
         condition_on = m.get("condition_on", "radiomics")
+        image_width = (towers.config.projection_dim if TORCH_FAMILIES[family].image_projection
+                       else towers.config.vision_config.hidden_size)
+        ctx_start = m.get("ctx_start", 1)
         prompt_learner = PromptLearner(
-            n_ctx=m["n_ctx"], width=aimv2.config.text_config.hidden_size, num_classes=len(tokens),
-            length=len(tokens[0]), cond_dim=aimv2.config.projection_dim if condition_on == "image"
+            n_ctx=m["n_ctx"], width=towers.config.text_config.hidden_size, num_classes=len(tokens),
+            length=len(tokens[0]), cond_dim=image_width if condition_on == "image"
             else len(config["radiomics"]["feature_names"]),
-            meta_hidden_dim=m["meta_hidden_dim"], conditioning=m["conditioning"])
+            meta_hidden_dim=m["meta_hidden_dim"], conditioning=m["conditioning"], ctx_start=ctx_start)
         weights = safetensors.torch.load_file(_check_safetensors(os.path.join(path, EXPORT_WEIGHTS)))
         try:
             prompt_learner.load_state_dict(weights, strict=True)
@@ -183,13 +216,14 @@ class AutoRadLungTorch(nn.Module):
             raise ExportFolderError(f"{path}/{EXPORT_WEIGHTS} does not fit {EXPORT_CONFIG}: {e}") from e
         if prompt_learner.tokenized_prompts.tolist() != tokens:
             raise ExportFolderError(f"{path}: the tokenised prompts of {EXPORT_WEIGHTS} and {EXPORT_CONFIG} differ.")
-        rows = aimv2.text_model.embeddings.token_embedding.weight[prompt_learner.tokenized_prompts.long()]
-        if not (torch.equal(rows[:, :1], prompt_learner.token_prefix)
-                and torch.equal(rows[:, 1 + m["n_ctx"]:], prompt_learner.token_suffix)):
+        rows = towers.text_model.embeddings.token_embedding.weight[prompt_learner.tokenized_prompts.long()]
+        prefix = prompt_learner.token_prefix
+        if not ((prefix is None or torch.equal(rows[:, :ctx_start], prefix))
+                and torch.equal(rows[:, ctx_start + m["n_ctx"]:], prompt_learner.token_suffix)):
             raise ExportFolderError(f"{path}: {STALE_PROMPT_EMBEDDINGS}")
-        return cls(aimv2, prompt_learner, pooling=m["pooling"],
+        return cls(towers, prompt_learner, pooling=m["pooling"],
                    radiomics=RadiomicsStandardizer.from_json(config["radiomics"]), config=config,
-                   condition_on=condition_on)
+                   condition_on=condition_on, family=family)
 
     def preprocess(self, views: torch.Tensor) -> torch.Tensor:
         """[B, S, S, 3] HU views -> [B, 3, H, W] normalised images: the steps of the export's
@@ -203,35 +237,54 @@ class AutoRadLungTorch(nn.Module):
         mean, std = (torch.tensor(p[k], dtype=x.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
         return (x - mean) / std
 
+    def to_family_normalisation(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images normalised with the export's preprocessing mean and std, normalised as the family was trained."""
+        if self.path.image_mean_std is None:
+            return pixel_values
+        p = self.config["preprocessing"]
+        mean, std = (torch.tensor(p[k], dtype=pixel_values.dtype).view(1, -1, 1, 1) for k in ("image_mean", "image_std"))
+        family_mean, family_std = self.path.image_mean_std
+        return (pixel_values * std + mean - family_mean) / family_std
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Projected (not normalised) image features [B, P]: attention-pool head or mean of tokens."""
-        vision = self.aimv2.vision_model
-        out = vision(pixel_values=pixel_values)
-        pooled = out.pooler_output if self.pooling == "head" and vision.use_head else out.last_hidden_state.mean(1)
-        return self.aimv2.visual_projection(pooled)
+        """Projected (not normalised) image features [B, P]: the tower's pooler (attention-pool head, class token) or
+        the mean of tokens, then the family's image projection if it has one."""
+        out = self.towers.vision_model(pixel_values=self.to_family_normalisation(pixel_values))
+        pooled = out.pooler_output if self.pooling == "head" else out.last_hidden_state.mean(1)
+        projection = self.path.image_projection
+        return getattr(self.towers, projection)(pooled) if projection else pooled
 
     def text_features(self, prompts: torch.Tensor) -> torch.Tensor:
         """Projected (not normalised) class features [B, C, P] of prompt embeddings [B, C, L, D].
 
-        The text tower is causal and pools at the (first) EOS token of each class prompt.
+        AIMv2's and CLIP's text towers are causal and pool at the (first) EOS token of each class prompt; SigLIP's is
+        bidirectional and pools at the last position of its fixed-length prompts.
         """
         b, c, length, d = prompts.shape
-        text = self.aimv2.text_model
+        text, path = self.towers.text_model, self.path
         hidden = text.embeddings(inputs_embeds=prompts.reshape(b * c, length, d))
-        causal = torch.full((length, length), -math.inf, dtype=hidden.dtype, device=hidden.device).triu(1)
-        hidden = text.encoder(inputs_embeds=hidden, attention_mask=causal[None, None]).last_hidden_state
-        hidden = text.rms_norm(hidden).reshape(b, c, length, d)
-        eos = (self.prompt_learner.tokenized_prompts == text.config.eos_token_id).int().argmax(-1)  # [C]
+        mask = None
+        if path.causal_eos:
+            mask = torch.full((length, length), -math.inf, dtype=hidden.dtype, device=hidden.device).triu(1)[None, None]
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        hidden = getattr(text, path.final_norm)(hidden).reshape(b, c, length, d)
+        if path.causal_eos:
+            eos = (self.prompt_learner.tokenized_prompts == text.config.eos_token_id).int().argmax(-1)  # [C]
+        else:
+            eos = torch.full((c,), length - 1, dtype=torch.long, device=hidden.device)
         pooled = hidden[:, torch.arange(c, device=hidden.device), eos]  # [B, C, D]
-        return self.aimv2.text_projection(pooled)
+        return getattr(text if path.projection_in_text_model else self.towers, path.projection)(pooled)
 
     def forward(self, pixel_values: torch.Tensor, radiomics: torch.Tensor) -> torch.Tensor:
         image = nn.functional.normalize(self.image_features(pixel_values), dim=-1, eps=0.0)
         cond = image if self.condition_on == "image" else self.standardize(radiomics)
         text = self.text_features(self.prompt_learner(cond))
         text = nn.functional.normalize(text, dim=-1, eps=0.0).expand(image.shape[0], *text.shape[1:])
-        scale = self.aimv2.logit_scale.clamp(0.0, self.aimv2.max_log_logit_scale).exp()
-        return scale * torch.einsum("bp,bcp->bc", image, text)
+        log_scale = self.towers.logit_scale
+        if self.path.clamp_scale:
+            log_scale = log_scale.clamp(0.0, self.towers.max_log_logit_scale)
+        logits = log_scale.exp() * torch.einsum("bp,bcp->bc", image, text)
+        return logits + self.towers.logit_bias if self.path.logit_bias else logits
 
 
 def _check_safetensors(file: str) -> str:
