@@ -93,8 +93,9 @@ def _run_ours(model, pixels, ids, mask) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """(family, shape) -> (joint folder, transformers' outputs); and (family, 'vision') -> (vision-only folder, its
-    transformers outputs on shape 'a' images)."""
+    """(family, shape) -> (joint folder, transformers' outputs); and (family, 'vision') -> (vision-only folder,
+    {image size: (images, its transformers outputs)}) for shape 'a' (28 px) and 42 px images (position embeddings
+    interpolated)."""
     torch.manual_seed(0)
     result = {}
     for family, shape in CASES:
@@ -106,10 +107,16 @@ def folders(tmp_path_factory):
             vision = model.vision_model
             path = tmp_path_factory.mktemp(f"{family}_vision")
             vision.save_pretrained(path)
+            pixels = _inputs(family, shape)[0]
+            big = np.random.default_rng(2).standard_normal((2, 3, 42, 42)).astype(np.float32)  # a 3 x 3 patch grid
             with torch.no_grad():
-                out = vision(pixel_values=torch.from_numpy(_inputs(family, shape)[0]))
-            result[family, "vision"] = (path, {"last_hidden_state": out.last_hidden_state.numpy(),
-                                               "pooler_output": out.pooler_output.numpy()})
+                out = vision(pixel_values=torch.from_numpy(pixels))
+                out_big = vision(pixel_values=torch.from_numpy(big), interpolate_pos_encoding=True)
+            result[family, "vision"] = (path, {
+                28: (pixels, {"last_hidden_state": out.last_hidden_state.numpy(),
+                              "pooler_output": out.pooler_output.numpy()}),
+                42: (big, {"last_hidden_state": out_big.last_hidden_state.numpy(),
+                           "pooler_output": out_big.pooler_output.numpy()})})
     return result
 
 
@@ -128,6 +135,13 @@ def test_joint_model_matches_transformers_in_both_layouts(folders, family, shape
     if shape == "a":
         bf16 = _run_ours(weights.load_pretrained(path, dtype=jnp.bfloat16), *inputs)
         assert rel_err(bf16["logits_per_image"], ref["logits_per_image"]) <= 3e-2
+        # The prompt learner's path: token embeddings given, the ids still choosing the pooled position.
+        pixels, ids, mask = (jnp.asarray(x) for x in inputs)
+        table = unrolled.text_model.embeddings.token_embedding.embedding[...]
+        text = unrolled.get_text_features(ids, mask, inputs_embeds=table[ids])
+        image = unrolled.get_image_features(pixels.transpose(0, 2, 3, 1))
+        assert rel_err(text / np.linalg.norm(text, axis=-1, keepdims=True), ref["text_embeds"]) <= 1e-5
+        assert rel_err(image / np.linalg.norm(image, axis=-1, keepdims=True), ref["image_embeds"]) <= 1e-5
 
 
 @pytest.mark.parametrize("family, shape", CASES)
@@ -153,20 +167,21 @@ def test_round_trip_to_transformers_is_exact(folders, family, shape, tmp_path):
 @pytest.mark.parametrize("family", SHAPES)
 def test_vision_only_folders_load_as_vision_towers(folders, family, tmp_path):
     """A vision-only folder (also in transformers 4's layout, keys under vision_model.) gives the vision tower,
-    whose outputs are transformers'; it is written back exactly."""
-    path, ref = folders[family, "vision"]
+    whose outputs are transformers', at the checkpoint's image size and at another one (its position embeddings
+    interpolated as transformers' interpolate_pos_encoding); it is written back exactly."""
+    path, refs = folders[family, "vision"]
     legacy = tmp_path / "legacy"
     legacy.mkdir()
     (legacy / "config.json").write_text((path / "config.json").read_text())
     tensors = load_file(path / "model.safetensors")
     save_file({f"vision_model.{k}": v for k, v in tensors.items()}, legacy / "model.safetensors")
-    pixels = jnp.asarray(_inputs(family, "a")[0].transpose(0, 2, 3, 1))
     for folder in (path, legacy):
         model = weights.load_pretrained(folder)
         assert type(model).__name__ == OURS[family].__name__.replace("Model", "VisionModel")
-        out = model(pixels)
-        for name in ref:
-            assert rel_err(out[name], ref[name]) <= 1e-5, (folder, name)
+        for size, (pixels, ref) in refs.items():
+            out = model(jnp.asarray(pixels.transpose(0, 2, 3, 1)))
+            for name in ref:
+                assert rel_err(out[name], ref[name]) <= 1e-5, (folder, size, name)
     weights.save_pretrained(model, tmp_path / "saved")
     saved = load_file(tmp_path / "saved" / "model.safetensors")
     assert sorted(saved) == sorted(tensors)

@@ -44,7 +44,7 @@ def projections(config) -> list[Entry]:
 
 
 def _block(starts: GroupStarts, i: int) -> tuple[Path, Optional[int]]:
-    """NNX path and row of transformers' block i: ``layers/i`` unrolled, ``layers/<group start>`` row i - start scanned."""
+    """NNX path and row of transformers' block i: ``layers/i`` unrolled, ``layers/<start>`` row i - start scanned."""
     if starts is None:
         return ("encoder", "layers", i), None
     start = max(s for s in starts if s <= i)
