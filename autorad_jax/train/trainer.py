@@ -116,7 +116,7 @@ def _check_dataset(spec: ModelSpec, data_config: ml_collections.ConfigDict, work
         raise pipeline.DatasetError(
             f"The dataset in {data_config.data_dir} has {len(names)} radiomics features but the checkpoint in "
             f"{workdir} was trained on {spec.num_radiomics} others (or in another order): rebuild the dataset with "
-            f"`python run.py prepare` using the same radiomics parameters, or use another --workdir.")
+            f"`autorad prepare` using the same radiomics parameters, or use another --workdir.")
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None, *,
@@ -285,7 +285,7 @@ class _Start:
 
 def _resolve_start(config: ml_collections.ConfigDict, workdir: str, manager, train_recs: pipeline.Records) -> _Start:
     """The model spec and radiomics statistics of the latest checkpoint (warning about config changes), or resolved on
-    a fresh start: the one place that reads config.model.aimv2_dir (config.json and tokenizer here, weights in
+    a fresh start: the one place that reads config.model.pretrained_dir (config.json and tokenizer here, weights in
     init_state)."""
     step = manager.latest_step()
     if step is None:
