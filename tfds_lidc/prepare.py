@@ -26,7 +26,7 @@ def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) ->
 
 
 def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, keep_incomplete: bool = False) -> str:
     """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir`; returns the dataset dir.
 
     Fails with the manual download instructions when `manual_dir` is missing or empty. When data_dir already
@@ -34,20 +34,24 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
     version) and otherwise refused unless `overwrite`. Series are converted over `num_workers` processes, each
     series' result cached in <data_dir>/downloads/lidc_idri/<config>/ so that an interrupted build resumes. Prints a
     summary; build_report.json is written in the dataset dir (and in the cache dir, also when the build fails).
+    A nodule with readers' marks on slices its series lacks is skipped and named, unless `keep_incomplete` (then it
+    is written from the slices there are, flagged `complete` False).
     """
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
         raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
                                 f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     manual_dir = os.path.abspath(manual_dir)
-    builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers)
+    builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers,
+                      keep_incomplete=keep_incomplete)
     dataset_dir = os.fspath(builder.data_dir)
     download_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads')
     if builder.data_path.exists() and not overwrite:
         stored = builder.info.metadata.get('series_fingerprint')
         if stored != _series_fingerprint(builder, manual_dir, download_dir):
             raise DatasetExistsError(
-                f'{dataset_dir} holds {builder.info.full_name} built from other series '
-                f"(manual_dir {builder.info.metadata.get('manual_dir', 'unknown')}); pass --overwrite to rebuild it "
+                f'{dataset_dir} holds {builder.info.full_name} built from other series or with other options '
+                f"(manual_dir {builder.info.metadata.get('manual_dir', 'unknown')}, keep_incomplete "
+                f"{builder.info.metadata.get('keep_incomplete', False)}); pass --overwrite to rebuild it "
                 f'from {manual_dir}, or choose another --data_dir.')
         print(f'{builder.info.full_name} in {dataset_dir} was built from the same series; reused '
               f'(report: {os.path.join(dataset_dir, report.REPORT_NAME)}).', flush=True)

@@ -19,7 +19,7 @@ import pydicom
 from tfds_lidc import ct_series
 
 ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignancy_mean', 'label', 'nodule_index',
-                  'centroid_mm', 'diameter_mm')
+                  'centroid_mm', 'diameter_mm', 'complete')
 
 
 def _series_uid(slices: list[str]) -> str:
