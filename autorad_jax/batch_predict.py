@@ -123,10 +123,11 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
             ct = _row_ct(row, base, ct_root, index)
             image, series = read_ct(ct)
             masks = ct_input.nodule_masks(image, series, **_row_nodule(row, base), consensus_level=consensus)
-            found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
+            found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks if m is not None]
         except AutoradError as e:
             results.append({**head, "error": str(e)})
             continue
+        results.extend({**head, "ct": os.path.abspath(ct), **info, "error": ""} for m, info in masks if m is None)
         for info, x in found:
             nodule = {**head, "ct": os.path.abspath(ct), **info, **predictor_lib.score_nodule(predictor, x),
                       "error": ""}
@@ -144,7 +145,7 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
-    predicted = sum(1 for r in results if not r["error"])
+    predicted = sum(1 for r in results if "probabilities" in r)
     summary = {"csv": os.path.abspath(csv_path), "json": os.path.abspath(json_path), "rows": len(rows),
                "predicted": predicted, "errors": len({r["row"] for r in results if r["error"]}),
                "seconds": seconds, "nodules_per_second": predicted / max(seconds, 1e-9)}
