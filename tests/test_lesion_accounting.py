@@ -3,6 +3,7 @@ pylidc's clusters on real LIDC-IDRI slices (a partial download) and on demo data
 nodule cut by the series is skipped, or on request written flagged incomplete and left out at read time unless asked
 for."""
 import glob
+import json
 import os
 import re
 import shutil
@@ -31,7 +32,6 @@ def _pylidc_clusters(patient_id: str) -> tuple[pl.Scan, list]:
 
 
 def _report(data_dir: str) -> dict:
-    import json
     with open(os.path.join(tfds_lidc.Builder(data_dir=data_dir, config=CONFIG).data_dir, report.REPORT_NAME)) as f:
         return json.load(f)
 
@@ -114,7 +114,8 @@ def test_real_partial_series_lists_its_four_lesions_as_pylidc_clusters_them(real
     extractor = featureextractor.RadiomicsFeatureExtractor()
     extractor.disableAllFeatures()
     extractor.enableFeaturesByName(shape=['Maximum2DDiameterSlice'])
-    diameter = float(extractor.execute(sitk.Cast(mask, sitk.sitkFloat32), mask)['original_shape_Maximum2DDiameterSlice'])
+    features = extractor.execute(sitk.Cast(mask, sitk.sitkFloat32), mask)
+    diameter = float(features['original_shape_Maximum2DDiameterSlice'])
     assert example['diameter_mm'] == pytest.approx(diameter, abs=1.0)
 
 
@@ -157,7 +158,8 @@ def test_series_cut_by_its_end_names_the_incomplete_nodule_and_the_lesions_it_la
     assert len(small) <= 1 and sum(len(e['small_marks']) for e in by_patient[PATIENT]) == 1
     # The reader XML without slices: its lesions, clustered by their marks' z alone, named with the series' reason.
     alone = [e for e in by_patient['LIDC-IDRI-9999'] if e['readers']]
-    assert [sorted(_nodule_ids(e)) for e in alone] == [sorted(a._nodule_id for a in c) for c in clusters]  # pylint: disable=protected-access
+    ids = [sorted(a._nodule_id for a in c) for c in clusters]  # pylint: disable=protected-access
+    assert [sorted(_nodule_ids(e)) for e in alone] == ids
     assert all(e['reason'] == 'series skipped: reader XML without DICOM slices (its series folder holds no DICOM '
                               'files)' for e in by_patient['LIDC-IDRI-9999'])
     counts = rep['lesions']
