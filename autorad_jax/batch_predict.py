@@ -134,10 +134,11 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
             image, series = read_ct(ct, image_checks.DEFAULT_HU_RANGE,
                                     tuple(ct_input.series_wanted(ct, uid, given["xml"])))
             masks = ct_input.nodule_masks(image, series, **given, consensus_level=consensus)
-            found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks]
+            found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks if m is not None]
         except AutoradError as e:
             results.append({**head, "error": str(e)})
             continue
+        results.extend({**head, "ct": os.path.abspath(ct), **info, "error": ""} for m, info in masks if m is None)
         for info, x in found:
             nodule = {**head, "ct": os.path.abspath(ct), **ct_input.series_description(series), **info,
                       **predictor_lib.score_nodule(predictor, x), "error": ""}
@@ -155,7 +156,7 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(flat)
-    predicted = sum(1 for r in results if not r["error"])
+    predicted = sum(1 for r in results if "probabilities" in r)
     summary = {"csv": os.path.abspath(csv_path), "json": os.path.abspath(json_path), "rows": len(rows),
                "predicted": predicted, "errors": len({r["row"] for r in results if r["error"]}),
                "seconds": seconds, "nodules_per_second": predicted / max(seconds, 1e-9)}

@@ -73,6 +73,10 @@ _DIAMETER = flags.DEFINE_float("diameter", None, "Nodule diameter in mm; a spher
 _XML = flags.DEFINE_string("xml", None, "LIDC reader XML giving the nodule (predict).")
 _XML_MATCHES_CT = flags.DEFINE_bool(
     "xml_matches_ct", False, "The --xml names no series but was made for this --ct: use it anyway (predict).")
+_KEEP_INCOMPLETE = flags.DEFINE_bool(
+    "keep_incomplete", False, "Nodules with readers' marks on slices their series lacks (cut by the end of the "
+    "series): write them from the slices there are, flagged complete=False (prepare), or predict them (predict --xml); "
+    "by default they are skipped and named.")
 _HU_RANGE = flags.DEFINE_list(
     "hu_range", None, "lo,hi: the CT values predict accepts, in HU (default -3100,5000; wider for extended-scale "
     "scans with metal).")
@@ -157,7 +161,7 @@ def _run(command: str, args: list[str]):
         import tfds_lidc
         return tfds_lidc.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
                                  builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value,
-                                 overwrite=_OVERWRITE.value)
+                                 overwrite=_OVERWRITE.value, keep_incomplete=_KEEP_INCOMPLETE.value)
     if command in ("train", "eval", "cv"):
         from autorad_jax.train import trainer
         if command == "train":
@@ -194,7 +198,7 @@ def _run(command: str, args: list[str]):
                            xml=_XML.value, report_dir=_REPORT.value,
                            hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,
                            xml_matches_ct=_XML_MATCHES_CT.value, series=_SERIES.value,
-                           coordinates=_COORDINATES.value, **model)
+                           coordinates=_COORDINATES.value, keep_incomplete=_KEEP_INCOMPLETE.value, **model)
 
 
 def _show(command: str, result) -> None:

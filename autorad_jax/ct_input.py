@@ -169,11 +169,15 @@ def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) 
 
 
 def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: float, *,
-              matches_ct: bool = False) -> list[tuple[sitk.Image, dict]]:
-    """Consensus masks of the nodules of a LIDC reader XML (readers' marks clustered as the dataset builder does),
-    each described with the reader marks the XML holds but the series does not ('xml_issues').
+              matches_ct: bool = False, keep_incomplete: bool = False) -> list[tuple[Optional[sitk.Image], dict]]:
+    """(consensus mask, description) of every lesion of a LIDC reader XML, its readers' marks clustered and masked as
+    the dataset builder does. Each says whether the series holds all its marks ('complete') and lists the reader
+    marks the XML holds but the series does not ('xml_issues'); a lesion that is not predicted has no mask (None) and
+    says why ('skipped'): no mark in the series, marks outside it (incomplete, unless `keep_incomplete`), smaller than
+    3 mm, or no voxel with `consensus_level` reader agreement.
 
-    An XML that names no series is refused unless `matches_ct` says it was made for this CT.
+    An XML that names no series is refused unless `matches_ct` says it was made for this CT; one that gives no lesion
+    to predict is refused naming each lesion's reason.
     """
     if series is None:
         raise PredictInputError("--xml needs the CT as a DICOM series folder (the reader XML names its slices).")
@@ -187,20 +191,28 @@ def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: 
     if reader_xml.series_uid not in (None, series.series_uid):
         raise PredictInputError(f"reader XML {path} is for series {reader_xml.series_uid}, the CT is series "
                                 f"{series.series_uid}.")
-    annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
-                                                   series.image.GetSpacing()[2])
-    clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
-    out = []
-    for index, cluster in enumerate(clusters):
-        mask = nodules_lib.consensus_mask_image(cluster, series.image, consensus_level)
-        if mask is None:
+    lesions, issues = nodules_lib.find_lesions(reader_xml, series.sop_uids, series.z_positions,
+                                               series.image.GetSpacing()[2], tol=series.slice_thickness)
+    out, incomplete = [], False
+    for index, lesion in enumerate(lesions):
+        info = {"nodule_index": index, "complete": lesion.complete, "xml_issues": lesion.issues + issues}
+        skip = lesion.skip_reason(series.z_positions, keep_incomplete)
+        kept, _ = nodules_lib.select_readers(list(lesion.annotations))
+        mask = None if skip else nodules_lib.consensus_mask_image(kept, series.image, consensus_level)
+        if skip is None and mask is None:
+            skip = "", f"no voxel reaches {consensus_level:.0%} reader agreement"
+        if skip is not None:
+            out.append((None, {**info, "skipped": skip[1]}))
+            incomplete |= skip[0] == nodules_lib.INCOMPLETE
             continue
-        ratings = nodules_lib.reader_ratings(cluster)[:, -1]
-        out.append((mask, {"nodule_index": index, "readers": int(np.count_nonzero(ratings)),
-                           "reader_malignancy": [int(r) for r in ratings if r > 0], "xml_issues": list(issues)}))
-    if not out:
-        raise PredictInputError(f"reader XML {path} marks no nodule >= 3 mm with {consensus_level:.0%} reader "
-                                f"agreement in this series.")
+        ratings = nodules_lib.reader_ratings(kept)[:, -1]
+        out.append((mask, {**info, "readers": int(np.count_nonzero(ratings)),
+                           "reader_malignancy": [int(r) for r in ratings if r > 0]}))
+    if all(mask is None for mask, _ in out):
+        reasons = "; ".join(f"lesion {info['nodule_index']}: {info['skipped']}" for _, info in out)
+        hint = " (--keep_incomplete predicts incomplete ones)" if incomplete else ""
+        raise PredictInputError(f"reader XML {path} gives no nodule to predict in this series: "
+                                f"{reasons or 'it marks no nodule'}{hint}.")
     return out
 
 
@@ -219,11 +231,12 @@ def _parse_center(center, coordinates: str) -> np.ndarray:
 
 
 def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: Optional[str], center, diameter,
-                 xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False, coordinates: str = "lps"
-                 ) -> list[tuple[sitk.Image, dict]]:
-    """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml; a diameter
-    or a mask's equivalent-sphere diameter outside DIAMETER_RANGE_MM / MASK_DIAMETER_RANGE_MM is refused. `center` is
-    x,y,z in patient LPS mm, or in RAS mm with `coordinates='ras'`."""
+                 xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False, coordinates: str = "lps",
+                 keep_incomplete: bool = False) -> list[tuple[Optional[sitk.Image], dict]]:
+    """(mask, description) of each nodule to predict, from exactly one of mask / center + diameter / xml (with an XML,
+    of every lesion, those not predicted without a mask: see xml_masks); a diameter or a mask's equivalent-sphere
+    diameter outside DIAMETER_RANGE_MM / MASK_DIAMETER_RANGE_MM is refused. `center` is x,y,z in patient LPS mm, or in
+    RAS mm with `coordinates='ras'`."""
     given = [name for name, v in (("--mask", mask), ("--center", center), ("--xml", xml)) if v is not None]
     if len(given) != 1:
         raise PredictInputError(f"give the nodule with exactly one of --mask, --center (with --diameter) or --xml; "
@@ -241,5 +254,6 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
                  {"mask": f"sphere of diameter {float(diameter)} mm at LPS {point.tolist()} mm{given}",
                   "note": SPHERE_NOTE})]
     return [(m, {"mask": f"consensus (>= {consensus_level:.0%} of readers) of reader XML {os.path.abspath(xml)}",
-                 **info}) for m, info in xml_masks(xml, series, consensus_level, matches_ct=xml_matches_ct)]
+                 **info}) for m, info in xml_masks(xml, series, consensus_level, matches_ct=xml_matches_ct,
+                                                   keep_incomplete=keep_incomplete)]
 

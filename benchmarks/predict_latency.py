@@ -53,7 +53,7 @@ def _nodule(folder: str) -> tuple[str, list[float], float]:
     series_dir = tfds_lidc.synth.generate(os.path.join(folder, "ct"), 1, seed=1, full_size=True, verbose=False)[0]
     xml = next(os.path.join(series_dir, f) for f in sorted(os.listdir(series_dir)) if f.endswith(".xml"))
     image, series = ct_input.read_ct(series_dir)
-    mask, _ = ct_input.xml_masks(xml, series, 0.5)[0]
+    mask = next(m for m, _ in ct_input.xml_masks(xml, series, 0.5) if m is not None)
     stats = sitk.LabelShapeStatisticsImageFilter()
     stats.Execute(mask)
     diameter = float(np.clip(stats.GetEquivalentSphericalRadius(1) * 2, *ct_input.DIAMETER_RANGE_MM))

@@ -13,8 +13,10 @@ import shutil
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import tensorflow_datasets as tfds
 from transformers import Aimv2Model
 
+import tfds_lidc
 from autorad_jax import export
 from autorad_jax import ct_input, predictor as predictor_lib
 from autorad_jax.data import pipeline, preprocess
@@ -26,6 +28,7 @@ from autorad_jax.weights.torch_model import ExportFolderError
 from compiled import forward
 from fault_checks import assert_one_line_error, cli, cli_exit, snapshot
 from lidc_testdata import read_split
+from real_lidc import real_patient  # noqa: F401  (a fixture)
 from test_train import train_config
 
 
@@ -43,11 +46,13 @@ def exported(trained, tmp_path_factory):
     return export.export(trained[1], str(tmp_path_factory.mktemp("predict_export")))
 
 
-@pytest.fixture(scope="module")
-def reference(trained, lidc_data):
-    """{(series_uid, nodule_index): (class probabilities, stored example)} of every stored example, scored by the
-    trainer's evaluation path (the 3-class scheme keeps every example of a split, in stored order)."""
+def scored_examples(trained, data_dir: str) -> dict:
+    """{(series_uid, nodule_index): (class probabilities, stored example)} of every stored example of the dataset in
+    `data_dir`, scored by the trained model through the trainer's evaluation path (the 3-class scheme keeps every
+    example of a split, in stored order)."""
     config, workdir = trained
+    config = config.copy_and_resolve_references()
+    config.data.data_dir = data_dir
     manager = checkpointing.make_manager(workdir, config.train.keep_checkpoints, read_only=True)
     step = checkpointing.best_step(manager)
     _, stats_json, spec = checkpointing.restore_meta(manager, step)
@@ -55,15 +60,21 @@ def reference(trained, lidc_data):
     exp = experiment.make_experiment(config, spec)
     state = checkpointing.restore_state(manager, step, exp.abstract_state)
     out = {}
-    for split in pipeline.SPLITS:
+    for split in tfds.builder("lidc_idri/crop32_1mm", data_dir=data_dir).info.splits.keys():
         recs = pipeline.records(config.data, split)
         probs = trainer.predict_records(exp, state, recs, stats)
-        examples = read_split(lidc_data, split)
+        examples = read_split(data_dir, split)
         assert len(examples) == len(probs)
         for p, ex in zip(probs, examples):
             out[(ex["series_uid"].decode(), int(ex["nodule_index"]))] = (p, ex)
     manager.close()
     return out
+
+
+@pytest.fixture(scope="module")
+def reference(trained, lidc_data):
+    """scored_examples of the dataset the model was trained on."""
+    return scored_examples(trained, lidc_data)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +114,30 @@ def test_predict_with_reader_xml_gives_the_dataset_examples_probabilities(traine
     assert result["model"]["backend"] == backend
 
 
+def test_real_slices_predict_with_the_reader_xml_as_their_dataset_example(trained, real_patient, tmp_path):
+    """LIDC-IDRI-0003's 11 real slices with the series' complete reader XML: the one nodule the slices hold gets the
+    probabilities the trainer's evaluation gives its dataset example; the three others are named with the reason."""
+    data_dir = str(tmp_path / "data")
+    tfds_lidc.prepare(os.path.dirname(real_patient), data_dir, "crop32_1mm")
+    ((key, (expected, example)),) = scored_examples(trained, data_dir).items()
+    (series_dir,) = glob.glob(os.path.join(real_patient, "*", "*"))
+    result = predict(ct=series_dir, xml=os.path.join(series_dir, "72.xml"), workdir=trained[1])
+    (nodule,) = result["nodules"]
+    assert (os.path.basename(series_dir), nodule["nodule_index"]) == key and nodule["complete"]
+    np.testing.assert_allclose(probabilities(nodule), expected, atol=1e-5)
+    np.testing.assert_allclose(nodule["centroid_mm"], example["centroid_mm"], atol=1e-4)
+    np.testing.assert_allclose(list(nodule["radiomics"].values()), example["radiomics"], rtol=1e-6)
+    assert sorted(nodule["reader_malignancy"]) == sorted(r for r in example["ratings"] if r)
+    skipped = result["nodules_skipped"]
+    assert [n["nodule_index"] for n in skipped] == [i for i in range(4) if i != key[1]]
+    none_here = r"marks on slices z = \S+ mm, none in this series \(the series holds -204\.0\.\.\.-179\.0\)"
+    assert all(re.fullmatch(none_here, n["skipped"]) for n in skipped), skipped
+
+
 def _full_grid_mask(series_dir: str, xml: str) -> tuple[sitk.Image, sitk.Image]:
     """The CT and the first nodule's consensus mask resampled onto the CT's whole grid."""
     image, series = ct_input.read_ct(series_dir)
-    block = ct_input.xml_masks(xml, series, 0.5)[0][0]
+    block = next(m for m, _ in ct_input.xml_masks(xml, series, 0.5) if m is not None)
     return image, sitk.Resample(block, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
 
 
@@ -310,15 +341,26 @@ def test_xml_without_series_uid_needs_the_users_word(scan, exported, tmp_path):
     assert [n["probabilities"] for n in got["nodules"]] == [n["probabilities"] for n in want["nodules"]]
 
 
-def test_reader_marks_on_no_slice_are_listed(scan, exported, tmp_path):
+def test_nodule_with_reader_marks_on_no_slice_is_incomplete_and_predicted_only_when_asked(scan, exported, tmp_path):
     # One more outline, on a slice 10 m away that no series holds, in the first nodule that has characteristics.
     stray = ("<roi><imageZposition>10000.0</imageZposition><imageSOP_UID>1.2.3.stray</imageSOP_UID>"
              "<inclusion>TRUE</inclusion><edgeMap><xCoord>10</xCoord><yCoord>10</yCoord></edgeMap>"
              "<edgeMap><xCoord>11</xCoord><yCoord>11</yCoord></edgeMap></roi>")
     xml = _edit_xml(scan[1], tmp_path / "reader.xml", r"(<characteristics>.*?</characteristics>)", r"\1" + stray)
+    whole = {n["nodule_index"]: n for n in predict(ct=scan[0], xml=scan[1], export_dir=exported)["nodules"]}
     got = predict(ct=scan[0], xml=xml, export_dir=exported)
-    issues = got["nodules"][0]["xml_issues"]
-    assert [i for i in issues if "z=10000.00 (SOP 1.2.3.stray) matches no slice" in i], issues
+    (cut,) = [n for n in got["nodules_skipped"] if not n["complete"]]  # the others: the demo's mark < 3 mm
+    assert cut["skipped"].startswith("marks on 1 of ") and "outside the series: incomplete" in cut["skipped"]
+    assert all(n["complete"] for n in got["nodules"])
+    assert [i for i in cut["xml_issues"] if "z=10000.00 (SOP 1.2.3.stray) matches no slice" in i], cut["xml_issues"]
+    assert len(got["nodules"]) == len(whole) - 1
+    kept = predict(ct=scan[0], xml=xml, export_dir=exported, keep_incomplete=True)["nodules"]
+    (flagged,) = [n for n in kept if not n["complete"]]
+    assert len(kept) == len(whole) and flagged["nodule_index"] == cut["nodule_index"]
+    # The series holds the same outlines: the same mask, the same probabilities (lesions are ordered by their marks'
+    # mean slice, which the far outline moves, so the nodule is found by its centroid).
+    (same,) = [n for n in whole.values() if np.allclose(n["centroid_mm"], flagged["centroid_mm"])]
+    assert flagged["probabilities"] == same["probabilities"]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Every kind of bad LIDC-IDRI input is handled and recorded in build_report.json."""
+import collections
 import os
 import re
 import shutil
@@ -143,12 +144,26 @@ def test_bad_series_are_skipped_and_reported(good, tmp_path):  # pylint: disable
     for patient, (_, note) in NOTED.items():
         assert any(note in i for i in issues[patient]), issues[patient]
         assert written[patient]
+    outlined = collections.defaultdict(list)  # each patient's lesions with readers' outlines (>= 3 mm)
+    for lesion in rep['lesion_entries']:
+        if lesion['readers']:
+            outlined[lesion['patient_id']].append(lesion)
+    num_lesions = len(outlined['LIDC-IDRI-9011'])  # the XML as generated
+    assert num_lesions and [les['status'] for les in outlined['LIDC-IDRI-9011']] == ['written'] * num_lesions
+    # A series that cannot be read lists its XML's lesions as skipped with the series' reason; a bad XML none.
+    for patient in ('LIDC-IDRI-9001', 'LIDC-IDRI-9008'):
+        assert len(outlined[patient]) == num_lesions
+        assert all(les['reason'] == f'series skipped: {skipped[patient]}' for les in outlined[patient])
+    assert not [les for les in rep['lesion_entries'] if les['patient_id'] == 'LIDC-IDRI-9004']
     # No valid malignancy anywhere: every nodule is skipped and named, none labelled; the single-point roi dropped.
-    assert not written['LIDC-IDRI-9010'] and any('single-point roi' in i for i in issues['LIDC-IDRI-9010'])
-    reasons = [n['reason'] for n in rep['nodules_skipped'] if n['patient_id'] == 'LIDC-IDRI-9010']
-    assert reasons and all('no reader gave a valid malignancy' in r for r in reasons)
-    assert any('matches no slice' in i for i in issues['LIDC-IDRI-9005'])
-    assert written['LIDC-IDRI-9005']
+    assert not written['LIDC-IDRI-9010'] and len(outlined['LIDC-IDRI-9010']) == num_lesions
+    assert any('single-point roi' in i for les in outlined['LIDC-IDRI-9010'] for i in les['issues'])
+    assert all('no reader gave a valid malignancy' in les['reason'] for les in outlined['LIDC-IDRI-9010'])
+    # An roi on a slice the series lacks: its lesion is incomplete, skipped and named with the roi, the others written.
+    (cut,) = [les for les in outlined['LIDC-IDRI-9005'] if les['status'] == 'skipped']
+    assert cut['kind'] == nodules.INCOMPLETE and cut['reason'].startswith('marks on 1 of ')
+    assert any('z=99999.00 (SOP 1.2.3.4) matches no slice' in i for i in cut['issues'])
+    assert len(written['LIDC-IDRI-9005']) == num_lesions - 1 and not cut['complete']
     assert any('no nodule with characteristics' in i for i in issues['LIDC-IDRI-9006'])
     assert not written['LIDC-IDRI-9006']
     assert rep['series_read'] == 7 and not rep['errors']
@@ -210,4 +225,4 @@ def test_nodule_at_volume_edge_is_padded_with_air(good, tmp_path):  # pylint: di
     beyond = plane_z > z_last + 0.5 * spacing_z + 1e-3   # a slice covers half its spacing each side
     assert beyond.any()
     assert np.all(ex['ct'][beyond] == -1000)
-    assert any('padded with air' in i for i in entry['issues'])
+    assert any('padded with air' in i for les in entry['lesions'] for i in les['issues'])

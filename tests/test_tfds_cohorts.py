@@ -83,9 +83,10 @@ def test_every_cohort_builds_and_accounts_for_every_nodule(cohorts, size):
         if entry['status'] != 'read':
             continue
         clusters = _pylidc_scan(entry['series_uid']).cluster_annotations(verbose=False)
-        written = [k for k in examples if k[0] == entry['series_uid']]
-        skipped = [n['nodule_index'] for n in entry['nodules_skipped']]
-        assert sorted([i for _, i in written] + skipped) == list(range(len(clusters)))
+        written = sorted(i for uid, i in examples if uid == entry['series_uid'])
+        outlined = [les for les in entry['lesions'] if les['readers']]  # the small-nodule marks are lesions too
+        assert [les['nodule_index'] for les in outlined] == list(range(len(clusters)))
+        assert [les['nodule_index'] for les in outlined if les['status'] == 'written'] == written
     # The dataset holds the splits with examples; the others are named, with the reason, in its metadata.
     present = set(info.splits.keys())
     assert present == {e['split'] for e in examples.values()}
@@ -105,7 +106,7 @@ def test_every_cohort_builds_and_accounts_for_every_nodule(cohorts, size):
 def test_nodules_ratings_and_labels_match_pylidc(cohorts):
     _, data_dir = cohorts[3]
     rep, examples = _report(data_dir), read_all(data_dir)
-    issues = {e['series_uid']: e['issues'] for e in rep['series']}
+    issues = {e['series_uid']: [i for les in e['lesions'] for i in les['issues']] for e in rep['series']}
     for uid in {k[0] for k in examples}:
         scan = _pylidc_scan(uid)
         theirs = sorted(sorted(a.malignancy for a in c) for c in scan.cluster_annotations(verbose=False))

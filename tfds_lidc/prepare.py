@@ -60,7 +60,7 @@ def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) ->
 
 
 def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1,
-            overwrite: bool = False) -> str:
+            overwrite: bool = False, keep_incomplete: bool = False) -> str:
     """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir`; returns the dataset dir.
 
     Fails with the manual download instructions when `manual_dir` is missing or empty. When data_dir already
@@ -71,19 +71,21 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
 
     One prepare of a builder config runs in a data_dir at a time: it holds <data_dir>/lidc_idri/<config>/prepare.lock,
     and a second one is refused (DatasetLockedError naming the holder). What an interrupted build left is removed
-    and named first.
+    and named first. A nodule with readers' marks on slices its series lacks is skipped and named, unless
+    `keep_incomplete` (then it is written from the slices there are, flagged `complete` False).
     """
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
         raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
                                 f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     manual_dir = os.path.abspath(manual_dir)
-    builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers)
+    make = functools.partial(Builder, data_dir=data_dir, config=builder_config, num_workers=num_workers,
+                             keep_incomplete=keep_incomplete)
+    builder = make()
     lock = os.path.join(os.path.dirname(os.fspath(builder.data_path)), LOCK_NAME)
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with file_lock.hold(lock, functools.partial(_refusal, builder, lock)):
         # Made again under the lock, so that it sees the data_dir as the lock's last holder left it.
-        return _prepare(Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers), manual_dir,
-                        overwrite)
+        return _prepare(make(), manual_dir, overwrite)
 
 
 def _prepare(builder: Builder, manual_dir: str, overwrite: bool) -> str:
@@ -95,8 +97,9 @@ def _prepare(builder: Builder, manual_dir: str, overwrite: bool) -> str:
         stored = builder.info.metadata.get('series_fingerprint')
         if stored != _series_fingerprint(builder, manual_dir, download_dir):
             raise DatasetExistsError(
-                f'{dataset_dir} holds {builder.info.full_name} built from other series '
-                f"(manual_dir {builder.info.metadata.get('manual_dir', 'unknown')}); pass --overwrite to rebuild it "
+                f'{dataset_dir} holds {builder.info.full_name} built from other series or with other options '
+                f"(manual_dir {builder.info.metadata.get('manual_dir', 'unknown')}, keep_incomplete "
+                f"{builder.info.metadata.get('keep_incomplete', False)}); pass --overwrite to rebuild it "
                 f'from {manual_dir}, or choose another --data_dir.')
         print(f'{builder.info.full_name} in {dataset_dir} was built from the same series; reused '
               f'(report: {os.path.join(dataset_dir, report.REPORT_NAME)}).', flush=True)

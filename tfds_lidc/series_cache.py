@@ -23,7 +23,7 @@ import pydicom
 from tfds_lidc import ct_series
 
 ARRAY_FEATURES = ('ct', 'mask', 'radiomics', 'ratings', 'attributes', 'malignancy_mean', 'label', 'nodule_index',
-                  'centroid_mm', 'diameter_mm')
+                  'centroid_mm', 'diameter_mm', 'complete')
 _TMP_SUFFIX = '.tmp'  # and the writing process's id
 
 

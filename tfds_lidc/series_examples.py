@@ -11,6 +11,7 @@ import numpy as np
 from tfds_lidc import ct_series
 from tfds_lidc import nodule_sample
 from tfds_lidc import nodules as nodules_lib
+from tfds_lidc import report
 from tfds_lidc import series_cache
 from tfds_lidc import xml_reader
 
@@ -29,13 +30,14 @@ class SeriesTask:
     radiomics_params: str
     cache_dir: str
     code_version: str
+    keep_incomplete: bool = False  # write nodules with marks on slices the series lacks (flagged complete=False)
 
     def cache_config(self) -> dict:
         """What, besides the series' files, decides its result (the cache key's config part)."""
         with open(self.radiomics_params) as f:
             params = f.read()
         return {'crop_size': self.crop_size, 'spacing_mm': self.spacing_mm, 'consensus_level': self.consensus_level,
-                'radiomics_params': params, 'code_version': self.code_version}
+                'radiomics_params': params, 'code_version': self.code_version, 'keep_incomplete': self.keep_incomplete}
 
 
 def label_of(mean_rating: float) -> int:
@@ -82,9 +84,10 @@ def _reader_xml(parsed: list[tuple[str, xml_reader.ReaderXml]], series_uid: str
 def process_series(task: SeriesTask) -> dict:
     """The report entry of one series, its nodule features stored in the cache (or found there).
 
-    Known data faults (unreadable DICOM, bad XML, ...) give status 'skipped' with the reason and are cached; a
-    missing pixel-data decoder gives status 'skipped' and is not cached; an unexpected exception gives status 'error'
-    with its traceback and is not cached, so a rerun tries again.
+    Every lesion of its reader XML is listed in the entry, written or skipped with the reason. Known data faults
+    (unreadable DICOM, bad XML, ...) give status 'skipped' with the reason and are cached; a missing pixel-data decoder
+    gives status 'skipped' and is not cached; an unexpected exception gives status 'error' with its traceback and is
+    not cached, so a rerun tries again.
     """
     directory = os.path.join(task.manual_dir, task.series_dir)
     series_key = series_cache.key(directory, task.cache_config())
@@ -94,16 +97,18 @@ def process_series(task: SeriesTask) -> dict:
         return dict(entry, series_dir=task.series_dir, patient_id=task.patient_id, cached=True)
     entry = {'series_key': series_key, 'cache_key': cache_key, 'series_dir': task.series_dir,
              'patient_id': task.patient_id, 'series_uid': '', 'status': 'read', 'reason': '', 'nodules_written': [],
-             'nodules_skipped': [], 'issues': [], 'files_ignored': []}
+             'lesions': [], 'issues': [], 'files_ignored': []}
     examples = []
     try:
         examples = _series_examples(task, directory, entry)
     except ct_series.DecoderMissingError as e:  # the environment's fault: neither cached nor in the fingerprint, so
-        entry.update(status='skipped', reason=str(e))  # a run with the decoder installed reads the series
+        # that a run with the decoder installed reads the series
+        entry.update(status='skipped', reason=str(e), lesions=unread_lesions(directory, str(e)))
         del entry['series_key']
         return dict(entry, cached=False)
     except (ct_series.SeriesError, xml_reader.XmlError) as e:
-        entry.update(status='skipped', reason=str(e))
+        entry.update(status='skipped', reason=str(e), nodules_written=[],
+                     lesions=[] if isinstance(e, xml_reader.XmlError) else unread_lesions(directory, str(e)))
         examples = []
     except Exception as e:  # pylint: disable=broad-except  # recorded, the build goes on and fails at its end
         entry.update(status='error', reason=f'{type(e).__name__}: {e}', traceback=traceback.format_exc())
@@ -113,7 +118,7 @@ def process_series(task: SeriesTask) -> dict:
 
 
 def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict]:
-    """Features of every nodule of the series; fills `entry`."""
+    """Features of every nodule of the series that can be written; fills `entry` with every lesion."""
     reader_xmls = _parse_reader_xmls(directory)
     series = ct_series.load_ct_series(directory, [x.series_uid for _, x in reader_xmls if x.series_uid])
     entry['series_uid'] = series.series_uid
@@ -121,47 +126,85 @@ def _series_examples(task: SeriesTask, directory: str, entry: dict) -> list[dict
     entry['files_ignored'] = series.files_ignored
     reader_xml, notes = _reader_xml(reader_xmls, series.series_uid)
     entry['issues'].extend(notes)
-    annotations, issues = nodules_lib.place_annotations(reader_xml, series.sop_uids, series.z_positions,
-                                                        float(np.median(np.diff(series.positions))))
+    lesions, issues = nodules_lib.find_lesions(reader_xml, series.sop_uids, series.z_positions,
+                                               float(np.median(np.diff(series.positions))), tol=series.slice_thickness)
     entry['issues'].extend(issues)
-    clusters = nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness)
-    if not clusters:
+    if not any(lesion.annotations for lesion in lesions):
         entry['issues'].append('series has no nodule with characteristics (>= 3 mm)')
     examples = []
-    for index, cluster in enumerate(clusters):
-        try:
-            examples.append(_example(task, series, cluster, index, entry))
-            entry['nodules_written'].append(f'{series.series_uid}_{index}')
-        except nodule_sample.NoduleError as e:
-            entry['nodules_skipped'].append({'nodule_index': index, 'reason': str(e)})
+    for index, lesion in enumerate(lesions):
+        lesion_notes = lesion.issues
+        skip = lesion.skip_reason(series.z_positions, task.keep_incomplete)
+        if skip is None:
+            try:
+                examples.append(_example(task, series, lesion, index, lesion_notes))
+            except nodule_sample.NoduleError as e:
+                skip = report.reason_kind(str(e)), str(e)
+        if skip is None:
+            key = f'{series.series_uid}_{index}'
+            entry['nodules_written'].append(key)
+            entry['lesions'].append(lesion_entry(index, lesion, lesion_notes, key=key))
+        else:
+            entry['lesions'].append(lesion_entry(index, lesion, lesion_notes, skip=skip))
     return examples
 
 
-def _example(task: SeriesTask, series: ct_series.CtSeries, cluster: list[nodules_lib.Annotation], index: int,
-             entry: dict) -> dict:
-    """Features of one nodule; adds its issues to `entry`; raises NoduleError when it is skipped."""
-    kept, left_out = nodules_lib.select_readers(cluster)
+def lesion_entry(index: int, lesion: nodules_lib.Lesion, issues: list[str], *, key: str = '',
+                 skip: tuple[str, str] | None = None) -> dict:
+    """The build report entry of the lesion `index` of a series: written as the example `key`, or skipped with
+    (kind, reason) `skip`."""
+    kind, reason = skip or ('', '')
+    z = lesion.marked_z()
+    return report.lesion(f'lesion {index}', 'skipped' if skip else 'written', key=key, kind=kind, reason=reason,
+                         issues=issues, nodule_index=index, complete=lesion.complete,
+                         readers=[a.describe() for a in lesion.annotations],
+                         small_marks=[a.describe() for a in lesion.small_marks],
+                         z_mm=[float(z.min()), float(z.max())] if len(z) else [])
+
+
+def unread_lesions(directory: str, reason: str) -> list[dict]:
+    """The report entries of the lesions of a folder's first reader XML, whose series is not read (for `reason`), each
+    skipped as 'series skipped'; their marks are clustered by their z alone. None when the folder holds no reader XML
+    or it does not parse."""
+    paths = _xml_paths(directory)
+    if not paths:
+        return []
+    try:
+        reader_xml = xml_reader.parse_reader_xml(paths[0])
+    except xml_reader.XmlError:
+        return []
+    spacing = nodules_lib.xml_slice_spacing(reader_xml)
+    lesions, _ = nodules_lib.find_lesions(reader_xml, [], np.zeros(0), spacing, tol=spacing)
+    skip = ('series skipped', f'series skipped: {reason}')
+    return [lesion_entry(index, lesion, lesion.issues, skip=skip) for index, lesion in enumerate(lesions)]
+
+
+def _example(task: SeriesTask, series: ct_series.CtSeries, lesion: nodules_lib.Lesion, index: int,
+             notes: list[str]) -> dict:
+    """Features of one nodule; adds its notes to `notes`; raises NoduleError when it is skipped."""
+    kept, left_out = nodules_lib.select_readers(list(lesion.annotations))
     if left_out:
-        entry['issues'].append(f'nodule {index}: {len(cluster)} annotations clustered; mask and ratings from one '
-                               f'annotation per reader ({len(kept)}), left out: '
-                               + ', '.join(f'reader {a.reader} nodule {a.nodule_id!r}' for a in left_out))
+        notes.append(f'{len(lesion.annotations)} annotations clustered; mask and ratings from one annotation per '
+                     f'reader ({len(kept)}), left out: ' + ', '.join(a.describe() for a in left_out))
     attributes = nodules_lib.reader_ratings(kept)
     ratings = attributes[:, -1]
     if not np.any(ratings > 0):
         raise nodule_sample.NoduleError('no reader gave a valid malignancy rating (1-5)')
     mask = nodules_lib.consensus_mask_image(kept, series.image, task.consensus_level)
     if mask is None:
-        raise nodule_sample.NoduleError(f'no voxel reaches {task.consensus_level:.0%} reader agreement')
+        raise nodule_sample.NoduleError(f'no voxel reaches the consensus level ({task.consensus_level:.0%} of '
+                                        f'readers)')
     sample = nodule_sample.nodule_example(series.image, mask, crop_size=task.crop_size, spacing_mm=task.spacing_mm,
                                           radiomics_params=task.radiomics_params)
     if sample.padded:
-        entry['issues'].append(f'nodule {index}: crop reaches outside the scan, padded with air (-1000 HU)')
+        notes.append('crop reaches outside the scan, padded with air (-1000 HU)')
     mean = float(ratings[ratings > 0].mean())
     return {
         'ct': sample.ct, 'mask': sample.mask, 'radiomics': sample.radiomics,
         'ratings': ratings, 'attributes': attributes,
         'malignancy_mean': np.float32(mean), 'label': np.int64(label_of(mean)), 'nodule_index': np.int32(index),
         'centroid_mm': sample.centroid_mm, 'diameter_mm': np.float32(sample.diameter_mm),
+        'complete': np.bool_(lesion.complete),
     }
 
 

@@ -146,7 +146,7 @@ def _write_series(out_dir: str, scan: _Scan, slab: np.ndarray, volume: np.ndarra
     sop_uids = []
     stored = np.clip(np.round(volume - INTERCEPT), -32768, 32767).astype(np.int16)
     for k, z in enumerate(scan.zvals[slab]):
-        sop = generate_uid(UID_PREFIX, [scan.series_uid, repr(float(z))])
+        sop = _sop_uid(scan, z)
         sop_uids.append(sop)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CT_IMAGE_STORAGE, sop
@@ -171,6 +171,11 @@ def _write_series(out_dir: str, scan: _Scan, slab: np.ndarray, volume: np.ndarra
         ds.PixelData = stored[k].tobytes()
         ds.save_as(os.path.join(study_dir, f'1-{k + 1:03d}.dcm'), enforce_file_format=True)
     return study_dir, sop_uids
+
+
+def _sop_uid(scan: _Scan, z: float) -> str:
+    """The SOP Instance UID of the scan's slice nearest to `z` (the same whether the slab holds that slice or not)."""
+    return generate_uid(UID_PREFIX, [scan.series_uid, repr(float(scan.zvals[np.argmin(np.abs(scan.zvals - z))]))])
 
 
 def _sub(parent: ET.Element, tag: str, text=None) -> ET.Element:
@@ -202,7 +207,7 @@ def _write_xml(series_dir: str, scan: _Scan, slab_z: np.ndarray, sop_uids: list[
         for z, inclusion, xy in contours:
             roi = _sub(nod, 'roi')
             _sub(roi, 'imageZposition', f'{z:.6f}')
-            _sub(roi, 'imageSOP_UID', sop_uids[int(np.argmin(np.abs(slab_z - z)))])
+            _sub(roi, 'imageSOP_UID', _sop_uid(scan, z))  # a slice the slab may not hold, as in a partial download
             _sub(roi, 'inclusion', 'TRUE' if inclusion else 'FALSE')
             for x, y in _downsample_xy(xy, factor):
                 edge = _sub(roi, 'edgeMap')

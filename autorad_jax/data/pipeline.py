@@ -289,7 +289,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
           stamp: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
     source = _open_split(name, data_dir, split, stamp)
-    out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": []}
+    out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": [],
+           "complete": []}
     for i in range(len(source)):
         ex = source[i]
         if np.shape(ex["ct"]) != (ct_size,) * 3:
@@ -302,6 +303,7 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
                                  else str(ex["patient_id"]))
         out["ratings"].append(np.asarray(ex["ratings"], np.int32))
         out["diameter_mm"].append(float(ex["diameter_mm"]))
+        out["complete"].append(bool(ex["complete"]))
         out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
         out["view"].append(extract_view(np.asarray(ex["ct"]), view))
     return {k: np.stack(v) for k, v in out.items()}
@@ -329,7 +331,9 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     """Records of `role` ('train' | 'validation' | 'test') under the label protocol, scheme and cross-validation fold.
 
     Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
-    min_readers and min_diameter_mm (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
+    min_readers and min_diameter_mm (autorad_jax/data/labels.py); nodules cut by the end of their series (stored
+    when the dataset was built with --keep_incomplete, `complete` False) only with data.include_incomplete. With
+    data.cv_fold = k >= 0, 'train' is train +
     validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
     patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped. With
     data.shuffle_radiomics (an ablation), each role's radiomics rows are permuted across its nodules.
@@ -351,6 +355,8 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     meta["label"] = labels_lib.labels(meta["ratings"], rule)
     keep = np.isin(meta["label"], classes)
     keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
+    include_incomplete = bool(data_config.get("include_incomplete", False))
+    keep &= meta["complete"] | include_incomplete
     if k >= 0 and role != "test":
         folds = cv_folds(meta["patient_id"], meta["fold"], int(data_config.get("cv_repeat", 0)))
         keep &= (folds != k) if role == "train" else (folds == k)
@@ -360,7 +366,7 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     if len(recs) == 0:
         raise DatasetError(f"No {role} examples in {name} ({data_dir}) for label_scheme={data_config.label_scheme} "
                            f"label_rule={rule} min_readers={min_readers} min_diameter_mm={min_diameter_mm} "
-                           f"cv_fold={k}.")
+                           f"include_incomplete={include_incomplete} cv_fold={k}.")
     if data_config.get("shuffle_radiomics", False):
         recs = shuffle_radiomics(recs, int(data_config.shuffle_seed), role)
     return recs

@@ -47,6 +47,7 @@ _FREE_KEYS = ("model.pretrained_dir", "model.aimv2_dir", "model.init", "model.dt
               "model.remat", "model.prompt_chunk_size")
 _STRUCTURAL_PREFIXES = ("model.", "data.builder_config", "data.view", "data.image_size", "data.window_hu",
                         "data.label_scheme", "data.label_rule", "data.min_readers", "data.min_diameter_mm",
+                        "data.include_incomplete",
                         "data.cv_fold", "data.cv_repeat", "data.radiomics_transform", "data.radiomics_clip",
                         "data.shuffle_", "data.balanced_sampling", "optim.name", "optim.grad_accum_steps")
 # Orbax splits the writing of a replicated array among its replicas, each part cut by an eager jax slice (a dispatch,

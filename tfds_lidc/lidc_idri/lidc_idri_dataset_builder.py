@@ -63,24 +63,26 @@ def _with_progress(results: Iterable[dict], total: int) -> Iterator[dict]:
             yield entry
 
 
-def _unread_entry(folder: discover.Folder) -> dict:
-    """The report entry of a folder holding reader XML only, or reached again through a symlink."""
+def _unread_entry(manual_dir: str, folder: discover.Folder) -> dict:
+    """The report entry of a folder holding reader XML only (its lesions listed as skipped), or reached again through
+    a symlink (listed where it was read)."""
     first = 'the manual_dir itself' if folder.same_as == '.' else folder.same_as
     reason = (f'a folder already read, reached again through a symlink: {first}' if folder.same_as
               else 'reader XML without DICOM slices (its series folder holds no DICOM files)')
+    lesions = [] if folder.same_as else series_examples.unread_lesions(os.path.join(manual_dir, folder.rel), reason)
     return {'series_dir': folder.rel, 'patient_id': folder.patient_id, 'series_uid': '', 'status': 'skipped',
-            'reason': reason, 'nodules_written': [], 'nodules_skipped': [], 'issues': []}
+            'reason': reason, 'nodules_written': [], 'lesions': lesions, 'issues': []}
 
 
 def _skip_repeated_series(entries: list[dict]) -> list[dict]:
     """The entries in path order (by folder names, as the walk met them), a series read from two folders (a patient
-    folder copied twice, say) kept at its first path and skipped at the others: its nodules would otherwise be written
-    twice under the same keys."""
+    folder copied twice, say) kept at its first path and skipped at the others (its lesions listed at the first): its
+    nodules would otherwise be written twice under the same keys."""
     first, out = {}, []
     for entry in sorted(entries, key=lambda e: e['series_dir'].split(os.sep)):
         uid = entry['series_uid']
         if entry['status'] == 'read' and uid in first:
-            entry = dict(entry, status='skipped', nodules_written=[], nodules_skipped=[], issues=[],
+            entry = dict(entry, status='skipped', nodules_written=[], lesions=[], issues=[],
                          reason=f'a copy of a series already read (SeriesInstanceUID {uid}): {first[uid]}')
         elif entry['status'] == 'read':
             first[uid] = entry['series_dir']
@@ -102,7 +104,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                  'radiomics with pyradiomics\' CT settings (voxelArrayShift 1000, minimumROIDimensions 2).',
         '1.2.0': 'Crops along the patient LPS axes whatever the scan\'s stored orientation; a series folder\'s series '
                  'is the one its reader XML names (else the largest axial CT stack), its other files listed in the '
-                 'report; compressed transfer syntaxes read.',
+                 'report; compressed transfer syntaxes read. Readers\' marks on slices the series lacks are clustered '
+                 'by their z as pylidc does, and every lesion is listed in the build report, written or skipped with '
+                 'its reason; a nodule with marks outside its series is skipped unless the build keeps it (feature '
+                 '`complete` False); nodule_index is the lesion\'s index among all the XML\'s lesions.',
     }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
     BUILDER_CONFIGS = [
@@ -111,8 +116,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     ]
     DEFAULT_CONFIG_NAME = 'crop64_1mm'
 
-    def __init__(self, *, num_workers: int = 1, **kwargs):
+    def __init__(self, *, num_workers: int = 1, keep_incomplete: bool = False, **kwargs):
+        """`keep_incomplete`: also write nodules with readers' marks on slices their series does not hold, from the
+        slices it holds, flagged `complete` False (by default they are skipped and named in the report)."""
         self._num_workers = num_workers
+        self._keep_incomplete = keep_incomplete
         self._use_beam = False
         self._map = map
         self.report: dict | None = None
@@ -141,6 +149,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 'centroid_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
                 'diameter_mm': tfds.features.Scalar(dtype=np.float32),
                 'fold': tfds.features.Scalar(dtype=np.int32),
+                'complete': tfds.features.Scalar(dtype=np.bool_),
             }),
             supervised_keys=None,
             homepage='https://www.cancerimagingarchive.net/collection/lidc-idri/',
@@ -156,7 +165,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         tasks = [series_examples.SeriesTask(
             manual_dir=manual_dir, series_dir=f.rel, patient_id=f.patient_id, crop_size=cfg.crop_size,
             spacing_mm=cfg.spacing_mm, consensus_level=cfg.consensus_level, radiomics_params=cfg.radiomics_params,
-            cache_dir=cache_dir, code_version=str(self.VERSION)) for f in folders if f.has_dicom]
+            cache_dir=cache_dir, code_version=str(self.VERSION), keep_incomplete=self._keep_incomplete)
+            for f in folders if f.has_dicom]
         return tasks, [f for f in folders if not f.has_dicom]
 
     def series_cache_dir(self, download_dir: str) -> str:
@@ -184,7 +194,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             raise BuildError(f'No DICOM series found under {manual_dir}: it should hold '
                              'LIDC-IDRI-NNNN/<study>/<series>/*.dcm with the reader XML (docs/data.md, '
                              '"Real LIDC-IDRI").')
-        entries = [_unread_entry(f) for f in unread]
+        entries = [_unread_entry(manual_dir, f) for f in unread]
         try:
             entries.extend(_with_progress(self._map(series_examples.process_series, tasks), len(tasks)))
         finally:
@@ -207,7 +217,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                              f'are in {self.report_paths[0]}.')
         self.report_paths += report.write(self.report, os.fspath(self.data_path))
         self.info.metadata.update(series_fingerprint=fingerprint, manual_dir=manual_dir, empty_splits=empty,
-                                  nodules_per_split=self.report['nodules_per_split'])
+                                  nodules_per_split=self.report['nodules_per_split'],
+                                  keep_incomplete=self._keep_incomplete)
         by_split = {}
         for e in entries:
             if e['nodules_written']:
