@@ -124,7 +124,7 @@ def test_any_stored_orientation_predicts_as_the_dicom_series(series_dir, predict
     centre = by_readers["centroid_mm"]
     (by_centre,) = predict(ct=series_dir, center=centre, diameter=10.0)["nodules"]
     image, series = ct_input.read_ct(series_dir)
-    consensus = ct_input.xml_masks(os.path.join(series_dir, XML), series, 0.5)[0][0]
+    consensus = next(m for m, _ in ct_input.xml_masks(os.path.join(series_dir, XML), series, 0.5) if m is not None)
     full_mask = sitk.Resample(consensus, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     for code, store in STORED.items():
         ct_path, mask_path = str(tmp_path / f"ct_{code}.nii.gz"), str(tmp_path / f"mask_{code}.nii.gz")
