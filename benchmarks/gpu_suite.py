@@ -149,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for suite.json, suite.md and each job's JSON")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny config, minimal sizes")
-    parser.add_argument("--budget_s", type=float, default=None, help="seconds for the jobs (default 450; dry run 300)")
+    parser.add_argument("--budget_s", type=float, default=None, help="seconds for the jobs (default 450; dry run 540)")
     parser.add_argument("--wheels", default=None, help="folder of carried wheels to install where modules are missing")
     parser.add_argument("--site", default="/tmp/site", help="where the carried wheels are installed")
     parser.add_argument("--download_wheels", default=None, help="fetch the wheels to carry into this folder, and stop")
@@ -160,7 +160,7 @@ def main() -> None:
     if args.wheels:
         install_wheels(args.wheels, args.site)
     os.makedirs(args.out, exist_ok=True)
-    budget = args.budget_s or (300.0 if args.dry_run else 450.0)
+    budget = args.budget_s or (540.0 if args.dry_run else 450.0)
     result = run_jobs(args.out, args.dry_run, budget)
     with open(os.path.join(args.out, "suite.json"), "w") as f:
         json.dump(result, f, indent=2)
