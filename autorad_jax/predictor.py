@@ -78,16 +78,21 @@ def check_model_source(workdir: Optional[str], export_dir: Optional[str]) -> Non
 
 def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] = None,
                    backend: str = "jax") -> Predictor:
-    """The model of `workdir` (best checkpoint) or of `export_dir`, run by `backend` ('jax' | 'torch').
+    """The model of `workdir` (best checkpoint) or of `export_dir`, run by `backend` ('jax' | 'torch'). JAX keeps its
+    compiled programs in the folder's compilation_cache/ when the folder is writable (see train/compilation_cache.py),
+    so that the next prediction with the same model reads them instead of compiling.
 
     Only the workdir or the export folder is read (not the dataset, nor the pretrained folder the run started from).
     A workdir with the torch backend is exported to a temporary folder first (AutoRad-Lung and CoOp only).
     """
     from autorad_jax.data import preprocess
-    from autorad_jax.train import checkpointing, experiment
+    from autorad_jax.train import checkpointing, compilation_cache, experiment
     if backend not in BACKENDS:
         raise PredictInputError(f"backend {backend!r}; use one of {BACKENDS}.")
     check_model_source(workdir, export_dir)
+    folder = workdir or export_dir
+    if backend == "jax":  # the forward pass compiled by an earlier prediction with this model is read back
+        compilation_cache.use_workdir_cache(os.access(folder, os.W_OK), folder)
     if workdir is not None:
         restored = experiment.load_model(workdir)
         config = restored.config

@@ -1,8 +1,10 @@
 """Build throughput of lidc_idri on full-size demo series (every slice, 512^2, as LIDC-IDRI has them).
 
-python benchmarks/build_throughput.py [--num_scans 4] [--config crop64_1mm] [--workers 1,2]
-Prints seconds per series split into reading (DICOM -> HU volume), resampling (isotropic crop grid) and radiomics,
-then nodules/s of whole builds at each worker count and the projected time for all of LIDC-IDRI on 16 cores.
+python benchmarks/build_throughput.py [--num_scans 8] [--config crop64_1mm] [--workers 1,2]
+Prints seconds per series split into reading (DICOM -> HU volume, XML, clustering), resampling (consensus mask,
+isotropic crop grid) and radiomics, timed stage by stage in this process, and writing (the dataset written again from
+the series cache, per series); then whole builds at each worker count: nodules/s, series/s, the speed-up over one
+worker and the time all of LIDC-IDRI's series would take at that measured rate.
 """
 import argparse
 import json
@@ -13,12 +15,13 @@ import time
 
 import numpy as np
 
+import machine
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tfds_lidc  # noqa: E402  pylint: disable=g-import-not-at-top
 from tfds_lidc import crop, ct_series, nodule_sample, nodules, radiomics_features, xml_reader  # noqa: E402
 
 LIDC_SERIES = 1018
-PROJECTED_CORES = 16
 
 
 def stage_seconds(series_dir: str, crop_size: int) -> tuple[float, float, float, int]:
@@ -48,9 +51,10 @@ def stage_seconds(series_dir: str, crop_size: int) -> tuple[float, float, float,
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument('--num_scans', type=int, default=4)
+    parser.add_argument('--num_scans', type=int, default=8)
     parser.add_argument('--config', default='crop64_1mm')
-    parser.add_argument('--workers', default='1,2')
+    parser.add_argument('--workers', default='1,2', help='worker counts, one build each, in this order (1,2,1,2 '
+                        'alternates; the speed-up is against the median of the one-worker builds)')
     args = parser.parse_args()
     crop_size = int(args.config[4:].split('_')[0])
     with tempfile.TemporaryDirectory() as tmp:
@@ -61,22 +65,27 @@ def main() -> None:
         rows = []
         for workers in (int(w) for w in args.workers.split(',')):
             start = time.perf_counter()
-            data = tfds_lidc.prepare(manual, os.path.join(tmp, f'data{workers}'), args.config, num_workers=workers)
+            root = os.path.join(tmp, f'data{len(rows)}')
+            data = tfds_lidc.prepare(manual, root, args.config, num_workers=workers)
             seconds = time.perf_counter() - start
             nodules_written = json.load(open(os.path.join(data, 'build_report.json')))['nodules_written']
             rows.append((workers, nodules_written, seconds))
+        start = time.perf_counter()  # every series is in the cache now: what is left is writing the records
+        tfds_lidc.prepare(manual, root, args.config, overwrite=True)
+        write = (time.perf_counter() - start) / len(dirs)
     read, resample, radiomics = stages.mean(0)
     print(f'\nlidc_idri/{args.config} on {len(dirs)} full-size demo series ({np.mean(slices):.0f} slices of 512^2 '
           f'on average; {os.cpu_count()} CPUs):')
-    print(f'seconds per series: reading {read:.2f}, resampling {resample:.2f}, radiomics {radiomics:.2f}')
-    print('| workers | nodules | seconds | nodules/s | series/s | projected LIDC-IDRI, 16 cores |')
-    print('|---|---|---|---|---|---|')
+    print(f'seconds per series: reading {read:.2f}, resampling {resample:.2f}, radiomics {radiomics:.2f}, '
+          f'writing {write:.2f}; load average {machine.load_average()}')
+    print('| workers | nodules | seconds | nodules/s | series/s | speed-up over 1 worker | LIDC-IDRI at this rate |')
+    print('|---|---|---|---|---|---|---|')
+    one_worker = np.median([seconds for workers, _, seconds in rows if workers == 1] or [np.nan])
     for workers, count, seconds in rows:
         series_per_s = len(dirs) / seconds
-        # Projection: the per-worker series rate of this run, times 16 workers (assumes linear scaling).
-        projected = LIDC_SERIES / (series_per_s / workers * PROJECTED_CORES) / 60
-        print(f'| {workers} | {count} | {seconds:.1f} | {count / seconds:.2f} | {series_per_s:.3f} | '
-              f'{projected:.0f} min |')
+        speedup = one_worker / seconds
+        print(f'| {workers} | {count} | {seconds:.1f} | {count / seconds:.2f} | {series_per_s:.3f} | {speedup:.2f}x | '
+              f'{LIDC_SERIES / series_per_s / 3600:.1f} h |')
 
 
 if __name__ == '__main__':

@@ -20,6 +20,8 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+import machine
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 from autorad_jax import modeling
 from autorad_jax.data import pipeline, preprocess
@@ -48,18 +50,6 @@ def torch_images(config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]
     return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
 
 
-def time_calls(call: Callable[[], None], steps: int, warmup: int) -> float:
-    """Median seconds of `call` (which must block until its work is done) after `warmup` untimed calls."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @dataclasses.dataclass(frozen=True)
 class Paired:
     """Two calls timed in alternation: median seconds of each, and the median and quartiles of their per-round ratio."""
@@ -72,17 +62,28 @@ class Paired:
         return f"{self.ratio:.3f} (quartiles {self.ratio_quartiles[0]:.3f}-{self.ratio_quartiles[1]:.3f})"
 
 
-def paired_times(first: Callable[[], None], second: Callable[[], None], rounds: int, calls: int) -> Paired:
-    """Times two calls (each blocking until its work is done) in one process, so that both see the same machine state:
-    per round the fastest of `calls` calls of each, which of the two runs first alternating between rounds."""
-    times: tuple[list[float], list[float]] = ([], [])
+def alternated_times(calls: Sequence[Callable[[], None]], rounds: int, calls_per_round: int) -> list[list[float]]:
+    """Times calls (each blocking until its work is done) in one process, so that all see the same machine state: per
+    round the fastest of `calls_per_round` calls of each, the order rotating from round to round. One list of seconds
+    per call, one entry per round."""
+    times: list[list[float]] = [[] for _ in calls]
     for r in range(rounds):
-        order = ((first, times[0]), (second, times[1]))
-        for call, out in order if r % 2 else order[::-1]:
-            out.append(min(_seconds(call) for _ in range(calls)))
-    ratios = [a / b for a, b in zip(*times)]
-    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
-    return Paired(statistics.median(times[0]), statistics.median(times[1]), statistics.median(ratios), (q1, q3))
+        for i in (r + k for k in range(len(calls))):
+            i %= len(calls)
+            times[i].append(min(_seconds(calls[i]) for _ in range(calls_per_round)))
+    return times
+
+
+def median_and_quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return median, q1, q3
+
+
+def paired_times(first: Callable[[], None], second: Callable[[], None], rounds: int, calls: int) -> Paired:
+    """`alternated_times` of two calls: the median seconds of each and the median and quartiles of their ratio."""
+    times = alternated_times((first, second), rounds, calls)
+    ratio, q1, q3 = median_and_quartiles([a / b for a, b in zip(*times)])
+    return Paired(statistics.median(times[0]), statistics.median(times[1]), ratio, (q1, q3))
 
 
 def define_paired_flags(config: str, rounds: int, calls: int) -> tuple:
@@ -224,12 +225,40 @@ def torch_peak_memory_gib(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda") else None
 
 
-def row(name: str, mode: str, batch: int, seconds: float, flops: float, memory_gib: float | None) -> dict:
-    """One result: images/s, TFLOP/s and MFU (where the device's peak is known) of a timed step."""
+def torch_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass(frozen=True)
+class Runner:
+    """One implementation's step: `call` runs it once and blocks until it is done; `flops` is its analytic work."""
+    impl: str
+    call: Callable[[], None]
+    flops: float
+    peak_memory_gib: Callable[[], float | None]
+
+
+def compare(runners: Sequence[Runner], mode: str, batch: int, *, rounds: int, calls: int, warmup: int) -> list[dict]:
+    """Times `runners` (the first is the reference, JAX) on the same work in this process: the first call of each
+    (compilation included) alone, then `warmup` untimed calls each, then `alternated_times`. One row per runner: the
+    median step and its quartiles, the compile time (first call less the median step), images/s, TFLOP/s, MFU, peak
+    memory, the reference's speed-up over it (median and quartiles of the per-round ratio) and the load average."""
+    first_call_s = [_seconds(r.call) for r in runners]
+    for r in runners:
+        for _ in range(warmup):
+            r.call()
+    times = alternated_times([r.call for r in runners], rounds, calls)
     peak = peak_flops()
-    return {"impl": name, "mode": mode, "batch": batch, "step_ms": 1e3 * seconds, "images_per_s": batch / seconds,
-            "tflops": flops / seconds / 1e12, "mfu": flops / seconds / peak if peak else None,
-            "peak_mem_gib": memory_gib}
+    rows = []
+    for r, first, seconds in zip(runners, first_call_s, times):
+        median, q1, q3 = median_and_quartiles(seconds)
+        rows.append({"impl": r.impl, "mode": mode, "batch": batch, "step_ms": 1e3 * median,
+                     "step_ms_quartiles": [1e3 * q1, 1e3 * q3], "compile_s": max(first - median, 0.0),
+                     "images_per_s": batch / median, "tflops": r.flops / median / 1e12,
+                     "mfu": r.flops / median / peak if peak else None, "peak_mem_gib": r.peak_memory_gib(),
+                     "jax_speedup": list(median_and_quartiles([b / a for a, b in zip(times[0], seconds)])),
+                     "rounds": rounds, "load_average": machine.load_average()})
+    return rows
 
 
 def report(rows: Sequence[dict], json_path: str | None) -> None:
@@ -241,18 +270,29 @@ def report(rows: Sequence[dict], json_path: str | None) -> None:
 
 
 def print_table(rows: Sequence[dict]) -> None:
-    """Rows as a Markdown table, then JAX / PyTorch images/s ratios per mode and batch size."""
+    """Rows as a Markdown table: the median step (quartiles), compile time, images/s, TFLOP/s, MFU, peak memory and
+    JAX's speed-up over each implementation (the median of the per-round ratio, quartiles), measured in one run."""
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; torch: "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}")
-    print("| impl | mode | batch | step ms | images/s | TFLOP/s | MFU | peak mem GiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}; load average {machine.load_average()}")
+    print("| impl | mode | batch | step ms (quartiles) | compile s | images/s | TFLOP/s | MFU | peak mem GiB | "
+          "JAX speed-up (quartiles) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        print(f"| {r['impl']} | {r['mode']} | {r['batch']} | {r['step_ms']:.1f} | {r['images_per_s']:.1f} | "
-              f"{r['tflops']:.2f} | {fmt(r['mfu'], '.1%')} | {fmt(r['peak_mem_gib'], '.2f')} |")
-    for r in rows:
-        if r["impl"] == "jax":
-            for other in rows:
-                if other["impl"] != "jax" and (other["mode"], other["batch"]) == (r["mode"], r["batch"]):
-                    print(f"jax / {other['impl']} ({r['mode']}, batch {r['batch']}): "
-                          f"{r['images_per_s'] / other['images_per_s']:.2f}x images/s")
+        (q1, q3), speedup = r["step_ms_quartiles"], r["jax_speedup"]
+        print(f"| {r['impl']} | {r['mode']} | {r['batch']} | {r['step_ms']:.4g} ({q1:.4g}-{q3:.4g}) | "
+              f"{r['compile_s']:.1f} | {r['images_per_s']:.2f} | {r['tflops']:.3f} | {fmt(r['mfu'], '.1%')} | "
+              f"{fmt(r['peak_mem_gib'], '.2f')} | {speedup[0]:.2f}x ({speedup[1]:.2f}-{speedup[2]:.2f}) |", flush=True)
+
+
+def define_comparison_flags(batch_sizes: Sequence[str]) -> tuple:
+    """The flags of the train and eval comparisons: --config, --batch_sizes, --torch, --rounds, --calls, --warmup,
+    --json_out."""
+    return (config_flags.DEFINE_config_file("config", "configs/autorad_lung.py:large", "Experiment config.",
+                                            lock_config=True),
+            flags.DEFINE_list("batch_sizes", list(batch_sizes), "Global batch sizes to time."),
+            flags.DEFINE_list("torch", ["eager", "compile"], "PyTorch variants timed beside JAX (empty: none)."),
+            flags.DEFINE_integer("rounds", 10, "Rounds of alternation between the implementations (medians reported)."),
+            flags.DEFINE_integer("calls", 1, "Calls of each step per round (the fastest is kept)."),
+            flags.DEFINE_integer("warmup", 2, "Untimed calls of each after its first (compiling) call."),
+            flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file."))

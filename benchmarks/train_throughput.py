@@ -1,13 +1,16 @@
-r"""Train-step throughput of AutoRad-Lung: JAX against PyTorch (transformers' AIMv2 + our prompt learner), same run.
+r"""Train-step throughput of AutoRad-Lung: JAX against PyTorch (transformers' AIMv2 + our prompt learner) eager and
+`torch.compile` (inductor), same process, same dtype, same work.
 
-Fixed random inputs, timed after compilation, each step synchronised, median of --steps steps. Prints images/s,
-TFLOP/s (analytic model FLOPs, see common.model_flops), MFU against the device's bf16 dense peak, peak device memory,
-and the JAX / PyTorch ratios. Modes: full (vision tower + prompt learner train) and prompt (frozen towers).
+Fixed random inputs. Each implementation's first (compiling) call is timed alone; then the implementations' steps are
+called in alternation for --rounds rounds (see common.compare), so that all see the same machine state. Prints the
+median step with its quartiles, the compile time apart, images/s, TFLOP/s (analytic model FLOPs, see
+common.model_flops, the same for every implementation), MFU against the device's bf16 dense peak, peak device memory,
+and JAX's speed-up over each PyTorch variant (median of the per-round ratios, quartiles), with the load average.
+Modes: full (vision tower + prompt learner train) and prompt (frozen towers).
 
   python benchmarks/train_throughput.py --config configs/autorad_lung.py:large --batch_sizes 64,128,256 \
       --config.model.dtype=bfloat16 --config.model.attention_implementation=cudnn
-  python benchmarks/train_throughput.py --config configs/autorad_lung.py:tiny --batch_sizes 8 --steps 2 \
-      --torch eager   # CPU smoke run
+  python benchmarks/train_throughput.py --config configs/autorad_lung.py:large --batch_sizes 2,4 --rounds 5  # CPU
 """
 
 import copy
@@ -15,38 +18,20 @@ import copy
 import jax
 import torch
 from absl import app, flags
-from ml_collections import config_flags
 
 import common
 from autorad_jax.data import pipeline
 
-config_flags.DEFINE_config_file("config", "configs/autorad_lung.py:large", "Experiment config.", lock_config=True)
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["128"], "Global batch sizes to time.")
+_CONFIG, _BATCH_SIZES, _TORCH, _ROUNDS, _CALLS, _WARMUP, _JSON = common.define_comparison_flags(["128"])
 _MODES = flags.DEFINE_list("modes", ["full", "prompt"], "full: vision tower trains too; prompt: prompt learner only.")
-_TORCH = flags.DEFINE_list("torch", ["eager", "compile"], "PyTorch variants to time beside JAX (empty: none).")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps (median reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
-_JSON = flags.DEFINE_string("json_out", None, "Also write the rows to this JSON file.")
+_LAYOUTS = flags.DEFINE_list("jax_layouts", [], "JAX block layouts to time (scanned, unrolled; the first is the "
+                             "reference); empty: the config's config.model.scan_layers alone.")
 
 
-def bench_jax(config, mode: str) -> dict:
-    exp, state = common.jax_experiment(config)
-    batch = pipeline.to_global(common.random_batch(config, len(exp.spec.class_names)), exp.batch_sharding)
-    step = exp.train_step
-    holder = {"state": state}
-
-    def call():
-        holder["state"], metrics = step(holder["state"], batch)
-        jax.block_until_ready((holder["state"], metrics))
-
-    seconds = common.time_calls(call, _STEPS.value, _WARMUP.value + 1)  # +1: the compiling call
-    flops = common.model_flops(common.shapes(exp, holder["state"]), train=True, vision_trains=mode == "full")
-    return common.row("jax", mode, config.data.batch_size, seconds, flops, common.jax_peak_memory_gib())
-
-
-def bench_torch(config, mode: str, variant: str) -> dict:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    exp, state = common.jax_experiment(config)
+def torch_train_runners(config, exp, state, mode: str, variants) -> list[common.Runner]:
+    """PyTorch train steps (AdamW, gradient clipping as the JAX optimiser) of the model with `state`'s weights, one
+    per variant ('eager', 'compile'); the variants share the model and the optimiser."""
+    device = common.torch_device()
     model = common.torch_model_like(exp, state, device).train()
     params = common.trainable_torch_parameters(model, mode)
     optimizer = torch.optim.AdamW(params, lr=config.optim.learning_rate, weight_decay=config.optim.weight_decay)
@@ -55,24 +40,42 @@ def bench_torch(config, mode: str, variant: str) -> dict:
     radiomics = torch.from_numpy(batch["radiomics"]).to(device)
     labels = torch.from_numpy(batch["label"]).long().to(device)
     autocast_dtype = torch.bfloat16 if config.model.dtype == "bfloat16" else torch.float32
-    forward = torch.compile(model) if variant == "compile" else model
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-    def call():
-        with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
-            loss = torch.nn.functional.cross_entropy(forward(images, radiomics).float(), labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    seconds = common.time_calls(call, _STEPS.value, _WARMUP.value + 1)
     flops = common.model_flops(common.shapes(exp, state), train=True, vision_trains=mode == "full")
-    return common.row(f"torch {variant}", mode, config.data.batch_size, seconds, flops,
-                      common.torch_peak_memory_gib(device))
+
+    def step(forward):
+        def call():
+            with torch.autocast(device_type=device, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+                loss = torch.nn.functional.cross_entropy(forward(images, radiomics).float(), labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.optim.grad_clip_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        return call
+
+    forwards = {"eager": model, "compile": torch.compile(model)}
+    return [common.Runner(f"torch {v}", step(forwards[v]), flops, lambda: common.torch_peak_memory_gib(device))
+            for v in variants]
+
+
+def runners(config, mode: str, variants, layouts) -> list[common.Runner]:
+    """The JAX train steps (the trainer's jitted step, state donated from call to call), one per layout, and the
+    PyTorch ones."""
+    jax_runners = []
+    for layout in layouts or [None]:
+        layout_config = copy.deepcopy(config)
+        if layout:
+            layout_config.model.scan_layers = {"scanned": True, "unrolled": False}[layout]
+        exp, state = common.jax_experiment(layout_config)
+        if not jax_runners:
+            torch_runners = torch_train_runners(config, exp, state, mode, variants)  # before the step donates `state`
+            flops = common.model_flops(common.shapes(exp, state), train=True, vision_trains=mode == "full")
+        batch = common.random_batch(config, len(exp.spec.class_names))
+        jax_runners.append(common.Runner(f"jax {layout}" if layout else "jax",
+                                         common.train_step_runner(exp, state, batch), flops,
+                                         common.jax_peak_memory_gib))
+    return jax_runners + torch_runners
 
 
 def main(argv):
@@ -80,11 +83,12 @@ def main(argv):
     rows = []
     for mode in _MODES.value:
         for batch_size in map(int, _BATCH_SIZES.value):
-            config = copy.deepcopy(flags.FLAGS.config)
+            config = copy.deepcopy(_CONFIG.value)
             config.model.trainable = mode
             config.data.batch_size = config.data.eval_batch_size = batch_size
-            rows.append(bench_jax(config, mode))
-            rows.extend(bench_torch(config, mode, variant) for variant in _TORCH.value)
+            rows += common.compare(runners(config, mode, _TORCH.value, _LAYOUTS.value), mode, batch_size, rounds=_ROUNDS.value,
+                                   calls=_CALLS.value, warmup=_WARMUP.value)
+            jax.clear_caches()
     common.report(rows, _JSON.value)
 
 

@@ -22,15 +22,21 @@ def _run(script: str, *args: str) -> str:
     return result.stdout
 
 
-@pytest.mark.parametrize("script", ["train_throughput.py"])  # eval_throughput.py shares all but its step
-def test_throughput_scripts_time_jax_and_pytorch(script, tmp_path):
-    out = _run(script, "--config", "configs/autorad_lung.py:tiny", "--batch_sizes", "8", "--steps", "2",
-               "--warmup", "0", "--torch", "eager", "--json_out", str(tmp_path / "rows.json"),
-               *(["--modes", "prompt"] if script == "train_throughput.py" else []))
-    rows = json.loads((tmp_path / "rows.json").read_text())
-    assert {r["impl"] for r in rows} == {"jax", "torch eager"}
-    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
-    assert "jax / torch eager" in out
+def test_gpu_suite_dry_run_checks_the_port_and_times_jax_and_pytorch(tmp_path):
+    """The GPU suite's own jobs on the CPU with the tiny config: the port check against transformers and the train
+    (both modes) and eval comparisons, into suite.json and suite.md."""
+    _run("gpu_suite.py", "--dry-run", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "suite.json").read_text())
+    assert result["failed"] == {} and result["not_run"] == []
+    assert max(result["checks"]["float32"].values()) <= 1e-5  # JAX port against transformers' Aimv2, float32
+    assert result["checks"]["cudnn_attention"].startswith("skipped")
+    rows = {(r["impl"], r["mode"]) for r in result["rows"]}
+    assert rows == {(impl, mode) for impl in ("jax", "torch eager") for mode in ("full", "prompt", "eval")}
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 and r["compile_s"] >= 0 for r in result["rows"])
+    jax_row = next(r for r in result["rows"] if r["impl"] == "jax" and r["mode"] == "eval")
+    torch_row = next(r for r in result["rows"] if r["impl"] == "torch eager" and r["mode"] == "eval")
+    assert torch_row["jax_speedup"][0] == pytest.approx(torch_row["step_ms"] / jax_row["step_ms"])  # one round
+    assert "| torch eager | prompt | 4 |" in (tmp_path / "suite.md").read_text()
 
 
 def test_pipeline_script_reports_images_per_second(lidc_data, tmp_path):

@@ -1,5 +1,6 @@
-"""A persistent XLA compilation cache in the workdir: a resumed run (after preemption, say) loads its compiled init,
-train and eval programs from there instead of compiling them again."""
+"""A persistent XLA compilation cache in the workdir (or an export folder): a resumed run (after preemption, say) loads
+its compiled init, train and eval programs from there instead of compiling them again, and a prediction its forward
+pass."""
 
 from __future__ import annotations
 
