@@ -165,7 +165,8 @@ def _run(command: str, args: list[str]):
         from autorad_jax import batch_predict
         return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,
                                          report_dir=_REPORT.value, **model)
-    from autorad_jax import image_checks, predict
+    from autorad_jax import predict
+    from tfds_lidc import image_checks
     return predict.predict(ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value,
                            xml=_XML.value, report_dir=_REPORT.value,
                            hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,
