@@ -8,7 +8,11 @@ import tensorflow_datasets as tfds
 from tfds_lidc import report
 from tfds_lidc import series_cache
 from tfds_lidc.errors import LidcDataError
+from tfds_lidc import nodule_table
 from tfds_lidc.lidc_idri import Builder
+from tfds_lidc.nodule_table import table_report
+
+DATASETS = ('lidc_idri', 'nodule_table')
 
 
 class DatasetExistsError(LidcDataError, RuntimeError):
@@ -19,15 +23,18 @@ class ManualDirError(LidcDataError, FileNotFoundError):
     """The manual_dir is missing or empty."""
 
 
-def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) -> str:
+def _series_fingerprint(builder: Builder | nodule_table.Builder, manual_dir: str, download_dir: str) -> str:
+    if isinstance(builder, nodule_table.Builder):
+        return builder.input_fingerprint(manual_dir, download_dir)
     tasks, _ = builder.series_tasks(manual_dir, builder.series_cache_dir(download_dir))
     return series_cache.fingerprint(
         series_cache.key(os.path.join(manual_dir, t.series_dir), t.cache_config()) for t in tasks)
 
 
 def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1,
-            overwrite: bool = False) -> str:
-    """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir`; returns the dataset dir.
+            overwrite: bool = False, dataset: str = 'lidc_idri') -> str:
+    """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir` (or with dataset='nodule_table'
+    nodule_table/<builder_config> from the nodules.csv in `manual_dir`); returns the dataset dir.
 
     Fails with the manual download instructions when `manual_dir` is missing or empty. When data_dir already
     holds the dataset, it is reused if it was built from the same series (same files, config and builder
@@ -35,11 +42,14 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
     series' result cached in <data_dir>/downloads/lidc_idri/<config>/ so that an interrupted build resumes. Prints a
     summary; build_report.json is written in the dataset dir (and in the cache dir, also when the build fails).
     """
+    if dataset not in DATASETS:
+        raise ManualDirError(f'unknown dataset {dataset!r}; use one of {", ".join(DATASETS)}.')
+    builder_class = nodule_table.Builder if dataset == 'nodule_table' else Builder
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
         raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
-                                f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+                                f'{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     manual_dir = os.path.abspath(manual_dir)
-    builder = Builder(data_dir=data_dir, config=builder_config, num_workers=num_workers)
+    builder = builder_class(data_dir=data_dir, config=builder_config, num_workers=num_workers)
     dataset_dir = os.fspath(builder.data_dir)
     download_dir = os.path.join(os.fspath(builder.data_dir_root), 'downloads')
     if builder.data_path.exists() and not overwrite:
@@ -60,5 +70,6 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
         if builder.report is not None:
             done = builder.data_path.exists()
             path = os.path.join(dataset_dir, report.REPORT_NAME) if done else builder.report_paths[0]
-            print(report.summary(builder.report, path), flush=True)
+            summary = table_report.summary if dataset == 'nodule_table' else report.summary
+            print(summary(builder.report, path), flush=True)
     return dataset_dir
