@@ -95,3 +95,91 @@ def test_table_examples_equal_the_lidc_idri_examples_of_the_same_nodules(both_wa
     # Splits by patient, as lidc_idri's: every nodule of a patient in one split, the same split in both datasets.
     split_of = {e['patient_id']: e['split'] for e in lidc}
     assert all(split_of[e['patient_id']] == e['split'] for e in table)
+
+
+@pytest.fixture(scope='module')
+def hand_written(both_ways, tmp_path_factory):
+    """A hand-written external cohort (every row `test`): a MetaImage CT with a mask row and a centre row, a DICOM
+    series with a reader XML row, and four bad rows. Returns (manual_dir, data_dir, report, examples by row)."""
+    root = tmp_path_factory.mktemp('hand_written')
+    scans = root / 'cohort'
+    series_dir = tfds_lidc.synth.generate(str(scans), 1, seed=1, verbose=False)[0]
+    image = ct_series.load_ct_series(series_dir).image
+    sitk.WriteImage(image, str(scans / 'scan.mhd'))
+    mask, ratings = _consensus_masks(series_dir)[0]
+    sitk.WriteImage(mask, str(scans / 'mask.nii.gz'))
+    centre = image.TransformContinuousIndexToPhysicalPoint(
+        [float(v) for v in np.argwhere(sitk.GetArrayViewFromImage(mask)).mean(0)[::-1]])
+    xml = os.path.relpath(os.path.join(series_dir, '069.xml'), scans)
+    rows = [
+        {'ct': 'scan.mhd', 'mask': 'mask.nii.gz', 'patient_id': 'A', 'label': 'malignant'},
+        {'ct': os.path.relpath(series_dir, scans), 'xml': xml, 'nodule_index': '0', 'patient_id': 'B', 'label': ''},
+        {'ct': 'scan.mhd', 'coordX': centre[0], 'coordY': centre[1], 'coordZ': centre[2], 'diameter_mm': 9,
+         'patient_id': 'C', 'label': '0'},
+        {'ct': 'absent.nii.gz', 'mask': 'mask.nii.gz', 'patient_id': 'D', 'label': 'benign'},
+        {'ct': 'scan.mhd', 'coordX': 0, 'coordY': 0, 'coordZ': 5000, 'diameter_mm': 9, 'patient_id': 'E',
+         'label': 'benign'},
+        {'ct': 'scan.mhd', 'coordX': centre[0], 'coordY': centre[1], 'coordZ': centre[2], 'diameter_mm': 6,
+         'patient_id': 'F', 'label': 'probably'},
+        {'ct': 'scan.mhd', 'mask': 'mask.nii.gz', 'patient_id': 'G', 'label': 'benign'},
+    ]
+    _write_csv(scans / CSV_NAME, [dict(r, split='test') for r in rows])
+    data_dir = str(root / 'tfds')
+    tfds_lidc.prepare(str(scans), data_dir, CONFIG, dataset='nodule_table')
+    with open(os.path.join(data_dir, 'nodule_table', CONFIG, '1.0.0', 'build_report.json')) as f:
+        report = json.load(f)
+    examples = {int(e['row']): e for e in _examples('nodule_table', data_dir)}
+    return scans, data_dir, report, examples, ratings
+
+
+def test_a_mask_an_xml_and_a_centre_build_and_bad_rows_are_named_once(hand_written, capsys):
+    scans, data_dir, report, examples, ratings = hand_written
+    assert sorted(examples) == [1, 2, 3] and {e['split'] for e in examples.values()} == {'test'}
+    assert [e['label'] for e in (examples[1], examples[3])] == [2, 0]  # malignant; 0 is benign
+    assert examples[2]['label_source'] == b'ratings' and examples[1]['label_source'] == b'given'
+    np.testing.assert_array_equal(examples[2]['ratings'][:np.count_nonzero(ratings)], ratings[ratings > 0])
+    assert examples[3]['mask_source'].decode().startswith('sphere of diameter 9 mm at (')
+    # The mask row and the XML row give the same nodule on the same grid: the same crop.
+    np.testing.assert_array_equal(examples[1]['mask'], examples[2]['mask'])
+    skipped = {n['row']: n['reason'] for n in report['nodules'] if n['status'] == 'skipped'}
+    assert sorted(skipped) == [4, 5, 6, 7] and all('\n' not in r for r in skipped.values())
+    assert 'absent.nii.gz does not exist' in skipped[4]
+    assert skipped[5].startswith('centre (0, 0, 5000) mm is outside the CT volume')
+    assert skipped[6].startswith("unknown label 'probably'")
+    assert skipped[7] == 'duplicate nodule: the same CT and nodule as row 1'
+    assert sum(report['skipped_reasons'].values()) == 4 and report['sphere_masks'] == 1
+    written = {n['row']: n for n in report['nodules'] if n['status'] == 'written'}
+    assert written[3]['mask'].startswith('sphere') and written[1]['split'] == 'test'
+    assert set(report['empty_splits']) == {'train', 'validation'}
+
+
+def test_a_table_with_no_usable_row_or_no_label_column_is_one_line(hand_written, tmp_path):
+    scans = hand_written[0]
+    bad = tmp_path / 'bad'
+    bad.mkdir()
+    _write_csv(bad / CSV_NAME, [{'ct': str(scans / 'scan.mhd'), 'mask': 'nowhere.nrrd', 'patient_id': 'A',
+                                 'label': 'benign'}, {'ct': 'none.mhd', 'mask': 'm.nrrd', 'patient_id': 'B',
+                                                      'label': 'x'}])
+    with pytest.raises(TableError) as e:
+        tfds_lidc.prepare(str(bad), str(tmp_path / 'tfds'), CONFIG, dataset='nodule_table')
+    assert '\n' not in str(e.value) and str(e.value).startswith(f'{bad / CSV_NAME}: no usable row among 2 (')
+    _write_csv(bad / CSV_NAME, [{'ct': 'scan.mhd', 'mask': 'm.nrrd', 'patient_id': 'A'}])
+    with pytest.raises(TableError, match=r"has no 'label' column \(columns: ct, mask, patient_id\)\.$"):
+        tfds_lidc.prepare(str(bad), str(tmp_path / 'tfds2'), CONFIG, dataset='nodule_table')
+
+
+def test_given_labels_and_ratings_under_the_label_protocols(hand_written):
+    from autorad_jax.data import pipeline
+    from lidc_testdata import tiny_config
+    _, data_dir, _, examples, ratings = hand_written
+    mean = ratings[ratings > 0].mean()
+    for rule, scheme in (('mean', '3class'), ('mean_exclude3', 'binary'), ('mean_3malignant', 'binary')):
+        config = tiny_config(data_dir, name='nodule_table', label_rule=rule, label_scheme=scheme, min_readers=2)
+        rated = None if len(ratings[ratings > 0]) < 2 else (
+            (0 if mean < 2.5 else 2 if mean > 3.5 else 1) if scheme == '3class'
+            else (-1 if mean == 3 and rule.endswith('exclude3') else 0 if mean < 3 else 1))
+        # Rows 1 (malignant) and 3 (benign) keep their given labels under every rule, with no readers.
+        given = {1: 2 if scheme == '3class' else 1, 3: 0}
+        want = sorted([*given.values(), *([rated] if rated not in (None, -1) else [])])
+        recs = pipeline.records(config.data, 'test')
+        assert sorted(recs.labels.tolist()) == want, rule

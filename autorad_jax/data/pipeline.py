@@ -1,4 +1,4 @@
-"""Input pipeline: lidc_idri records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
+"""Input pipeline: lidc_idri (or nodule_table) records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
 
 One example dict (as stored by the builder) becomes model inputs through `example_to_inputs`; training, evaluation,
 prediction and export all use that one function. The stored 3D crop gives the 2D view the model sees:
@@ -240,7 +240,7 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
 
 
 def builder_config(name: str):
-    """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
+    """The lidc_idri (and nodule_table) builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
     import tfds_lidc
     configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
     if name not in configs:
@@ -289,7 +289,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
           stamp: tuple[int, ...]) -> dict[str, np.ndarray]:
     """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
     source = _open_split(name, data_dir, split, stamp)
-    out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": []}
+    out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": [],
+           "label_given": []}
     for i in range(len(source)):
         ex = source[i]
         if np.shape(ex["ct"]) != (ct_size,) * 3:
@@ -301,6 +302,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
         out["patient_id"].append(ex["patient_id"].decode() if isinstance(ex["patient_id"], bytes)
                                  else str(ex["patient_id"]))
         out["ratings"].append(np.asarray(ex["ratings"], np.int32))
+        # nodule_table examples may carry a given label (pathology, a class) instead of readers' ratings.
+        out["label_given"].append(ex.get("label_source", b"ratings") in (b"given", "given"))
         out["diameter_mm"].append(float(ex["diameter_mm"]))
         out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
         out["view"].append(extract_view(np.asarray(ex["ct"]), view))
@@ -328,8 +331,9 @@ def label_protocol(data_config: ml_collections.ConfigDict) -> tuple[str, int, fl
 def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     """Records of `role` ('train' | 'validation' | 'test') under the label protocol, scheme and cross-validation fold.
 
-    Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
-    min_readers and min_diameter_mm (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
+    Labels come from the stored per-reader ratings by config.data.label_rule (a nodule_table example with a given
+    label, e.g. pathology, keeps it), and the cohort is narrowed by min_readers and min_diameter_mm
+    (autorad_jax/data/labels.py). With data.cv_fold = k >= 0, 'train' is train +
     validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
     patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped. With
     data.shuffle_radiomics (an ablation), each role's radiomics rows are permuted across its nodules.
@@ -348,9 +352,10 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
         open_split(data_config, split)
         metas.append(_scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir)))
     meta = {key: np.concatenate([m[key] for m in metas]) for key in metas[0]}
-    meta["label"] = labels_lib.labels(meta["ratings"], rule)
+    meta["label"] = np.where(meta["label_given"], meta["label"], labels_lib.labels(meta["ratings"], rule))
     keep = np.isin(meta["label"], classes)
-    keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
+    keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm,
+                              given=meta["label_given"])
     if k >= 0 and role != "test":
         folds = cv_folds(meta["patient_id"], meta["fold"], int(data_config.get("cv_repeat", 0)))
         keep &= (folds != k) if role == "train" else (folds == k)

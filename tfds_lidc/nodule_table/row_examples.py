@@ -67,11 +67,17 @@ class RowTask:
 
 
 def _files(path: str | None) -> list[str]:
+    """The files a CT, mask or XML path reads: a DICOM folder's slices, a MetaImage header's data file too."""
     if not path or not os.path.exists(path):
         return []
     if os.path.isdir(path):
         return ct_series.dicom_files(path)
-    return [path] + ([path[:-4] + '.raw', path[:-4] + '.zraw'] if path.endswith('.mhd') else [])
+    files = [path]
+    if path.endswith('.mhd'):
+        with open(path, errors='replace') as f:
+            data = [line.split('=', 1)[1].strip() for line in f if line.split('=')[0].strip() == 'ElementDataFile']
+        files += [p for p in (os.path.join(os.path.dirname(path), d) for d in data) if os.path.isfile(p)]
+    return files
 
 
 class RowError(nodule_masks.NoduleInputError):
