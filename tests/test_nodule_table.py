@@ -183,3 +183,46 @@ def test_given_labels_and_ratings_under_the_label_protocols(hand_written):
         want = sorted([*given.values(), *([rated] if rated not in (None, -1) else [])])
         recs = pipeline.records(config.data, 'test')
         assert sorted(recs.labels.tolist()) == want, rule
+
+
+def _run(root, name: str, dataset: str, labels, probs, patients) -> str:
+    from autorad_jax.train.reports import write_predictions
+    workdir = root / name
+    workdir.mkdir()
+    write_predictions(str(workdir / 'predictions.csv'), labels, probs, ('benign', 'malignant'), patients)
+    (workdir / 'metrics.json').write_text(json.dumps({'dataset': dataset, 'split': 'test'}))
+    return str(workdir)
+
+
+def test_unpaired_comparison_equals_a_brute_force_loop_over_independent_resamples(tmp_path):
+    from sklearn import metrics as skm
+    from autorad_jax.train import compare
+    rng = np.random.default_rng(0)
+    la, lb = rng.integers(2, size=24), rng.integers(2, size=15)
+    pa, pb = rng.uniform(0.05, 0.95, 24), rng.uniform(0.05, 0.95, 15)
+    pa[la == 1] = np.clip(pa[la == 1] + 0.3, 0, 0.99)
+    patients_a = np.array([f'LIDC-IDRI-{i // 2:04d}' for i in range(24)])  # sorted ids: patient p is ids[p]
+    patients_b = np.array([f'C{i // 3:02d}' for i in range(15)])
+    a = _run(tmp_path, 'lidc', 'lidc_idri/crop32_1mm', la, np.stack([1 - pa, pa], 1), patients_a)
+    b = _run(tmp_path, 'external', 'nodule_table/crop32_1mm', lb, np.stack([1 - pb, pb], 1), patients_b)
+    result = compare.compare([a, b], str(tmp_path / 'out'), replicates=120, seed=5)
+    pair = result['pairs'][0]
+    assert pair['paired'] is False and 'UNPAIRED' in compare.format_table(result)
+    draws_a = np.random.default_rng(5).integers(12, size=(120, 12))
+    draws_b = np.random.default_rng(6).integers(5, size=(120, 5))
+    auc, brier = [], []
+    for ra, rb in zip(draws_a, draws_b):
+        ia = np.concatenate([np.flatnonzero(patients_a == f'LIDC-IDRI-{p:04d}') for p in ra])
+        ib = np.concatenate([np.flatnonzero(patients_b == f'C{p:02d}') for p in rb])
+        brier.append(skm.brier_score_loss(lb[ib], pb[ib]) - skm.brier_score_loss(la[ia], pa[ia]))
+        one_class = len(set(la[ia])) < 2 or len(set(lb[ib])) < 2
+        auc.append(np.nan if one_class else skm.roc_auc_score(lb[ib], pb[ib]) - skm.roc_auc_score(la[ia], pa[ia]))
+    auc, brier = np.array(auc), np.array(brier)
+    d = pair['metrics']['brier']
+    assert d['difference'] == pytest.approx(skm.brier_score_loss(lb, pb) - skm.brier_score_loss(la, pa))
+    assert d['ci95'] == pytest.approx(list(np.percentile(brier, [2.5, 97.5])))
+    assert d['p_value'] == pytest.approx(min(1.0, 2 * min(np.mean(brier <= 0), np.mean(brier >= 0))))
+    d = pair['metrics']['auc_macro']
+    assert d['difference'] == pytest.approx(skm.roc_auc_score(lb, pb) - skm.roc_auc_score(la, pa))
+    assert d['ci95'] == pytest.approx(list(np.nanpercentile(auc, [2.5, 97.5])))
+    assert d['undefined_replicates'] == int(np.isnan(auc).sum())

@@ -1,4 +1,4 @@
-"""Input pipeline: lidc_idri (or nodule_table) records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
+"""Input pipeline: lidc_idri / nodule_table records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
 
 One example dict (as stored by the builder) becomes model inputs through `example_to_inputs`; training, evaluation,
 prediction and export all use that one function. The stored 3D crop gives the 2D view the model sees:
@@ -189,6 +189,11 @@ def dataset_name(data_config: ml_collections.ConfigDict) -> str:
 
 
 def _prepare_hint(data_config: ml_collections.ConfigDict) -> str:
+    if data_config.name == "nodule_table":
+        return (f"Build it with `python run.py prepare --dataset=nodule_table --manual_dir=/path/to/cohort (holding "
+                f"nodules.csv) --builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or "
+                f"for a demo cohort `python run.py synth --layout=table --out=workdir/cohort_demo` and then prepare "
+                f"with --manual_dir=workdir/cohort_demo.")
     return (f"Build it with `python run.py prepare --manual_dir=/path/to/LIDC-IDRI "
             f"--builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or for demo data "
             f"`python run.py synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
@@ -240,7 +245,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
 
 
 def builder_config(name: str):
-    """The lidc_idri (and nodule_table) builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
+    """The builder config called `name` (crop size, spacing, consensus level, radiomics parameters), one set for
+    lidc_idri and nodule_table."""
     import tfds_lidc
     configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
     if name not in configs:

@@ -1,4 +1,4 @@
-"""nodule_table: any labelled collection of lung nodules, one CSV row per nodule, with the lidc_idri example features."""
+"""nodule_table: any labelled collection of lung nodules, a CSV row per nodule, with lidc_idri's example features."""
 from __future__ import annotations
 
 import collections

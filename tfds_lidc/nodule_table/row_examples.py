@@ -223,7 +223,9 @@ def _xml_examples(task: RowTask, series: ct_series.CtSeries | None, xml: str,
     examples = []
     for index in wanted:
         try:
-            example = series_examples._example(task, series, clusters[index], index, entry)  # pylint: disable=protected-access
+            # The lidc_idri builder's own nodule code (task has its crop settings), so both datasets agree.
+            example = series_examples._example(  # pylint: disable=protected-access
+                task, series, clusters[index], index, entry)
         except nodule_sample.NoduleError as e:
             entry['nodules_skipped'].append({'nodule_index': index, 'reason': str(e)})
             continue
