@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import tensorflow_datasets as tfds
 
 import tfds_lidc
-from tfds_lidc import ct_series, nodules as nodules_lib, xml_reader
+from tfds_lidc import ct_series
 from tfds_lidc.nodule_table import CSV_NAME, TableError
 
 CONFIG = 'crop32_1mm'
@@ -34,21 +34,6 @@ def _write_csv(path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _consensus_masks(series_dir: str) -> list[tuple[sitk.Image, np.ndarray]]:
-    """Each nodule's consensus mask on the series' whole grid and its readers' ratings, as lidc_idri makes them."""
-    series = ct_series.load_ct_series(series_dir)
-    xml = next(os.path.join(series_dir, f) for f in os.listdir(series_dir) if f.endswith('.xml'))
-    annotations, _ = nodules_lib.place_annotations(xml_reader.parse_reader_xml(xml), series.sop_uids,
-                                                   series.z_positions, float(np.median(np.diff(series.positions))))
-    out = []
-    for cluster in nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness):
-        kept, _ = nodules_lib.select_readers(cluster)
-        block = nodules_lib.consensus_mask_image(kept, series.image, 0.5)
-        whole = sitk.Resample(block, series.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        out.append((whole, nodules_lib.reader_ratings(kept)[:, -1]))
-    return out
-
-
 @pytest.fixture(scope='module')
 def both_ways(tmp_path_factory):
     """(lidc_idri examples, nodule_table examples, table report) of the same demo scans: the table gives each scan's
@@ -62,7 +47,7 @@ def both_ways(tmp_path_factory):
         rel = os.path.relpath(series_dir, scans)
         patient = rel.split(os.sep)[0]
         rows.append({'ct': rel, 'xml': os.path.join(rel, '069.xml'), 'patient_id': patient, 'label': ''})
-        for k, (mask, ratings) in enumerate(_consensus_masks(series_dir)):
+        for k, (mask, ratings) in enumerate(tfds_lidc.synth.consensus_masks(series_dir)):
             sitk.WriteImage(mask, str(scans / f'{patient}_{k}.nrrd'))
             rows.append({'ct': rel, 'mask': f'{patient}_{k}.nrrd', 'patient_id': patient,
                          'label': ';'.join(str(r) for r in ratings if r > 0) + ';', 'site': f'site {k}'})
@@ -106,7 +91,7 @@ def hand_written(both_ways, tmp_path_factory):
     series_dir = tfds_lidc.synth.generate(str(scans), 1, seed=1, verbose=False)[0]
     image = ct_series.load_ct_series(series_dir).image
     sitk.WriteImage(image, str(scans / 'scan.mhd'))
-    mask, ratings = _consensus_masks(series_dir)[0]
+    mask, ratings = tfds_lidc.synth.consensus_masks(series_dir)[0]
     sitk.WriteImage(mask, str(scans / 'mask.nii.gz'))
     centre = image.TransformContinuousIndexToPhysicalPoint(
         [float(v) for v in np.argwhere(sitk.GetArrayViewFromImage(mask)).mean(0)[::-1]])
@@ -226,3 +211,58 @@ def test_unpaired_comparison_equals_a_brute_force_loop_over_independent_resample
     assert d['difference'] == pytest.approx(skm.roc_auc_score(lb, pb) - skm.roc_auc_score(la, pa))
     assert d['ci95'] == pytest.approx(list(np.nanpercentile(auc, [2.5, 97.5])))
     assert d['undefined_replicates'] == int(np.isnan(auc).sum())
+
+
+def test_a_synth_cohort_trains_and_validates_a_lidc_run_externally_compared_unpaired(lidc_data, tmp_path):
+    """A demo cohort (synth --layout table) builds, trains a tiny model, and evaluates a tiny LIDC-IDRI run as an
+    external test set with one command; the LIDC test split and the cohort are then compared unpaired."""
+    import subprocess
+    import sys
+    from autorad_jax.train import compare, trainer
+    from lidc_testdata import tiny_config
+    cohort = tmp_path / 'cohort'
+    tfds_lidc.synth.generate_table(str(cohort), 4, seed=1, split=None, verbose=False)
+    tfds_lidc.prepare(str(cohort), str(tmp_path / 'split_by_patient'), CONFIG, dataset='nodule_table')
+    rows = list(csv.DictReader(open(cohort / CSV_NAME)))
+    _write_csv(cohort / CSV_NAME, [dict(r, split='test') for r in rows])  # the same cohort as an external test set
+    external = str(tmp_path / 'external')
+    tfds_lidc.prepare(str(cohort), external, CONFIG, dataset='nodule_table')
+
+    def train(data_dir: str, name: str, workdir: str) -> dict:
+        config = tiny_config(data_dir, name=name, batch_size=8, eval_batch_size=8, label_scheme='binary',
+                             label_rule='mean_exclude3')
+        config.train.update(num_steps=2, log_every=1, eval_every=2, checkpoint_every=2)
+        return trainer.train_and_evaluate(config, workdir)
+    on_cohort = train(str(tmp_path / 'split_by_patient'), 'nodule_table', str(tmp_path / 'cohort_run'))
+    assert on_cohort['step'] == 2 and 'ci95' in on_cohort['test']
+    lidc_run = str(tmp_path / 'lidc_run')
+    train(lidc_data, 'lidc_idri', lidc_run)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, 'run.py', 'eval', '--workdir', lidc_run, '--config.data.name=nodule_table',
+                           '--data_dir', external, '--json'], capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(done.stdout)
+    report = os.path.join(lidc_run, 'external', 'nodule_table')
+    with open(os.path.join(report, 'metrics.json')) as f:
+        saved = json.load(f)
+    assert saved['dataset'] == 'nodule_table/crop32_1mm' and saved['num_examples'] == len(rows)
+    assert metrics['bootstrap']['patients'] == 4 and metrics['ci95']['accuracy'] is not None
+    with open(os.path.join(lidc_run, 'metrics.json')) as f:  # the run's own LIDC test report is left as it was
+        assert json.load(f)['dataset'] == 'lidc_idri/crop32_1mm'
+    result = compare.compare([lidc_run, report], str(tmp_path / 'comparison'), replicates=50)
+    pair = result['pairs'][0]
+    assert not pair['paired'] and pair['nodules_b'] == len(rows) and not result['bootstrap']['paired']
+    assert pair['metrics']['accuracy']['difference'] == pytest.approx(metrics['accuracy'] - pair['metrics']['accuracy']['a'])
+
+
+def test_beam_direct_runner_builds_the_same_table(hand_written, tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    scans, _, _, examples, _ = hand_written
+    builder = tfds_lidc.nodule_table.Builder(data_dir=str(tmp_path), config=CONFIG)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=str(scans), beam_options=PipelineOptions(['--runner=DirectRunner'])))
+    beam_examples = {int(e['row']): e for e in _examples('nodule_table', str(tmp_path))}
+    assert beam_examples.keys() == examples.keys()
+    for row, e in examples.items():
+        for name in (*FEATURES, 'mask_source', 'split', 'metadata'):
+            np.testing.assert_array_equal(beam_examples[row][name], e[name], err_msg=name)

@@ -255,8 +255,10 @@ def builder_config(name: str):
 
 
 def radiomics_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The ordered pyradiomics feature names of the configured dataset (its metadata)."""
-    info = open_split(data_config, "train").dataset_info
+    """The ordered pyradiomics feature names of the configured dataset (its metadata, read through its first split:
+    an external test cohort has no train split)."""
+    empty = _empty_splits(dataset_name(data_config), str(data_config.data_dir))
+    info = open_split(data_config, next((s for s in SPLITS if s not in empty), "train")).dataset_info
     return tuple(info.metadata["radiomics_feature_names"])
 
 
