@@ -23,7 +23,7 @@ class ManualDirError(LidcDataError, FileNotFoundError):
     """The manual_dir is missing or empty."""
 
 
-def _series_fingerprint(builder: Builder | nodule_table.Builder, manual_dir: str, download_dir: str) -> str:
+def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) -> str:
     if isinstance(builder, nodule_table.Builder):
         return builder.input_fingerprint(manual_dir, download_dir)
     tasks, _ = builder.series_tasks(manual_dir, builder.series_cache_dir(download_dir))

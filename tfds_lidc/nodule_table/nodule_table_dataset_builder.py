@@ -3,22 +3,18 @@ from __future__ import annotations
 
 import collections
 import functools
-import multiprocessing
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
+from tfds_lidc import lidc_idri
 from tfds_lidc import nodule_rows
-from tfds_lidc import radiomics_features
 from tfds_lidc import report
 from tfds_lidc import series_cache
-from tfds_lidc import series_examples
 from tfds_lidc import splits as splits_lib
-from tfds_lidc import xml_reader
 from tfds_lidc.errors import LidcDataError
-from tfds_lidc.lidc_idri import LidcIdriConfig
 from tfds_lidc.nodule_table import row_examples
 from tfds_lidc.nodule_table import table_report
 
@@ -45,48 +41,19 @@ class TableError(LidcDataError, ValueError):
     """The table gives no usable nodule, or the build failed; the message names the CSV and the report."""
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
-    """DatasetBuilder for a table of labelled nodules."""
+class Builder(lidc_idri.Builder):
+    """DatasetBuilder for a table of labelled nodules: lidc_idri's configs, features (and more), worker pool and
+    Beam support; its own rows instead of series."""
 
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release: the lidc_idri features of nodules listed in a CSV.'}
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
-    BUILDER_CONFIGS = [
-        LidcIdriConfig(name='crop64_1mm', description='64^3 crop at 1 mm isotropic.', crop_size=64),
-        LidcIdriConfig(name='crop32_1mm', description='32^3 crop at 1 mm isotropic.', crop_size=32),
-    ]
-    DEFAULT_CONFIG_NAME = 'crop64_1mm'
-
-    def __init__(self, *, num_workers: int = 1, **kwargs):
-        self._num_workers = num_workers
-        self._use_beam = False
-        self._map = map
-        self.report: dict | None = None
-        self.report_paths: list[str] = []
-        kwargs.setdefault('file_format', tfds.core.FileFormat.ARRAY_RECORD)  # readable without TensorFlow
-        super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        s = self.builder_config.crop_size
-        meta = radiomics_features.metadata(self.builder_config.radiomics_params)
-        meta.update(attribute_names=list(xml_reader.ATTRIBUTE_NAMES), crop_size=s,
-                    spacing_mm=self.builder_config.spacing_mm, consensus_level=self.builder_config.consensus_level)
-        num_features = len(meta['radiomics_feature_names'])
+        lidc = super()._info()
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
-                'ct': tfds.features.Tensor(shape=(s, s, s), dtype=np.int16),
-                'mask': tfds.features.Tensor(shape=(s, s, s), dtype=np.uint8),
-                'radiomics': tfds.features.Tensor(shape=(num_features,), dtype=np.float32),
-                'ratings': tfds.features.Tensor(shape=(4,), dtype=np.int32),
-                'attributes': tfds.features.Tensor(shape=(4, len(xml_reader.ATTRIBUTE_NAMES)), dtype=np.int32),
-                'malignancy_mean': tfds.features.Scalar(dtype=np.float32),
-                'label': tfds.features.ClassLabel(names=list(series_examples.LABEL_NAMES)),
-                'patient_id': tfds.features.Text(),
-                'series_uid': tfds.features.Text(),
-                'nodule_index': tfds.features.Scalar(dtype=np.int32),
-                'centroid_mm': tfds.features.Tensor(shape=(3,), dtype=np.float32),
-                'diameter_mm': tfds.features.Scalar(dtype=np.float32),
-                'fold': tfds.features.Scalar(dtype=np.int32),
+                **lidc.features,
                 # Beyond lidc_idri's: where the label and the mask come from, the CSV row and its other columns.
                 'label_source': tfds.features.Text(),  # 'given' (a class or pathology) | 'ratings' (readers')
                 'mask_source': tfds.features.Text(),   # 'mask file ...' | 'sphere of diameter ...' | 'consensus ...'
@@ -94,7 +61,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 'metadata': tfds.features.Text(),      # JSON {column: value} of the row's other columns
             }),
             supervised_keys=None,
-            metadata=tfds.core.MetadataDict(meta),
+            metadata=lidc.metadata,
         )
 
     def cache_dir(self, download_dir: str) -> str:
@@ -145,19 +112,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         return series_cache.fingerprint([t.cache_key() for t in tasks if not t.ct_error]
                                         + [f"{e['row']}:{e['reason']}" for e in refused])
 
-    def _download_and_prepare(self, dl_manager, download_config=None):
-        self._use_beam = bool(download_config and (download_config.beam_runner or download_config.beam_options))
-        pool = None
-        if self._num_workers > 1:
-            pool = multiprocessing.get_context('spawn').Pool(self._num_workers)
-        self._map = pool.imap if pool is not None else map
-        try:
-            super()._download_and_prepare(dl_manager, download_config)
-        finally:
-            if pool is not None:
-                pool.terminate()
-                pool.join()
-
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
         cache_dir = self.cache_dir(os.fspath(dl_manager.download_dir))
@@ -167,9 +121,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         written = [e for e in entries if e['nodules_written']]
         patients = sorted({e['patient_id'] for e in written})
         if any('split' in t.row for t in tasks):
-            folds = splits_lib.assign(patients)
-            assignment = {e['patient_id']: (t.row['split'], folds[e['patient_id']][1])
-                          for t, e in zip(tasks, entries[len(refused):]) if e['nodules_written']}
+            folds, split_of = splits_lib.assign(patients), {t.row_number: t.row['split'] for t in tasks}
+            assignment = {e['patient_id']: (split_of[e['row']], folds[e['patient_id']][1]) for e in written}
             used = {s for s, _ in assignment.values()}
             empty = {s: 'no row of the table is in this split' for s in splits_lib.SPLITS if s not in used}
         else:
