@@ -252,7 +252,9 @@ def test_a_synth_cohort_trains_and_validates_a_lidc_run_externally_compared_unpa
     result = compare.compare([lidc_run, report], str(tmp_path / 'comparison'), replicates=50)
     pair = result['pairs'][0]
     assert not pair['paired'] and pair['nodules_b'] == len(rows) and not result['bootstrap']['paired']
-    assert pair['metrics']['accuracy']['difference'] == pytest.approx(metrics['accuracy'] - pair['metrics']['accuracy']['a'])
+    accuracy = pair['metrics']['accuracy']
+    assert accuracy['b'] == pytest.approx(metrics['accuracy'])
+    assert accuracy['difference'] == pytest.approx(metrics['accuracy'] - accuracy['a'])
 
 
 def test_beam_direct_runner_builds_the_same_table(hand_written, tmp_path):

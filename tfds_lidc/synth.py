@@ -335,7 +335,8 @@ def generate_table(out_dir: str, num_scans: int, seed: int = 0, *, split: str | 
         print(SIMULATED_NOTICE, flush=True)
     rng = np.random.default_rng([seed, 29])
     rows = []
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir)) or None) as tcia:
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tcia:  # the TCIA scans, converted and then removed
         for series_dir in generate(tcia, num_scans, seed=seed, verbose=False):
             series_uid = os.path.basename(series_dir)
             patient = 'COHORT-' + os.path.relpath(series_dir, tcia).split(os.sep)[0].rsplit('-', 1)[-1]

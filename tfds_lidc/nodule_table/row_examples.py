@@ -28,8 +28,7 @@ from tfds_lidc import xml_reader
 NUM_READERS = 4
 NUM_ATTRIBUTES = len(xml_reader.ATTRIBUTE_NAMES)
 LABEL_WORDS = {'benign': 0, '0': 0, 'unsure': 1, 'indeterminate': 1, 'malignant': 2, '1': 2}
-LABEL_HELP = ("benign or malignant (or 0 / 1, or unsure), or 1-5 malignancy ratings per reader separated by ';' "
-              "(e.g. '4;5;3', or '4;' for one reader)")
+LABEL_HELP = "benign / malignant (0 / 1, or unsure), or 1-5 ratings per reader separated by ';' ('4;5;3', '4;')"
 # Columns the builder reads; any other column is kept, as text, in the example's `metadata`.
 READ_COLUMNS = ('ct', 'seriesuid', 'mask', 'xml', *nodule_rows.CENTER_COLUMNS, 'diameter_mm', 'nodule_index',
                 'patient_id', 'label', 'split')
