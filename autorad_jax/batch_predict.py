@@ -21,84 +21,11 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from autorad_jax import ct_input, image_checks, predictor as predictor_lib
-from autorad_jax.errors import AutoradError, PredictInputError
-
-VOLUME_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".nrrd")
-CENTER_COLUMNS = ("coordX", "coordY", "coordZ")
-
-
-class NoduleTableError(AutoradError, ValueError):
-    """The nodule CSV cannot be read, or its columns say neither a CT nor a nodule."""
-
-
-def read_rows(path: str) -> list[dict[str, str]]:
-    """The CSV's rows as dicts (header names stripped); NoduleTableError naming the file and the problem."""
-    try:
-        with open(path, newline="") as f:
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in csv.DictReader(f)]
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise NoduleTableError(f"nodule table {path}: {e}") from e
-    columns = set(rows[0]) if rows else set()
-    if not rows:
-        raise NoduleTableError(f"nodule table {path} has no rows.")
-    if not columns & {"ct", "seriesuid"}:
-        raise NoduleTableError(f"nodule table {path} has neither a 'ct' nor a 'seriesuid' column (columns: "
-                               f"{', '.join(sorted(columns))}).")
-    if not (columns & {"mask", "xml"} or set(CENTER_COLUMNS) <= columns):
-        raise NoduleTableError(f"nodule table {path} gives no nodule: add 'mask', 'xml', or 'coordX', 'coordY', "
-                               f"'coordZ' with 'diameter_mm' (columns: {', '.join(sorted(columns))}).")
-    return rows
-
-
-def index_ct_root(ct_root: str) -> dict[str, str]:
-    """{name: path} of the volume files (name without suffix) and folders under `ct_root`."""
-    if not os.path.isdir(ct_root):
-        raise NoduleTableError(f"--ct_root {ct_root} is not a folder.")
-    found = {}
-    for folder, dirs, files in os.walk(ct_root):
-        for d in dirs:
-            found.setdefault(d, os.path.join(folder, d))
-        for f in files:
-            for suffix in VOLUME_SUFFIXES:
-                if f.endswith(suffix):
-                    found.setdefault(f[:-len(suffix)], os.path.join(folder, f))
-    return found
-
-
-def find_series(uid: str, index: dict[str, str], ct_root: str) -> str:
-    """The CT of series `uid`: a file or folder named by the UID, else a folder whose name contains it."""
-    if uid in index:
-        return index[uid]
-    matches = sorted(path for name, path in index.items() if uid in name and os.path.isdir(path))
-    if not matches:
-        raise PredictInputError(f"series {uid} is not under --ct_root {ct_root} (no {uid}.mhd / .nii.gz "
-                                            f"/ .nrrd file or folder named by it).")
-    return matches[0]
-
-
-def _row_ct(row: dict[str, str], base: str, ct_root: Optional[str], index: Optional[dict[str, str]]) -> str:
-    if row.get("ct"):
-        return os.path.join(base, row["ct"])
-    if not row.get("seriesuid"):
-        raise PredictInputError("the row gives neither 'ct' nor 'seriesuid'.")
-    if ct_root is None:
-        raise PredictInputError("a 'seriesuid' row needs --ct_root (the folder holding the series).")
-    return find_series(row["seriesuid"], index, ct_root)
-
-
-def _row_nodule(row: dict[str, str], base: str, coordinates: str) -> dict[str, Any]:
-    """ct_input.nodule_masks' nodule arguments of a row (its centre in the row's `coordinates`, else in
-    `coordinates`)."""
-    center = [row.get(c, "") for c in CENTER_COLUMNS]
-    try:
-        diameter = float(row["diameter_mm"]) if row.get("diameter_mm") else None
-    except ValueError as e:
-        raise PredictInputError(f"diameter_mm {row['diameter_mm']!r} is not a number.") from e
-    return dict(mask=os.path.join(base, row["mask"]) if row.get("mask") else None,
-                xml=os.path.join(base, row["xml"]) if row.get("xml") else None,
-                center=center if any(center) else None, diameter=diameter,
-                coordinates=row.get("coordinates", "").lower() or coordinates)
+from autorad_jax import ct_input, predictor as predictor_lib
+from autorad_jax.errors import AutoradError
+from tfds_lidc import image_checks
+from tfds_lidc.errors import LidcDataError
+from tfds_lidc.nodule_rows import index_ct_root, read_rows, row_ct, row_nodule
 
 
 def _flat(row: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +47,7 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
     rows = read_rows(nodules_csv)
     base = os.path.dirname(os.path.abspath(nodules_csv))
     index = index_ct_root(ct_root) if ct_root is not None else None
+    root = f"--ct_root {ct_root}" if ct_root is not None else None
     predictor = predictor_lib.load_predictor(workdir=workdir, export_dir=export_dir, backend=backend)
     consensus = float(predictor.preprocessing["consensus_level"])
     read_ct = functools.lru_cache(maxsize=2)(ct_input.read_ct)  # rows of one series come one after another
@@ -128,14 +56,14 @@ def predict_csv(nodules_csv: str, out_dir: str, *, workdir: Optional[str] = None
     for number, row in enumerate(tqdm(rows, desc="nodules", unit="row"), start=1):
         head = {"row": number, **{k: row[k] for k in ("seriesuid", "ct") if row.get(k)}}
         try:
-            ct = _row_ct(row, base, ct_root, index)
-            given = _row_nodule(row, base, coordinates)
+            ct = row_ct(row, base, root, index)
+            given = row_nodule(row, base, coordinates)
             uid = row.get("seriesuid") if os.path.isdir(ct) else None  # of a volume file, it only found the file
             image, series = read_ct(ct, image_checks.DEFAULT_HU_RANGE,
                                     tuple(ct_input.series_wanted(ct, uid, given["xml"])))
             masks = ct_input.nodule_masks(image, series, **given, consensus_level=consensus)
             found = [(info, predictor_lib.nodule_inputs(predictor, image, m)) for m, info in masks if m is not None]
-        except AutoradError as e:
+        except (AutoradError, LidcDataError) as e:
             results.append({**head, "error": str(e)})
             continue
         results.extend({**head, "ct": os.path.abspath(ct), **info, "error": ""} for m, info in masks if m is None)

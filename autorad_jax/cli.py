@@ -4,18 +4,21 @@ Usage: autorad [SUBCOMMAND] [--flags]   (or, in a checkout, python run.py [SUBCO
 
 Subcommands (default: demo):
   demo     make demo data if absent, build the dataset, train and evaluate the tiny model and a baseline
-  synth    write demo LIDC-IDRI data (real geometry and ratings, simulated intensities) in the TCIA layout
-  prepare  build the lidc_idri TFDS dataset from LIDC-IDRI on disk (--manual_dir) into --data_dir
+  synth    write demo LIDC-IDRI data (real geometry and ratings, simulated intensities) in the TCIA layout, or
+           with --layout table a demo cohort (MetaImage CTs, masks, a nodules.csv with pathology-style labels)
+  prepare  build the lidc_idri TFDS dataset from LIDC-IDRI on disk (--manual_dir) into --data_dir, or with
+           --dataset nodule_table the dataset of the nodules.csv in --manual_dir
   train    train and evaluate a config in --workdir (resumes from its checkpoints)
-  eval     evaluate the best checkpoint of --workdir on --split
+  eval     evaluate the best checkpoint of --workdir on --split; with --config.data.name=nodule_table (and the
+           --data_dir holding it) on an external cohort, into --workdir/external/nodule_table
   cv       5-fold patient cross-validation of the model and the baselines, with a summary table
   encoders train the model with each tower family (AIMv2, CLIP, SigLIP) pretrained and random-init
            (config.encoders) in --workdir, and compare them against the first on the same test patients
   predict  malignancy of nodules in a new CT (--ct with --mask, --center/--diameter or --xml; --report DIR for
            pictures with saliency), or of every row of a CSV (--nodules FILE.csv, LUNA16 columns with --ct_root)
   export   write the trained model of --workdir as transformers and PyTorch folders to --out
-  compare  paired patient-bootstrap differences of test runs: compare WORKDIR_A WORKDIR_B ... (or --workdirs=A,B)
-           into --out (default workdir/comparison)
+  compare  patient-bootstrap differences of test runs: compare WORKDIR_A WORKDIR_B ... (or --workdirs=A,B)
+           into --out (default workdir/comparison); paired on the same nodules, unpaired across datasets
 
 Configs: --config configs/autorad_lung.py:tiny --config.optim.learning_rate=1e-3 (a misspelt key is an error); the
 default is the packaged configs/autorad_lung.py:tiny.
@@ -46,6 +49,11 @@ _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "LIDC-IDRI as downloaded f
 _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                  "TFDS data dir; overrides config.data.data_dir (eval: else the training's).")
 _BUILDER_CONFIG = flags.DEFINE_string("builder_config", None, "lidc_idri builder config (prepare).")
+_DATASET = flags.DEFINE_enum("dataset", None, ["lidc_idri", "nodule_table"],
+                             "Dataset to build (prepare; default config.data.name): LIDC-IDRI in the TCIA layout, or "
+                             "the nodules.csv of a labelled cohort in --manual_dir.")
+_LAYOUT = flags.DEFINE_enum("layout", "tcia", ["tcia", "table"],
+                            "synth: LIDC-IDRI's TCIA layout, or a nodule table (MetaImage CTs, masks, nodules.csv).")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", 1, "Processes writing demo scans (synth) or the dataset (prepare).",
                                      lower_bound=1)
 _OUT = flags.DEFINE_string("out", None, "Output folder (synth, export, compare).")
@@ -110,9 +118,14 @@ def _config():
     return config
 
 
+def _override(key: str):
+    """The value of --config.<key> on the command line, None when it was not given."""
+    return config_flags.get_override_values(flags.FLAGS["config"]).get(key)
+
+
 def _data_dir_given() -> str | None:
     """The data_dir of --data_dir or --config.data.data_dir, None when neither was given."""
-    return _DATA_DIR.value or config_flags.get_override_values(flags.FLAGS["config"]).get("data.data_dir")
+    return _DATA_DIR.value or _override("data.data_dir")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -153,6 +166,8 @@ def _run(command: str, args: list[str]):
         return demo.run_demo(_config(), _WORKDIR.value, pretrained_dir=_PRETRAINED_DIR.value)
     if command == "synth":
         from tfds_lidc import synth
+        if _LAYOUT.value == "table":
+            return synth.generate_table(_OUT.value or "workdir/cohort_demo", _NUM_SCANS.value, seed=_SEED.value)
         return synth.generate(_OUT.value or "workdir/lidc_demo", _NUM_SCANS.value, seed=_SEED.value,
                               num_workers=_NUM_WORKERS.value)
     if command == "prepare":
@@ -161,14 +176,15 @@ def _run(command: str, args: list[str]):
         import tfds_lidc
         return tfds_lidc.prepare(_MANUAL_DIR.value, _DATA_DIR.value or _config().data.data_dir,
                                  builder_config=_BUILDER_CONFIG.value, num_workers=_NUM_WORKERS.value,
-                                 overwrite=_OVERWRITE.value, keep_incomplete=_KEEP_INCOMPLETE.value)
+                                 overwrite=_OVERWRITE.value, keep_incomplete=_KEEP_INCOMPLETE.value,
+                                 dataset=_DATASET.value or _config().data.name)
     if command in ("train", "eval", "cv"):
         from autorad_jax.train import trainer
         if command == "train":
             return trainer.train_and_evaluate(_config(), _WORKDIR.value)
         if command == "eval":
             return trainer.evaluate(_config(), _WORKDIR.value, split=_SPLIT.value, step=_CHECKPOINT.value,
-                                    data_dir=_data_dir_given())
+                                    data_dir=_data_dir_given(), dataset=_override("data.name"))
         from autorad_jax.train import cv
         return cv.cross_validate(_config(), _WORKDIR.value)
     if command == "encoders":
@@ -193,7 +209,8 @@ def _run(command: str, args: list[str]):
         from autorad_jax import batch_predict
         return batch_predict.predict_csv(_NODULES.value, _OUT.value or "predictions", ct_root=_CT_ROOT.value,
                                          report_dir=_REPORT.value, coordinates=_COORDINATES.value, **model)
-    from autorad_jax import image_checks, predict
+    from autorad_jax import predict
+    from tfds_lidc import image_checks
     return predict.predict(ct=_CT.value, mask=_MASK.value, center=_CENTER.value, diameter=_DIAMETER.value,
                            xml=_XML.value, report_dir=_REPORT.value,
                            hu_range=_hu_range(_HU_RANGE.value) if _HU_RANGE.value else image_checks.DEFAULT_HU_RANGE,

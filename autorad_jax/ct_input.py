@@ -5,29 +5,17 @@ into consensus masks as the dataset builder does)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from autorad_jax import image_checks
 from autorad_jax.errors import PredictInputError
-from tfds_lidc import ct_series, discover, orientation, xml_reader
+from tfds_lidc import ct_series, discover, image_checks, nodule_masks as masks_lib, orientation, xml_reader
 from tfds_lidc import nodules as nodules_lib
-
-# A lung nodule is at most 30 mm across, a mass up to about 60; below 3 mm LIDC readers mark no nodule outline. A mask's
-# equivalent-sphere diameter may fall a little under its longest axis, hence the lower bound for masks.
-DIAMETER_RANGE_MM = (3.0, 60.0)
-MASK_DIAMETER_RANGE_MM = (2.0, 60.0)
-COORDINATES = ("lps", "ras")  # a centre's convention: patient LPS mm (DICOM, LUNA16), or RAS mm (NIfTI tools)
-SPHERE_NOTE = ("no segmentation was given: the mask is a sphere of the given diameter around the given centre, so the "
-               "radiomic shape features describe that sphere, not the nodule")
-
-
-def _plain(values: Sequence[float], digits: int = 4) -> str:
-    """Numbers as plain text, '(512, 512, 128)' (never 'np.int64(512)')."""
-    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+from tfds_lidc.nodule_masks import COORDINATES, DIAMETER_RANGE_MM, SPHERE_NOTE  # noqa: F401  (predict's API)
 
 
 def _checked(image: sitk.Image, path: str, hu_range: Sequence[float]) -> sitk.Image:
@@ -39,16 +27,19 @@ def _checked(image: sitk.Image, path: str, hu_range: Sequence[float]) -> sitk.Im
     return image
 
 
-def _read_volume(path: str, what: str) -> sitk.Image:
-    """sitk.ReadImage of a file whose data length matches its header, else PredictInputError naming `what`."""
+@contextlib.contextmanager
+def _as_predict_input_error():
+    """tfds_lidc.nodule_masks' refusals (a mask file, a centre, a volume file) raised as PredictInputError."""
     try:
-        image_checks.check_file(path)
-        return sitk.ReadImage(path)
-    except image_checks.ImageCheckError as e:
-        raise PredictInputError(f"{what} {e}") from e
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise PredictInputError(f"unreadable {what} {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
+        yield
+    except masks_lib.NoduleInputError as e:
+        raise PredictInputError(str(e)) from e
+
+
+def _read_volume(path: str, what: str) -> sitk.Image:
+    """tfds_lidc.nodule_masks.read_volume, its refusal as PredictInputError."""
+    with _as_predict_input_error():
+        return masks_lib.read_volume(path, what)
 
 
 def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
@@ -114,60 +105,6 @@ def _no_series_message(path: str) -> str:
             f"{', '.join(below[:5])}{f' (and {len(below) - 5} more)' if len(below) > 5 else ''}.")
 
 
-def read_mask(path: str, ct: sitk.Image) -> sitk.Image:
-    """A nodule mask file (non-zero = nodule) that lies on the voxel grid of the CT (`ct`, in LPS axes; the mask is
-    brought to LPS axes too, so it may store that grid in another axis order)."""
-    mask = orientation.to_lps(_read_volume(path, "mask"))
-    checks = [("size (voxels)", mask.GetSize(), ct.GetSize(), 0.0), ("spacing (mm)", mask.GetSpacing(),
-              ct.GetSpacing(), 1e-4), ("origin (mm)", mask.GetOrigin(), ct.GetOrigin(), 1e-3),
-              ("direction", mask.GetDirection(), ct.GetDirection(), 1e-4)]
-    for what, got, want, tol in checks:
-        if len(got) != len(want) or not np.allclose(got, want, rtol=tol, atol=tol):
-            raise PredictInputError(f"mask {path} is not on the CT's grid: its {what} is "
-                                    f"{_plain(got)}, the CT's is {_plain(want)} (both in LPS axis order).")
-    voxels = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask)))
-    if not voxels:
-        raise PredictInputError(f"mask {path} is empty (no non-zero voxel).")
-    volume = voxels * float(np.prod(mask.GetSpacing()))
-    diameter = float((6 * volume / np.pi) ** (1 / 3))
-    lo, hi = MASK_DIAMETER_RANGE_MM
-    if not lo <= diameter <= hi:
-        raise PredictInputError(f"mask {path} holds {voxels} voxels, {volume:.1f} mm^3, a sphere of diameter "
-                                f"{diameter:.1f} mm: outside the {lo:g}-{hi:g} mm of a lung nodule or mass "
-                                f"(a mask of the whole lung or of a single voxel?).")
-    return mask
-
-
-def sphere_mask(ct: sitk.Image, center_mm: Sequence[float], diameter_mm: float) -> sitk.Image:
-    """A ball of `diameter_mm` around the point `center_mm` (x, y, z patient LPS mm), as a sub-block of the CT grid."""
-    center = np.asarray(center_mm, np.float64)
-    size = np.asarray(ct.GetSize())
-    index = np.asarray(ct.TransformPhysicalPointToContinuousIndex(tuple(map(float, center))))
-    if np.any(index < -0.5) or np.any(index > size - 0.5):
-        bounds = [ct.TransformContinuousIndexToPhysicalPoint(tuple(map(float, c))) for c in (-0.5 * np.ones(3),
-                                                                                              size - 0.5)]
-        raise PredictInputError(f"centre {_plain(center)} mm is outside the CT volume, which spans "
-                                f"{_plain(np.minimum(*bounds), 1)} to {_plain(np.maximum(*bounds), 1)} mm "
-                                f"(patient LPS).")
-    radius = diameter_mm / 2
-    reach = radius / np.asarray(ct.GetSpacing()) + 1
-    lo = np.clip(np.floor(index - reach), 0, size - 1).astype(int)
-    hi = np.clip(np.ceil(index + reach), 0, size - 1).astype(int)
-    xx, yy, zz = np.meshgrid(*(np.arange(a, b + 1) for a, b in zip(lo, hi)), indexing="ij")
-    idx = np.stack([xx, yy, zz], -1).reshape(-1, 3)
-    direction = np.asarray(ct.GetDirection()).reshape(3, 3)
-    points = np.asarray(ct.GetOrigin()) + (idx * np.asarray(ct.GetSpacing())) @ direction.T
-    inside = (np.linalg.norm(points - center, axis=1) <= radius).reshape(xx.shape)
-    if not inside.any():
-        raise PredictInputError(f"a sphere of diameter {diameter_mm:g} mm at {_plain(center)} holds no voxel centre "
-                                f"of the CT (spacing {_plain(ct.GetSpacing())} mm); give a larger --diameter.")
-    mask = sitk.GetImageFromArray(inside.transpose(2, 1, 0).astype(np.uint8))
-    mask.SetSpacing(ct.GetSpacing())
-    mask.SetDirection(ct.GetDirection())
-    mask.SetOrigin(ct.TransformIndexToPhysicalPoint(tuple(int(v) for v in lo)))
-    return mask
-
-
 def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: float, *,
               matches_ct: bool = False, keep_incomplete: bool = False) -> list[tuple[Optional[sitk.Image], dict]]:
     """(consensus mask, description) of every lesion of a LIDC reader XML, its readers' marks clustered and masked as
@@ -216,20 +153,6 @@ def xml_masks(path: str, series: Optional[ct_series.CtSeries], consensus_level: 
     return out
 
 
-def _parse_center(center, coordinates: str) -> np.ndarray:
-    """The centre x,y,z as patient LPS mm, given in `coordinates` ('lps' or 'ras')."""
-    if coordinates not in COORDINATES:
-        raise PredictInputError(f"coordinates {coordinates!r}: use 'lps' (patient LPS mm, as DICOM and LUNA16) or "
-                                f"'ras' (RAS mm, as NIfTI tools and 3D Slicer).")
-    try:
-        values = [float(v) for v in (center.split(",") if isinstance(center, str) else center)]
-    except (TypeError, ValueError) as e:
-        raise PredictInputError(f"--center {center!r}: expected x,y,z in mm.") from e
-    if len(values) != 3:
-        raise PredictInputError(f"--center {center!r}: expected three numbers x,y,z in mm, got {len(values)}.")
-    return orientation.ras_to_lps(values) if coordinates == "ras" else np.asarray(values)
-
-
 def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: Optional[str], center, diameter,
                  xml: Optional[str], consensus_level: float, xml_matches_ct: bool = False, coordinates: str = "lps",
                  keep_incomplete: bool = False) -> list[tuple[Optional[sitk.Image], dict]]:
@@ -242,17 +165,19 @@ def nodule_masks(ct: sitk.Image, series: Optional[ct_series.CtSeries], *, mask: 
         raise PredictInputError(f"give the nodule with exactly one of --mask, --center (with --diameter) or --xml; "
                                 f"got {', '.join(given) or 'none'}.")
     if mask is not None:
-        return [(read_mask(mask, ct), {"mask": f"mask file {os.path.abspath(mask)}"})]
+        with _as_predict_input_error():
+            return [(masks_lib.read_mask(mask, ct), {"mask": f"mask file {os.path.abspath(mask)}"})]
     if center is not None:
         lo, hi = DIAMETER_RANGE_MM
         if diameter is None or not lo <= float(diameter) <= hi:
             raise PredictInputError(f"--center needs a --diameter from {lo:g} to {hi:g} mm, a lung nodule's or mass's "
                                     f"(got {diameter if diameter is None else float(diameter)}).")
-        point = _parse_center(center, coordinates)
-        given = "" if coordinates == "lps" else f", given as RAS {orientation.ras_to_lps(point).tolist()} mm"
-        return [(sphere_mask(ct, point, float(diameter)),
-                 {"mask": f"sphere of diameter {float(diameter)} mm at LPS {point.tolist()} mm{given}",
-                  "note": SPHERE_NOTE})]
+        with _as_predict_input_error():
+            point = masks_lib.parse_center(center, coordinates)
+            given = "" if coordinates == "lps" else f", given as RAS {orientation.ras_to_lps(point).tolist()} mm"
+            return [(masks_lib.sphere_mask(ct, point, float(diameter)),
+                     {"mask": f"sphere of diameter {float(diameter)} mm at LPS {point.tolist()} mm{given}",
+                      "note": SPHERE_NOTE})]
     return [(m, {"mask": f"consensus (>= {consensus_level:.0%} of readers) of reader XML {os.path.abspath(xml)}",
                  **info}) for m, info in xml_masks(xml, series, consensus_level, matches_ct=xml_matches_ct,
                                                    keep_incomplete=keep_incomplete)]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any, Optional, Sequence
 
-from autorad_jax import ct_input, image_checks, predictor as predictor_lib
+from autorad_jax import ct_input, predictor as predictor_lib
+from tfds_lidc import image_checks
 
 
 def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optional[float] = None,

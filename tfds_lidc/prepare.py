@@ -12,7 +12,11 @@ from tfds_lidc import file_lock
 from tfds_lidc import report
 from tfds_lidc import series_cache
 from tfds_lidc.errors import LidcDataError
+from tfds_lidc import nodule_table
 from tfds_lidc.lidc_idri import Builder
+from tfds_lidc.nodule_table import table_report
+
+DATASETS = ('lidc_idri', 'nodule_table')
 
 
 class DatasetExistsError(LidcDataError, RuntimeError):
@@ -54,14 +58,17 @@ def _remove_leftovers(builder: Builder, cache_dir: str) -> None:
 
 
 def _series_fingerprint(builder: Builder, manual_dir: str, download_dir: str) -> str:
+    if isinstance(builder, nodule_table.Builder):
+        return builder.input_fingerprint(manual_dir, download_dir)
     tasks, _ = builder.series_tasks(manual_dir, builder.series_cache_dir(download_dir))
     return series_cache.fingerprint(
         series_cache.key(os.path.join(manual_dir, t.series_dir), t.cache_config()) for t in tasks)
 
 
 def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, num_workers: int = 1,
-            overwrite: bool = False, keep_incomplete: bool = False) -> str:
-    """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir`; returns the dataset dir.
+            overwrite: bool = False, keep_incomplete: bool = False, dataset: str = 'lidc_idri') -> str:
+    """Builds lidc_idri/<builder_config> from LIDC-IDRI (TCIA layout) in `manual_dir` (or with dataset='nodule_table'
+    nodule_table/<builder_config> from the nodules.csv in `manual_dir`); returns the dataset dir.
 
     Fails with the manual download instructions when `manual_dir` is missing or empty. When data_dir already
     holds the dataset, it is reused if it was built from the same series (same files, config and builder
@@ -74,11 +81,14 @@ def prepare(manual_dir: str, data_dir: str, builder_config: str | None = None, n
     and named first. A nodule with readers' marks on slices its series lacks is skipped and named, unless
     `keep_incomplete` (then it is written from the slices there are, flagged `complete` False).
     """
+    if dataset not in DATASETS:
+        raise ManualDirError(f'unknown dataset {dataset!r}; use one of {", ".join(DATASETS)}.')
+    builder_class = nodule_table.Builder if dataset == 'nodule_table' else Builder
     if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
         raise ManualDirError(f'manual_dir {manual_dir!r} does not exist or is empty.\n'
-                                f'{Builder.MANUAL_DOWNLOAD_INSTRUCTIONS}')
+                                f'{builder_class.MANUAL_DOWNLOAD_INSTRUCTIONS}')
     manual_dir = os.path.abspath(manual_dir)
-    make = functools.partial(Builder, data_dir=data_dir, config=builder_config, num_workers=num_workers,
+    make = functools.partial(builder_class, data_dir=data_dir, config=builder_config, num_workers=num_workers,
                              keep_incomplete=keep_incomplete)
     builder = make()
     lock = os.path.join(os.path.dirname(os.fspath(builder.data_path)), LOCK_NAME)
@@ -112,5 +122,6 @@ def _prepare(builder: Builder, manual_dir: str, overwrite: bool) -> str:
         if builder.report is not None:
             done = builder.data_path.exists()
             path = os.path.join(dataset_dir, report.REPORT_NAME) if done else builder.report_paths[0]
-            print(report.summary(builder.report, path), flush=True)
+            summary = table_report.summary if isinstance(builder, nodule_table.Builder) else report.summary
+            print(summary(builder.report, path), flush=True)
     return dataset_dir

@@ -4,22 +4,27 @@ Geometry (pixel spacing, slice positions, UIDs, slice thickness), reader contour
 the CT intensities are SIMULATED (air, chest wall, lung parenchyma, vessels, nodules shaped by the
 readers' contours with HU and texture from their ratings). To stay small, each series keeps a slab of
 slices around its nodules and is downsampled in-plane by an integer factor (spacing adjusted, contours
-rescaled), which remains a valid evenly spaced CT series.
+rescaled), which remains a valid evenly spaced CT series. `generate_table` writes the same scans as a nodule table
+cohort (MetaImage CTs, mask files, nodules.csv with pathology-style labels).
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import multiprocessing
 import os
+import tempfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
 import pydicom
+import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
+from tfds_lidc import ct_series
 from tfds_lidc import nodules as nodules_lib
 from tfds_lidc import xml_reader
 
@@ -302,3 +307,62 @@ def generate(out_dir: str, num_scans: int, seed: int = 0, *, downsample: int = 2
     if verbose:
         print(f'Wrote {len(written)} series to {out_dir} (intensities simulated).', flush=True)
     return written
+
+
+def consensus_masks(series_dir: str, consensus_level: float = 0.5) -> list[tuple[sitk.Image, np.ndarray]]:
+    """(consensus mask on the series' whole grid, readers' malignancy ratings [4]) of each nodule of a series folder
+    with its reader XML, as the lidc_idri builder makes them."""
+    series = ct_series.load_ct_series(series_dir)
+    xml = next(os.path.join(series_dir, f) for f in sorted(os.listdir(series_dir)) if f.lower().endswith('.xml'))
+    annotations, _ = nodules_lib.place_annotations(xml_reader.parse_reader_xml(xml), series.sop_uids,
+                                                   series.z_positions, float(np.median(np.diff(series.positions))))
+    out = []
+    for cluster in nodules_lib.cluster_annotations(annotations, tol=series.slice_thickness):
+        kept, _ = nodules_lib.select_readers(cluster)
+        block = nodules_lib.consensus_mask_image(kept, series.image, consensus_level)
+        if block is not None:
+            whole = sitk.Resample(block, series.image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+            out.append((whole, nodules_lib.reader_ratings(kept)[:, -1]))
+    return out
+
+
+def generate_table(out_dir: str, num_scans: int, seed: int = 0, *, split: str | None = 'test',
+                   verbose: bool = True) -> str:
+    """Writes a demo nodule_table cohort: MetaImage CTs (out_dir/ct/<seriesuid>.mhd), a NIfTI mask per nodule
+    (out_dir/masks/) and out_dir/nodules.csv (seriesuid, mask, patient_id, label, diagnosis, split).
+
+    The scans are `generate`'s (real geometry and reader marks, SIMULATED intensities); each nodule's label is
+    pathology-style, benign or malignant: the side of 3 its readers' mean malignancy rating falls on, a mean of
+    exactly 3 resolved by a seeded coin, as a biopsy or follow-up would resolve it. `split` fills the split column
+    ('test': an external test cohort; None: no column, patients split as LIDC-IDRI's). Returns the CSV's path.
+    """
+    if verbose:
+        print(SIMULATED_NOTICE, flush=True)
+    rng = np.random.default_rng([seed, 29])
+    rows = []
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tcia:  # the TCIA scans, converted and then removed
+        for series_dir in generate(tcia, num_scans, seed=seed, verbose=False):
+            series_uid = os.path.basename(series_dir)
+            patient = 'COHORT-' + os.path.relpath(series_dir, tcia).split(os.sep)[0].rsplit('-', 1)[-1]
+            os.makedirs(os.path.join(out_dir, 'ct'), exist_ok=True)
+            os.makedirs(os.path.join(out_dir, 'masks'), exist_ok=True)
+            sitk.WriteImage(ct_series.load_ct_series(series_dir).image,
+                            os.path.join(out_dir, 'ct', f'{series_uid}.mhd'), True)
+            for k, (mask, ratings) in enumerate(consensus_masks(series_dir)):
+                mask_path = os.path.join('masks', f'{series_uid}_{k}.nii.gz')
+                sitk.WriteImage(mask, os.path.join(out_dir, mask_path), True)
+                mean = float(ratings[ratings > 0].mean())
+                malignant = mean > 3 or (mean == 3 and rng.random() < 0.5)
+                rows.append({'seriesuid': series_uid, 'mask': mask_path, 'patient_id': patient,
+                             'label': 'malignant' if malignant else 'benign',
+                             'diagnosis': 'biopsy' if malignant or rng.random() < 0.3 else '2-year follow-up',
+                             **({'split': split} if split else {})})
+    path = os.path.join(out_dir, 'nodules.csv')
+    with open(path, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if verbose:
+        print(f'Wrote {len(rows)} nodules of {num_scans} scans to {path} (intensities simulated).', flush=True)
+    return path

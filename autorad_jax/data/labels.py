@@ -16,6 +16,8 @@ reader; 0 in the dataset means no reader or no valid rating). A protocol turns t
   min_diameter_mm: leave out nodules whose longest axial diameter (of the consensus mask) is smaller.
 
 Classes are the dataset's stored class ids: 0 benign, 1 unsure, 2 malignant; -1 marks a nodule left out.
+A nodule_table example may have a given label instead (pathology-confirmed benign / malignant, or a class): it is kept
+as stored under every rule (the binary scheme drops a given 'unsure'), and min_readers does not apply to it.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def labels(ratings: np.ndarray, label_rule: str = "mean") -> np.ndarray:
     return np.where(rated, out, LEFT_OUT).astype(np.int32)
 
 
-def cohort(ratings: np.ndarray, diameter_mm: np.ndarray, min_readers: int = 1,
-           min_diameter_mm: float = 0.0) -> np.ndarray:
-    """bool [N]: nodules with at least `min_readers` valid ratings and a diameter of at least `min_diameter_mm`."""
+def cohort(ratings: np.ndarray, diameter_mm: np.ndarray, min_readers: int = 1, min_diameter_mm: float = 0.0,
+           given: np.ndarray | None = None) -> np.ndarray:
+    """bool [N]: nodules with at least `min_readers` valid ratings and a diameter of at least `min_diameter_mm`;
+    nodules whose label is `given` (bool [N]: a pathology or other class, not readers' ratings) need no rating."""
     r = np.asarray(ratings)
-    return (((r >= 1) & (r <= 5)).sum(axis=1) >= int(min_readers)) & (np.asarray(diameter_mm) >= min_diameter_mm)
+    rated = ((r >= 1) & (r <= 5)).sum(axis=1) >= int(min_readers)
+    if given is not None:
+        rated |= np.asarray(given, bool)
+    return rated & (np.asarray(diameter_mm) >= min_diameter_mm)

@@ -1,4 +1,4 @@
-"""Input pipeline: lidc_idri records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
+"""Input pipeline: lidc_idri / nodule_table records -> model inputs, with grain over `tfds.data_source` (no TensorFlow).
 
 One example dict (as stored by the builder) becomes model inputs through `example_to_inputs`; training, evaluation,
 prediction and export all use that one function. The stored 3D crop gives the 2D view the model sees:
@@ -189,6 +189,11 @@ def dataset_name(data_config: ml_collections.ConfigDict) -> str:
 
 
 def _prepare_hint(data_config: ml_collections.ConfigDict) -> str:
+    if data_config.name == "nodule_table":
+        return (f"Build it with `autorad prepare --dataset=nodule_table --manual_dir=/path/to/cohort (holding "
+                f"nodules.csv) --builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or "
+                f"for a demo cohort `autorad synth --layout=table --out=workdir/cohort_demo` and then prepare "
+                f"with --manual_dir=workdir/cohort_demo.")
     return (f"Build it with `autorad prepare --manual_dir=/path/to/LIDC-IDRI "
             f"--builder_config={data_config.builder_config} --data_dir={data_config.data_dir}`, or for demo data "
             f"`autorad synth --out=workdir/lidc_demo` and then prepare with --manual_dir=workdir/lidc_demo.")
@@ -240,7 +245,8 @@ def open_split(data_config: ml_collections.ConfigDict, split: str):
 
 
 def builder_config(name: str):
-    """The lidc_idri builder config called `name` (crop size, spacing, consensus level, radiomics parameters)."""
+    """The builder config called `name` (crop size, spacing, consensus level, radiomics parameters), one set for
+    lidc_idri and nodule_table."""
     import tfds_lidc
     configs = {c.name: c for c in tfds_lidc.Builder.BUILDER_CONFIGS}
     if name not in configs:
@@ -249,8 +255,10 @@ def builder_config(name: str):
 
 
 def radiomics_names(data_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """The ordered pyradiomics feature names of the configured dataset (its metadata)."""
-    info = open_split(data_config, "train").dataset_info
+    """The ordered pyradiomics feature names of the configured dataset (its metadata, read through its first split:
+    an external test cohort has no train split)."""
+    empty = _empty_splits(dataset_name(data_config), str(data_config.data_dir))
+    info = open_split(data_config, next((s for s in SPLITS if s not in empty), "train")).dataset_info
     return tuple(info.metadata["radiomics_feature_names"])
 
 
@@ -290,7 +298,7 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
     """Stored label, fold, radiomics and HU view of every example of a split (read once per process and build)."""
     source = _open_split(name, data_dir, split, stamp)
     out = {"label": [], "fold": [], "patient_id": [], "radiomics": [], "view": [], "ratings": [], "diameter_mm": [],
-           "complete": []}
+           "complete": [], "label_given": []}
     for i in range(len(source)):
         ex = source[i]
         if np.shape(ex["ct"]) != (ct_size,) * 3:
@@ -302,6 +310,8 @@ def _scan(name: str, data_dir: str, split: str, ct_size: int, view: str,
         out["patient_id"].append(ex["patient_id"].decode() if isinstance(ex["patient_id"], bytes)
                                  else str(ex["patient_id"]))
         out["ratings"].append(np.asarray(ex["ratings"], np.int32))
+        # nodule_table examples may carry a given label (pathology, a class) instead of readers' ratings.
+        out["label_given"].append(ex.get("label_source", b"ratings") in (b"given", "given"))
         out["diameter_mm"].append(float(ex["diameter_mm"]))
         out["complete"].append(bool(ex["complete"]))
         out["radiomics"].append(np.asarray(ex["radiomics"], np.float32))
@@ -330,11 +340,11 @@ def label_protocol(data_config: ml_collections.ConfigDict) -> tuple[str, int, fl
 def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
     """Records of `role` ('train' | 'validation' | 'test') under the label protocol, scheme and cross-validation fold.
 
-    Labels come from the stored per-reader ratings by config.data.label_rule, and the cohort is narrowed by
-    min_readers and min_diameter_mm (autorad_jax/data/labels.py); nodules cut by the end of their series (stored
-    when the dataset was built with --keep_incomplete, `complete` False) only with data.include_incomplete. With
-    data.cv_fold = k >= 0, 'train' is train +
-    validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
+    Labels come from the stored per-reader ratings by config.data.label_rule (a nodule_table example with a given
+    label, e.g. pathology, keeps it), and the cohort is narrowed by min_readers and min_diameter_mm
+    (autorad_jax/data/labels.py); nodules cut by the end of their series (stored when the dataset was built with
+    --keep_incomplete, `complete` False) only with data.include_incomplete. With data.cv_fold = k >= 0, 'train' is
+    train + validation without fold k and 'validation' is fold k (the stored folds, or with data.cv_repeat = r > 0 the
     patients dealt anew by `cv_folds`); a split the dataset left empty is then skipped. With
     data.shuffle_radiomics (an ablation), each role's radiomics rows are permuted across its nodules.
     """
@@ -352,9 +362,10 @@ def records(data_config: ml_collections.ConfigDict, role: str) -> Records:
         open_split(data_config, split)
         metas.append(_scan(name, data_dir, split, size, data_config.view, _build_stamp(name, data_dir)))
     meta = {key: np.concatenate([m[key] for m in metas]) for key in metas[0]}
-    meta["label"] = labels_lib.labels(meta["ratings"], rule)
+    meta["label"] = np.where(meta["label_given"], meta["label"], labels_lib.labels(meta["ratings"], rule))
     keep = np.isin(meta["label"], classes)
-    keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm)
+    keep &= labels_lib.cohort(meta["ratings"], meta["diameter_mm"], min_readers, min_diameter_mm,
+                              given=meta["label_given"])
     include_incomplete = bool(data_config.get("include_incomplete", False))
     keep &= meta["complete"] | include_incomplete
     if k >= 0 and role != "test":

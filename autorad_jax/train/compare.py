@@ -1,7 +1,11 @@
-"""Paired comparison of runs evaluated on the same nodules: patient-bootstrap differences B - A.
+"""Comparison of runs: patient-bootstrap differences B - A, paired on the same nodules, unpaired across datasets.
 
-Each workdir's predictions.csv (its published test evaluation) is read; the same patient resamples are applied to
-every run, so the interval of a difference reflects only how the models differ on the same patients.
+Each workdir's predictions.csv (its published test evaluation, or an external one: workdir/external/<dataset>) is
+read. Runs evaluated on the same dataset are compared paired: the same patient resamples are applied to every run, so
+the interval of a difference reflects only how the models differ on the same patients. Runs evaluated on different
+datasets (metrics.json's 'dataset', e.g. a LIDC-IDRI test split and an external cohort) share no patient: their
+difference is unpaired, each run's patients resampled independently (A's with `seed`, B's with `seed + 1`), and its
+interval holds both samples' variation.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class Predictions:
     records: np.ndarray  # [N] int
     labels: np.ndarray  # [N] int
     probs: np.ndarray  # [N, K]
+    dataset: str | None = None  # the tfds dataset evaluated (metrics.json beside it), None when not recorded
 
 
 def read_predictions(workdir: str) -> Predictions:
@@ -65,7 +70,20 @@ def read_predictions(workdir: str) -> Predictions:
         raise ComparisonError(f"{path}: no nodules, a label outside 0..{probs.shape[1] - 1} or a non-finite "
                               f"probability.")
     return Predictions(path, tuple(h[len("prob_"):] for h in header[3:]), np.array([r[0] for r in rows[1:]]),
-                       records, labels, probs)
+                       records, labels, probs, _dataset(os.path.join(workdir, "metrics.json")))
+
+
+def _dataset(metrics_path: str) -> str | None:
+    """The dataset that metrics.json says was evaluated (None: no file, or written before it was recorded)."""
+    if not os.path.isfile(metrics_path):
+        return None
+    with open(metrics_path) as f:
+        return json.load(f).get("dataset")
+
+
+def is_paired(a: Predictions, b: Predictions) -> bool:
+    """Whether A and B are evaluations of one dataset (so of the same nodules); unknown datasets count as one."""
+    return a.dataset is None or b.dataset is None or a.dataset == b.dataset
 
 
 def _check_same_nodules(a: Predictions, b: Predictions) -> None:
@@ -89,8 +107,25 @@ def paired_differences(a: Predictions, b: Predictions, replicates: int = REPLICA
     1) and how many resamples left the difference undefined."""
     _check_same_nodules(a, b)
     weights = np.vstack([np.ones((1, len(a.labels))), patient_weights(a.patients, replicates, seed)])
-    ma = weighted_metrics(a.labels, a.probs, weights, a.names)
-    mb = weighted_metrics(b.labels, b.probs, weights, b.names)
+    return _differences(weighted_metrics(a.labels, a.probs, weights, a.names),
+                        weighted_metrics(b.labels, b.probs, weights, b.names), replicates)
+
+
+def unpaired_differences(a: Predictions, b: Predictions, replicates: int = REPLICATES,
+                         seed: int = SEED) -> dict[str, dict]:
+    """As `paired_differences`, for runs on different patients: replicate r compares A on its r-th patient resample
+    (drawn with `seed`) with B on its own r-th resample (drawn with `seed + 1`), independent of A's."""
+    if a.names != b.names:
+        raise ComparisonError(f"{b.path}: classes {b.names}, but {a.path} has {a.names}.")
+
+    def metrics(run: Predictions, run_seed: int) -> dict:
+        weights = np.vstack([np.ones((1, len(run.labels))), patient_weights(run.patients, replicates, run_seed)])
+        return weighted_metrics(run.labels, run.probs, weights, run.names)
+    return _differences(metrics(a, seed), metrics(b, seed + 1), replicates)
+
+
+def _differences(ma: dict, mb: dict, replicates: int) -> dict[str, dict]:
+    """Per COMPARE_METRICS metric, from A's and B's metrics over [the data as it is, replicate 1, ...]."""
     out = {}
     for key in COMPARE_METRICS:
         diff = mb[key] - ma[key]
@@ -104,14 +139,15 @@ def paired_differences(a: Predictions, b: Predictions, replicates: int = REPLICA
 
 
 def format_table(comparison: dict) -> str:
-    """Markdown table: one row per (A, B, metric)."""
-    lines = ["| A | B | metric | value A | value B | B - A | 95% CI | p |", "|---|---|---|---|---|---|---|---|"]
+    """Markdown table: one row per (A, B, metric), each saying whether its bootstrap is paired or unpaired."""
+    lines = ["| A | B | metric | value A | value B | B - A | 95% CI | p | bootstrap |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for pair in comparison["pairs"]:
         for key, d in pair["metrics"].items():
             ci = f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else "undefined"
             p = f"{d['p_value']:.3f}" if d["p_value"] is not None else "undefined"
             lines.append(f"| {pair['a']} | {pair['b']} | {key} | {d['a']:.3f} | {d['b']:.3f} | "
-                         f"{d['difference']:+.3f} | {ci} | {p} |")
+                         f"{d['difference']:+.3f} | {ci} | {p} | {'paired' if pair['paired'] else 'UNPAIRED'} |")
     return "\n".join(lines)
 
 
@@ -129,8 +165,9 @@ def _plot_roc_overlay(runs: dict[str, Predictions], path: str) -> None:
 
 
 def compare(workdirs: Sequence[str], out: str, replicates: int = REPLICATES, seed: int = SEED) -> dict:
-    """Compares every workdir after the first (B) with the first (A) on the same test nodules; writes
-    comparison.md, comparison.csv, comparison.json and roc_overlay.png in `out` and returns the comparison."""
+    """Compares every workdir after the first (B) with the first (A): paired on the same test nodules, unpaired when
+    the two evaluated different datasets; writes comparison.md, comparison.csv, comparison.json and roc_overlay.png in
+    `out` and returns the comparison."""
     if len(workdirs) < 2:
         raise ComparisonError(f"compare needs at least two workdirs, got {list(workdirs)}.")
     names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
@@ -138,12 +175,17 @@ def compare(workdirs: Sequence[str], out: str, replicates: int = REPLICATES, see
         names = list(workdirs)
     runs = dict(zip(names, map(read_predictions, workdirs)))
     (name_a, a), *others = runs.items()
-    pairs = [{"a": name_a, "b": name_b, "metrics": paired_differences(a, b, replicates, seed)}
-             for name_b, b in others]
+    pairs = []
+    for name_b, b in others:
+        paired = is_paired(a, b)
+        differences = paired_differences if paired else unpaired_differences
+        pairs.append({"a": name_a, "b": name_b, "paired": paired, "dataset_a": a.dataset, "dataset_b": b.dataset,
+                      "nodules_b": int(len(b.labels)), "patients_b": int(len(np.unique(b.patients))),
+                      "metrics": differences(a, b, replicates, seed)})
     comparison = {"workdirs": list(workdirs), "nodules": int(len(a.labels)),
                   "patients": int(len(np.unique(a.patients))),
                   "bootstrap": {"unit": "patient", "replicates": replicates, "seed": seed, "level": LEVEL,
-                                "paired": True, "method": "percentile"},
+                                "paired": all(p["paired"] for p in pairs), "method": "percentile"},
                   "pairs": pairs}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "comparison.json"), "w") as f:
@@ -153,11 +195,11 @@ def compare(workdirs: Sequence[str], out: str, replicates: int = REPLICATES, see
     with open(os.path.join(out, "comparison.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["a", "b", "metric", "value_a", "value_b", "difference", "ci95_low", "ci95_high", "p_value",
-                         "undefined_replicates"])
+                         "undefined_replicates", "bootstrap"])
         for pair in pairs:
             for key, d in pair["metrics"].items():
                 writer.writerow([pair["a"], pair["b"], key, d["a"], d["b"], d["difference"],
                                  *(d["ci95"] or ["", ""]), "" if d["p_value"] is None else d["p_value"],
-                                 d["undefined_replicates"]])
+                                 d["undefined_replicates"], "paired" if pair["paired"] else "unpaired"])
     _plot_roc_overlay(runs, os.path.join(out, "roc_overlay.png"))
     return comparison

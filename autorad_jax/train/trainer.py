@@ -92,7 +92,7 @@ def evaluate_records(exp: Experiment, state: nnx.State, recs: pipeline.Records, 
         out = _report_dir(workdir, split, step)
         write_report(out, metrics, recs.labels, probs, names, recs.patients,
                      info={"split": split, "step": step, "model": exp.config.model.name,
-                           "cv_fold": int(exp.config.data.cv_fold)})
+                           "cv_fold": int(exp.config.data.cv_fold), "dataset": pipeline.dataset_name(exp.config.data)})
         if writer is not None:
             writer.write(step, scalar_metrics(metrics), prefix=split)
         logging.info("%s step %d: %s", split, step,
@@ -120,14 +120,19 @@ def _check_dataset(spec: ModelSpec, data_config: ml_collections.ConfigDict, work
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = "test", step: int | None = None, *,
-             data_dir: str | None = None) -> dict:
+             data_dir: str | None = None, dataset: str | None = None) -> dict:
     """Metrics of a checkpoint of `workdir` (default: the best by validation AUC) on `split`, with its report.
 
     The model and its data settings come from the checkpoint, the dataset from where its training read it unless
-    `data_dir` says where it is now; `config` gives only the eval batch size and the mesh.
+    `data_dir` says where it is now; `config` gives only the eval batch size and the mesh. `dataset` (a tfds name,
+    e.g. 'nodule_table') evaluates on another dataset than the training's (external validation, radiomics statistics
+    still the checkpoint's): its report goes to workdir/external/<dataset>/, the run's own test report is left as is.
     """
     data = dict(eval_batch_size=config.data.eval_batch_size) | (dict(data_dir=data_dir) if data_dir else {})
     exp, state, restored = restore_checkpoint(workdir, step, data=data, mesh=dict(config.mesh))
+    if dataset and dataset != exp.config.data.name:
+        exp.config.data.name = dataset
+        workdir = os.path.join(workdir, "external", dataset)
     try:
         _check_dataset(restored.spec, exp.config.data, workdir)
         recs = pipeline.records(exp.config.data, split)
