@@ -114,14 +114,26 @@ def test_predict_with_reader_xml_gives_the_dataset_examples_probabilities(traine
     assert result["model"]["backend"] == backend
 
 
-def test_real_slices_predict_with_the_reader_xml_as_their_dataset_example(trained, real_patient, tmp_path):
-    """LIDC-IDRI-0003's 11 real slices with the series' complete reader XML: the one nodule the slices hold gets the
-    probabilities the trainer's evaluation gives its dataset example; the three others are named with the reason."""
+def test_real_slices_predict_with_the_reader_xml_as_their_dataset_example(trained, real_patient, tmp_path, capsys,
+                                                                          monkeypatch):
+    """LIDC-IDRI-0003's 11 real slices with the series' complete reader XML, through `run.py predict --ct --xml`: the
+    one nodule the slices hold gets the probabilities the trainer's evaluation gives its dataset example; the three
+    others are named with the reason."""
+    from absl import flags
+    from autorad_jax import cli as cli_lib, console
     data_dir = str(tmp_path / "data")
     tfds_lidc.prepare(os.path.dirname(real_patient), data_dir, "crop32_1mm")
     ((key, (expected, example)),) = scored_examples(trained, data_dir).items()
     (series_dir,) = glob.glob(os.path.join(real_patient, "*", "*"))
-    result = predict(ct=series_dir, xml=os.path.join(series_dir, "72.xml"), workdir=trained[1])
+    monkeypatch.setattr(console, "quiet_third_party", lambda: None)  # process-wide filters, not for a test worker
+    capsys.readouterr()
+    try:
+        cli_lib.main(cli_lib._parse_flags(["run.py", "predict", f"--ct={series_dir}",
+                                           f"--xml={os.path.join(series_dir, '72.xml')}", f"--workdir={trained[1]}"]))
+    finally:
+        flags.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
     (nodule,) = result["nodules"]
     assert (os.path.basename(series_dir), nodule["nodule_index"]) == key and nodule["complete"]
     np.testing.assert_allclose(probabilities(nodule), expected, atol=1e-5)
