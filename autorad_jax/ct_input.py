@@ -18,15 +18,6 @@ from tfds_lidc import nodules as nodules_lib
 from tfds_lidc.nodule_masks import COORDINATES, DIAMETER_RANGE_MM, SPHERE_NOTE  # noqa: F401  (predict's API)
 
 
-def _checked(image: sitk.Image, path: str, hu_range: Sequence[float]) -> sitk.Image:
-    """`image` after image_checks' Hounsfield check, as PredictInputError."""
-    try:
-        image_checks.check_hounsfield(image, path, hu_range)
-    except image_checks.ImageCheckError as e:
-        raise PredictInputError(str(e)) from e
-    return image
-
-
 @contextlib.contextmanager
 def _as_predict_input_error():
     """tfds_lidc.nodule_masks' refusals (a mask file, a centre, a volume file) raised as PredictInputError."""
@@ -36,34 +27,19 @@ def _as_predict_input_error():
         raise PredictInputError(str(e)) from e
 
 
-def _read_volume(path: str, what: str) -> sitk.Image:
-    """tfds_lidc.nodule_masks.read_volume, its refusal as PredictInputError."""
-    with _as_predict_input_error():
-        return masks_lib.read_volume(path, what)
-
-
 def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
             ) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
     """The CT in HU with its axes along patient LPS (and its DICOM series, for a folder: the first of `series_uids`
     the folder holds, else its largest axial CT stack), complete (image_checks) and every value finite and within
-    `hu_range`; PredictInputError naming the path and the reason."""
+    `hu_range` (tfds_lidc.nodule_masks.read_ct, the builder's reader too); PredictInputError naming the path and the
+    reason."""
     if path is None:
         raise PredictInputError("no CT given (--ct: a DICOM series folder, or a NIfTI / NRRD / MetaImage file).")
-    if os.path.isdir(path):
-        if not ct_series.dicom_files(path):
-            raise PredictInputError(_no_series_message(path))
-        try:
-            series = ct_series.load_ct_series(path, series_uids)
-        except ct_series.SeriesError as e:
-            raise PredictInputError(f"unreadable CT {path}: {e}") from e
-        return orientation.to_lps(_checked(series.image, path, hu_range)), series
-    if not os.path.isfile(path):
-        raise PredictInputError(f"CT {path} does not exist.")
-    image = _read_volume(path, "CT")
-    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise PredictInputError(f"CT {path} is not a 3D scalar volume ({image.GetDimension()}D, "
-                                f"{image.GetNumberOfComponentsPerPixel()} components per voxel).")
-    return orientation.to_lps(_checked(image, path, hu_range)), None
+    if os.path.isdir(path) and not ct_series.dicom_files(path):
+        raise PredictInputError(_no_series_message(path))
+    with _as_predict_input_error():
+        image, series = masks_lib.read_ct(path, hu_range, series_uids)
+    return orientation.to_lps(image), series
 
 
 def series_wanted(ct: str, series_uid: Optional[str], xml: Optional[str]) -> list[str]:

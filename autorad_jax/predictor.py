@@ -126,7 +126,6 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
                                    "backend": backend, **export_config.get("checkpoint", {})})
 
 
-
 def _builder_params(preprocessing: dict[str, Any]) -> str:
     return pipeline.builder_config(preprocessing["builder_config"]).radiomics_params
 

@@ -3,12 +3,13 @@ the nodule_table builder both make, with the same checks."""
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
-from tfds_lidc import image_checks, orientation
+from tfds_lidc import ct_series, image_checks, orientation
 from tfds_lidc.errors import LidcDataError
 
 # A lung nodule is at most 30 mm across, a mass up to about 60; below 3 mm LIDC readers mark no nodule outline. A mask's
@@ -39,6 +40,31 @@ def read_volume(path: str, what: str) -> sitk.Image:
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise NoduleInputError(f"unreadable {what} {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
+
+
+def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
+            ) -> tuple[sitk.Image, ct_series.CtSeries | None]:
+    """The CT at `path` in HU, in its stored axis order, and its DICOM series for a folder (the first of
+    `series_uids` it holds, else its largest axial CT stack): complete (image_checks) and every value finite and within
+    `hu_range`; NoduleInputError naming the path and the reason."""
+    if os.path.isdir(path):
+        try:
+            series = ct_series.load_ct_series(path, series_uids)
+        except ct_series.SeriesError as e:
+            raise NoduleInputError(f"unreadable CT {path}: {e}") from e
+        image = series.image
+    elif os.path.isfile(path):
+        series, image = None, read_volume(path, "CT")
+        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+            raise NoduleInputError(f"CT {path} is not a 3D scalar volume ({image.GetDimension()}D, "
+                                   f"{image.GetNumberOfComponentsPerPixel()} components per voxel).")
+    else:
+        raise NoduleInputError(f"CT {path} does not exist.")
+    try:
+        image_checks.check_hounsfield(image, path, hu_range)
+    except image_checks.ImageCheckError as e:
+        raise NoduleInputError(str(e)) from e
+    return image, series
 
 
 def read_mask(path: str, ct: sitk.Image) -> sitk.Image:

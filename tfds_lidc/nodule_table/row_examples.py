@@ -13,10 +13,8 @@ import os
 import traceback
 
 import numpy as np
-import SimpleITK as sitk
 
 from tfds_lidc import ct_series
-from tfds_lidc import image_checks
 from tfds_lidc import nodule_masks
 from tfds_lidc import nodule_rows
 from tfds_lidc import nodule_sample
@@ -102,27 +100,6 @@ def metadata(row: dict) -> str:
     return json.dumps({k: v for k, v in row.items() if k not in READ_COLUMNS}, sort_keys=True)
 
 
-def _read_ct(path: str) -> tuple[sitk.Image, ct_series.CtSeries | None]:
-    """The CT of a row (a DICOM series folder or a volume file) in HU, checked as predict checks it."""
-    if os.path.isdir(path):
-        try:
-            series = ct_series.load_ct_series(path)
-        except ct_series.SeriesError as e:
-            raise RowError(f'unreadable CT {path}: {e}') from e
-        image = series.image
-    elif os.path.isfile(path):
-        series, image = None, nodule_masks.read_volume(path, 'CT')
-        if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-            raise RowError(f'CT {path} is not a 3D scalar volume')
-    else:
-        raise RowError(f'CT {path} does not exist')
-    try:
-        image_checks.check_hounsfield(image, path)
-    except image_checks.ImageCheckError as e:
-        raise RowError(str(e)) from e
-    return image, series
-
-
 def process_row(task: RowTask) -> dict:
     """The report entry of one row, its nodules' features stored in the cache (or found there).
 
@@ -158,7 +135,7 @@ def _row_examples(task: RowTask, entry: dict) -> list[dict]:
         raise RowError('no patient_id')
     given = parse_label(task.row['label']) if task.row.get('label') else None
     nodule = nodule_rows.row_nodule(task.row, task.base_dir)
-    image, series = _read_ct(task.ct_path)
+    image, series = nodule_masks.read_ct(task.ct_path)
     entry['series_uid'] = series.series_uid if series is not None else os.path.basename(task.ct_path)
     if nodule['xml']:
         return _xml_examples(task, series, nodule['xml'], given, entry)
