@@ -433,3 +433,22 @@ def test_a_slice_of_another_size_is_named_by_its_file(series_dir, tmp_path):
             f"slices differ from the others in orientation, size or pixel spacing: 1 of 11, {os.path.basename(path)} "
             f"({os.path.basename(path)}: size (256, 512) (the others: (512, 512)))")):
         ct_input.read_ct(folder)
+
+
+@pytest.mark.parametrize("slope, intercept", [(None, None), (2, -2048), (0.5, -1024.25), (1.7, -1000.6)])
+def test_hounsfield_units_are_read_as_simpleitk_rescales_the_slices(series_dir, slope, intercept, tmp_path):
+    """The series in HU, to the nearest integer, as SimpleITK's GDCM series reader rescales it: the slices as stored
+    (slope 1, intercept -1024), an integral rescale, and fractional ones (read through float64)."""
+    folder = _copy_series(series_dir, str(tmp_path))
+    if slope is not None:
+        for path in ct_series.dicom_files(folder):
+            ds = pydicom.dcmread(path)
+            ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+            ds.save_as(path)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(folder))
+    by_simpleitk = sitk.GetArrayFromImage(reader.Execute()).astype(np.float64)
+    assert slope is not None or np.all(by_simpleitk == np.round(by_simpleitk))  # stored: integral HU
+    ours = sitk.GetArrayFromImage(ct_series.load_ct_series(folder).image)
+    assert ours.dtype == np.int16
+    np.testing.assert_array_equal(ours, np.clip(np.round(by_simpleitk), -32768, 32767))
