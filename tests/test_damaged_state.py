@@ -153,6 +153,27 @@ def test_restored_model_is_the_intact_steps_and_without_intact_steps_nothing_mov
     assert not os.path.exists(os.path.join(workdir, checkpointing.DAMAGED_DIR))
 
 
+def _data_bytes(state_dir: str) -> int:
+    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(state_dir, "ocdbt.process_*", "d", "*")))
+
+
+def test_checkpoints_are_stored_uncompressed_and_compressed_ones_still_restore(run, tmp_path):
+    """A step's arrays are stored whole (zstd off: a large model's restore is what predict waits on); a step written
+    compressed, as orbax does by default and earlier versions did, restores the same model."""
+    workdir = str(tmp_path / "workdir")
+    shutil.copytree(run[1], workdir, ignore=shutil.ignore_patterns("reports", "tensorboard", "*.png"))
+    state_dir = os.path.join(checkpointing.checkpoint_dir(workdir), str(INTACT), "state")
+    with ocp.StandardCheckpointer() as checkpointer:
+        tree = checkpointer.restore(state_dir)
+        stored = _data_bytes(state_dir)
+        assert stored >= sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+        shutil.rmtree(state_dir)
+        checkpointer.save(state_dir, tree)
+    assert _data_bytes(state_dir) < stored
+    leaves = [np.asarray(x) for x in jax.tree.leaves(nnx.state(experiment.load_model(workdir, INTACT).model))]
+    assert all(np.array_equal(a, b) for a, b in zip(leaves, saved_model_arrays(run[1], INTACT), strict=True))
+
+
 def test_each_kind_of_damaged_file_is_named(run, tmp_path, caplog):
     """Other files a partial copy or a full disk damages: each is named, and the intact step loads."""
     def emptied(*parts):

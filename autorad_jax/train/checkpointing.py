@@ -194,9 +194,16 @@ def make_manager(workdir: str, keep: int, *, read_only: bool = False,
         read_only=read_only, create=not read_only, step_name_format=_StepsExcept(hidden) if hidden else None)
     return ocp.CheckpointManager(
         checkpoint_dir(workdir), options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data_iter": grain.PyGrainCheckpointHandler(),
+        item_handlers={"state": _state_handler(), "data_iter": grain.PyGrainCheckpointHandler(),
                        "radiomics_stats": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler(),
                        "model_spec": ocp.JsonCheckpointHandler()})
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """The (model, optimiser) state's handler, writing arrays without zstd: float32 weights shrink by about 6% with
+    it, and decompressing them took over half of a large model's restore (3.7 s with, 1.7 s without, for 1.7 GB;
+    checkpoints written compressed still restore)."""
+    return ocp.PyTreeCheckpointHandler(use_compression=False)
 
 
 def require_checkpoint_dir(workdir: str) -> None:
@@ -290,7 +297,7 @@ def save(manager: ocp.CheckpointManager, step: int, state, data_iter, stats_json
     if "://" not in saved["data"]["data_dir"]:
         saved["data"]["data_dir"] = os.path.abspath(saved["data"]["data_dir"])
     manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data_iter=grain.PyGrainCheckpointSave(data_iter),
+        state=ocp.args.PyTreeSave(state), data_iter=grain.PyGrainCheckpointSave(data_iter),
         radiomics_stats=ocp.args.JsonSave(stats_json), config=ocp.args.JsonSave(saved),
         model_spec=ocp.args.JsonSave(spec.to_json())),
         metrics=metrics, force=True)
@@ -311,7 +318,8 @@ def restore_meta(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict,
 
 def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
     """Restores 'state' onto the shardings of `abstract_state` (and the data iterator in place, when given)."""
-    args = {"state": ocp.args.StandardRestore(abstract_state)}
+    args = {"state": ocp.args.PyTreeRestore(
+        item=abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))}
     if data_iter is not None:
         args["data_iter"] = grain.PyGrainCheckpointRestore(data_iter)
     return manager.restore(step, args=ocp.args.Composite(**args))["state"]
