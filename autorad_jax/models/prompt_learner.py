@@ -20,6 +20,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from autorad_jax.errors import ConfigError
@@ -56,7 +57,7 @@ class MetaNet(nnx.Module):
 def token_embeddings(tokens: PromptTokens, token_embedding: Array) -> tuple[Array, Array, Array]:
     """The class prompts' rows of the token table [V, D], in float32: (the ctx_init phrase [n_ctx, D], the SOS
     [C, s, D] (s = ctx_start, 1 or 0), the class words, '.', EOS and padding [C, L - s - n_ctx, D])."""
-    embedding = jnp.asarray(token_embedding)[jnp.asarray(tokens.ids, jnp.int32)].astype(jnp.float32)  # [C, L, D]
+    embedding = token_embedding[np.asarray(tokens.ids, np.int32)].astype(np.float32)  # [C, L, D]; numpy for a numpy table
     start, end = tokens.ctx_start, tokens.ctx_start + tokens.n_ctx
     return embedding[0, start:end], embedding[:, :start], embedding[:, end:]
 
@@ -113,10 +114,9 @@ class PromptLearner(nnx.Module):
         the prompts' token ids, as they are for the frozen text tower's own table."""
         tokens = PromptTokens(ids=self.tokenized_prompts.get_value(), n_ctx=self.n_ctx, ctx_from_tokens=False,
                               ctx_start=self.ctx_start)
-        _, prefix, suffix = token_embeddings(tokens, token_embedding)
+        _, prefix, suffix = token_embeddings(tokens, np.asarray(token_embedding))  # numpy: no op to compile
         own_prefix = prefix if self.token_prefix is None else self.token_prefix.get_value()
-        return bool(jnp.array_equal(prefix, own_prefix)
-                    and jnp.array_equal(suffix, self.token_suffix.get_value()))
+        return np.array_equal(prefix, own_prefix) and np.array_equal(suffix, self.token_suffix.get_value())
 
     @property
     def num_classes(self) -> int:
