@@ -92,7 +92,7 @@ def load_predictor(*, workdir: Optional[str] = None, export_dir: Optional[str] =
     check_model_source(workdir, export_dir)
     folder = workdir or export_dir
     if backend == "jax":  # the forward pass compiled by an earlier prediction with this model is read back
-        compilation_cache.use_workdir_cache(os.access(folder, os.W_OK), folder)
+        compilation_cache.use_workdir_cache(os.access(folder, os.W_OK), folder, every_program=True)
     if workdir is not None:
         restored = experiment.load_model(workdir)
         config = restored.config
