@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from autorad_jax.errors import PredictInputError
 from tfds_lidc import ct_series, discover, image_checks, nodule_masks as masks_lib, orientation, xml_reader
 from tfds_lidc import nodules as nodules_lib
+from tfds_lidc.lidc_idri import Builder
 from tfds_lidc.nodule_masks import COORDINATES, DIAMETER_RANGE_MM, SPHERE_NOTE  # noqa: F401  (predict's API)
 
 
@@ -27,19 +28,37 @@ def _as_predict_input_error():
         raise PredictInputError(str(e)) from e
 
 
-def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
+def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = (),
+            around: Optional[tuple[Sequence[float], float]] = None
             ) -> tuple[sitk.Image, Optional[ct_series.CtSeries]]:
     """The CT in HU with its axes along patient LPS (and its DICOM series, for a folder: the first of `series_uids`
-    the folder holds, else its largest axial CT stack), complete (image_checks) and every value finite and within
-    `hu_range` (tfds_lidc.nodule_masks.read_ct, the builder's reader too); PredictInputError naming the path and the
-    reason."""
+    the folder holds, else its largest axial CT stack; only the slices the cube `around` reaches, see
+    `sphere_region`), complete (image_checks) and every value finite and within `hu_range`
+    (tfds_lidc.nodule_masks.read_ct, the builder's reader too); PredictInputError naming the path and the reason."""
     if path is None:
         raise PredictInputError("no CT given (--ct: a DICOM series folder, or a NIfTI / NRRD / MetaImage file).")
     if os.path.isdir(path) and not ct_series.dicom_files(path):
         raise PredictInputError(_no_series_message(path))
     with _as_predict_input_error():
-        image, series = masks_lib.read_ct(path, hu_range, series_uids)
+        image, series = masks_lib.read_ct(path, hu_range, series_uids, around)
     return orientation.to_lps(image), series
+
+
+# Half the side of the largest crop a model reads (the dataset builder's configs): what a sphere nodule's example can
+# reach beyond its own radius.
+CROP_REACH_MM = max(c.crop_size * c.spacing_mm for c in Builder.BUILDER_CONFIGS) / 2
+
+
+def sphere_region(center, diameter, coordinates: str = "lps") -> Optional[tuple[np.ndarray, float]]:
+    """The cube around a sphere nodule that its example can reach (centre in patient LPS mm, half side in mm), so
+    that read_ct reads a DICOM series only there; None when the centre or the diameter cannot be used
+    (nodule_masks then says why, after reading the whole CT as without a region)."""
+    lo, hi = DIAMETER_RANGE_MM
+    try:
+        point = masks_lib.parse_center(center, coordinates)
+        return (point, max(CROP_REACH_MM, float(diameter) / 2)) if lo <= float(diameter) <= hi else None
+    except (masks_lib.NoduleInputError, TypeError, ValueError):
+        return None
 
 
 def series_wanted(ct: str, series_uid: Optional[str], xml: Optional[str]) -> list[str]:
@@ -63,11 +82,13 @@ def series_wanted(ct: str, series_uid: Optional[str], xml: Optional[str]) -> lis
 
 
 def series_description(series: Optional[ct_series.CtSeries]) -> dict:
-    """What predict says of the DICOM series it read: its UID, its slices and the folder's files it left out."""
+    """What predict says of the DICOM series it read: its UID, its slices (and those read, when only the part
+    around the nodule was) and the folder's files it left out."""
     if series is None:
         return {}
-    return {"series": {"series_uid": series.series_uid, "slices": len(series.sop_uids),
-                       "files_ignored": series.files_ignored}}
+    read = {"slices_read": len(series.sop_uids)} if series.slices_not_read else {}
+    return {"series": {"series_uid": series.series_uid, "slices": len(series.sop_uids) + series.slices_not_read,
+                       **read, "files_ignored": series.files_ignored}}
 
 
 def _no_series_message(path: str) -> str:

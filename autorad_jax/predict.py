@@ -25,7 +25,8 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     """Malignancy class probabilities of the nodule(s) given by `mask` / `center` + `diameter` / `xml` in the CT `ct`.
 
     `center` is x, y, z in patient LPS mm (DICOM's and LUNA16's convention), or RAS mm with `coordinates='ras'`. Of a
-    DICOM folder, the series `series` is read, else the one the reader XML names, else the largest axial CT stack.
+    DICOM folder, the series `series` is read, else the one the reader XML names, else the largest axial CT stack;
+    with a centre, only its slices that the nodule's crop can reach (ct_input.sphere_region).
     Returns a JSON-serialisable dict: the model used, the CT (and the series read, with the folder's files it left
     out), and per nodule the class probabilities, label, centroid (x, y, z patient LPS mm), axial diameter (mm),
     volume (mm^3) and the radiomic features used. With `xml`, each nodule says whether the series holds all its
@@ -35,7 +36,8 @@ def predict(*, ct: str, mask: Optional[str] = None, center=None, diameter: Optio
     Raises PredictInputError naming what is wrong with the CT (see read_ct), the nodule or the model.
     """
     predictor_lib.check_model_source(workdir, export_dir)  # a mistyped workdir is said before the CT is read
-    image, dicom = ct_input.read_ct(ct, hu_range, ct_input.series_wanted(ct, series, xml))
+    region = ct_input.sphere_region(center, diameter, coordinates) if mask is None and xml is None else None
+    image, dicom = ct_input.read_ct(ct, hu_range, ct_input.series_wanted(ct, series, xml), region)
     nodules = dict(mask=mask, center=center, diameter=diameter, xml=xml, xml_matches_ct=xml_matches_ct,
                    coordinates=coordinates, keep_incomplete=keep_incomplete)
     masks = (None if xml is not None  # the others fail early, before the model loads

@@ -11,6 +11,7 @@ import re
 import shutil
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import tensorflow_datasets as tfds
@@ -176,6 +177,41 @@ def test_predict_with_centre_and_diameter_uses_a_sphere_and_says_so(exported, re
     assert abs(sum(nodule["probabilities"].values()) - 1) < 1e-5
     np.testing.assert_allclose(nodule["centroid_mm"], example["centroid_mm"], atol=1.0)
     assert 4 * np.pi / 3 * 4.0 ** 3 * 0.6 < nodule["volume_mm3"] < 4 * np.pi / 3 * 4.0 ** 3 * 1.6
+
+
+def test_a_sphere_nodule_reads_only_the_slices_its_example_can_reach(exported, scan, tmp_path):
+    """Of a DICOM series of even slices, a centre and diameter read the slices the largest crop reaches: the part of
+    the whole series' grid, giving the whole series' example; a series with a missing slice is read whole."""
+    whole, series = read_ct(scan[0])
+    centre = whole.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in whole.GetSize()[:2]] + [2.0])
+    center = [f"{v:.2f}" for v in centre]
+    part, part_series = read_ct(scan[0], around=ct_input.sphere_region(center, 6.0))
+    k0 = whole.TransformPhysicalPointToIndex(part.GetOrigin())[2]
+    assert part_series.slices_not_read == whole.GetSize()[2] - part.GetSize()[2] > 0
+    np.testing.assert_allclose(part.GetOrigin(), whole.TransformIndexToPhysicalPoint((0, 0, k0)), atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(part),
+                                  sitk.GetArrayFromImage(whole)[k0:k0 + part.GetSize()[2]])
+    z = sorted(part.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in (0, part.GetSize()[2] - 1))
+    assert z[0] <= max(float(center[2]) - ct_input.CROP_REACH_MM, whole.GetOrigin()[2]) + 1e-6
+    assert z[1] >= float(center[2]) + ct_input.CROP_REACH_MM
+    samples = []
+    for image, image_series in ((whole, series), (part, part_series)):
+        (mask, _), = ct_input.nodule_masks(image, image_series, mask=None, center=center, diameter=6.0, xml=None,
+                                            consensus_level=0.5)
+        samples.append(tfds_lidc.nodule_example(image, mask, crop_size=64, spacing_mm=1.0))
+    for name in ("ct", "mask", "radiomics", "centroid_mm", "padded"):
+        np.testing.assert_array_equal(getattr(samples[1], name), getattr(samples[0], name), err_msg=name)
+    result = predict(ct=scan[0], center=center, diameter=6.0, export_dir=exported)
+    assert (result["series"]["slices"], result["series"]["slices_read"]) == (whole.GetSize()[2], part.GetSize()[2])
+    np.testing.assert_allclose(result["nodules"][0]["centroid_mm"], samples[0].centroid_mm)
+
+    gapped = shutil.copytree(scan[0], tmp_path / "gapped")
+    os.remove(sorted(glob.glob(str(gapped / "*.dcm")), key=lambda p: float(pydicom.dcmread(
+        p, stop_before_pixels=True).ImagePositionPatient[2]))[len(series.sop_uids) // 2])
+    read_whole = read_ct(str(gapped))[0]
+    read_part, gapped_series = read_ct(str(gapped), around=ct_input.sphere_region(center, 6.0))
+    assert gapped_series.slices_not_read == 0 and any("interpolated" in n for n in gapped_series.notes)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read_part), sitk.GetArrayFromImage(read_whole))
 
 
 def test_export_holds_transformers_towers_and_the_dataset_radiomics_names(trained, exported, lidc_data):

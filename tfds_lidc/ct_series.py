@@ -39,6 +39,7 @@ class CtSeries:
     notes: list[str]           # what the reader changed (duplicates dropped, interpolation), for the report
     files_ignored: list[dict[str, str]] = dataclasses.field(default_factory=list)  # {'file', 'reason'}: the
                                # folder's other files (localizers, other series, reports), each with why
+    slices_not_read: int = 0   # slices of the series outside the part read (load_ct_series' `around`)
 
 
 def dicom_files(directory: str) -> list[str]:
@@ -252,7 +253,33 @@ def _drop_duplicates(slices: list, positions: np.ndarray) -> tuple[list, np.ndar
     return [slices[i] for i in keep], positions[keep], notes
 
 
-def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
+def _slab(files: list[str], headers: dict[str, pydicom.Dataset], positions: np.ndarray, normal: np.ndarray,
+          around: tuple[Sequence[float], float]) -> tuple[int, int, float] | None:
+    """(first, end, slice spacing) of the position-sorted slices that an LPS-aligned cube (centre in patient mm,
+    half side in mm) reaches along the slice normal, with one more slice either side for interpolation. None when
+    the whole series is to be read: its positions repeat or are uneven (the full read drops or interpolates those
+    slices, and its grid would differ), or the centre is outside the series (whose bounds the nodule's check names).
+    """
+    if len(positions) < 2 or np.diff(positions).min() <= 1e-3:
+        return None
+    spacing, regular = slice_spacing(positions)
+    if not regular:
+        return None
+    first = headers[files[0]]
+    centre, half_side = np.asarray(around[0], np.float64), float(around[1])
+    axes = np.stack([np.asarray(first.ImageOrientationPatient[:3], np.float64),
+                     np.asarray(first.ImageOrientationPatient[3:], np.float64), normal], axis=1)
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    index = axes.T @ (centre - np.asarray(first.ImagePositionPatient, np.float64)) / (col_spacing, row_spacing,
+                                                                                        spacing)
+    if np.any(index < -0.5) or np.any(index > np.array([first.Columns, first.Rows, len(files)]) - 0.5):
+        return None
+    reach = half_side * np.abs(normal).sum() / spacing + 1
+    return max(int(np.floor(index[2] - reach)), 0), min(int(np.ceil(index[2] + reach)) + 1, len(files)), spacing
+
+
+def load_ct_series(directory: str, series_uids: Sequence[str] = (),
+                   around: tuple[Sequence[float], float] | None = None) -> CtSeries:
     """Reads, validates and stacks the slices of the folder's CT series, sorted along the slice normal.
 
     The series is the first of `series_uids` (a reader XML's or the user's choice) that the folder holds, else its
@@ -260,6 +287,10 @@ def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
     left out and listed with why in `files_ignored`. Exact duplicate slices are dropped; uneven slice positions (or
     a missing slice) are interpolated linearly onto a regular grid at the median spacing, unless a gap exceeds
     MAX_GAP_FACTOR x that spacing.
+
+    With `around` (centre x, y, z in patient LPS mm, half side in mm), a series of evenly spaced slices is read only
+    where that cube reaches: the image is the part of the whole series' grid those slices span, and the slices not
+    read are counted in `slices_not_read` (see `_slab` for when the whole series is read anyway).
     """
     files = dicom_files(directory)
     if not files:
@@ -267,15 +298,25 @@ def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
     headers = {path: _read_header(path) for path in files}
     series_uid, files, ignored = _choose_series(headers, series_uids)
     _check_same_geometry(headers, files)
-    slices = [(headers[path], _hounsfield(path, headers[path])) for path in files]
-    first = slices[0][0]
+    first = headers[files[0]]
     orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
     row_dir, col_dir = orientation[:3], orientation[3:]
     normal = np.cross(row_dir, col_dir)
-    positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, np.float64), normal) for ds, _ in slices])
+    positions = np.array([np.dot(np.asarray(headers[p].ImagePositionPatient, np.float64), normal) for p in files])
     order = np.argsort(positions, kind='stable')
-    slices, positions, notes = _drop_duplicates([slices[i] for i in order], positions[order])
-    spacing_z, regular = slice_spacing(positions)
+    files, positions = [files[i] for i in order], positions[order]
+    slab = None if around is None else _slab(files, headers, positions, normal, around)
+    origin = np.asarray(headers[files[0]].ImagePositionPatient, np.float64)
+    if slab is None:
+        slices, positions, notes = _drop_duplicates([(headers[p], _hounsfield(p, headers[p])) for p in files],
+                                                    positions)
+        spacing_z, regular = slice_spacing(positions)
+        not_read = 0
+    else:
+        start, end, spacing_z = slab
+        slices = [(headers[p], _hounsfield(p, headers[p])) for p in files[start:end]]
+        positions, notes, regular, not_read = positions[start:end], [], True, len(files) - (end - start)
+        origin = origin + normal * (spacing_z * start)  # the whole series' grid, as its full read places it
     if regular:  # slice by slice: each conversion stays in the cache
         volume = np.stack([_to_int16(hu) for _, hu in slices])
     else:
@@ -287,7 +328,7 @@ def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
     image = sitk.GetImageFromArray(volume)
     row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)  # DICOM: (between rows, between columns)
     image.SetSpacing((col_spacing, row_spacing, spacing_z))
-    image.SetOrigin(tuple(float(v) for v in slices[0][0].ImagePositionPatient))
+    image.SetOrigin(tuple(float(v) for v in origin))
     image.SetDirection(tuple(np.stack([row_dir, col_dir, normal], axis=1).ravel()))
     if not regular:
         image.SetMetaData(_POSITIONS_KEY, ' '.join(repr(float(p)) for p in positions))
@@ -299,4 +340,4 @@ def load_ct_series(directory: str, series_uids: Sequence[str] = ()) -> CtSeries:
                     study_uid=str(getattr(first, 'StudyInstanceUID', '')),
                     series_uid=series_uid,
                     slice_thickness=float(getattr(first, 'SliceThickness', None) or spacing_z),
-                    positions=positions, notes=notes, files_ignored=ignored)
+                    positions=positions, notes=notes, files_ignored=ignored, slices_not_read=not_read)

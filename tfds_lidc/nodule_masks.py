@@ -42,14 +42,15 @@ def read_volume(path: str, what: str) -> sitk.Image:
         raise NoduleInputError(f"unreadable {what} {path} (not a NIfTI / NRRD / MetaImage volume): {reason}") from e
 
 
-def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = ()
-            ) -> tuple[sitk.Image, ct_series.CtSeries | None]:
+def read_ct(path: str, hu_range: Sequence[float] = image_checks.DEFAULT_HU_RANGE, series_uids: Sequence[str] = (),
+            around: tuple[Sequence[float], float] | None = None) -> tuple[sitk.Image, ct_series.CtSeries | None]:
     """The CT at `path` in HU, in its stored axis order, and its DICOM series for a folder (the first of
-    `series_uids` it holds, else its largest axial CT stack): complete (image_checks) and every value finite and within
-    `hu_range`; NoduleInputError naming the path and the reason."""
+    `series_uids` it holds, else its largest axial CT stack; of a series, only the slices the cube `around` reaches,
+    see ct_series.load_ct_series): complete (image_checks) and every value finite and within `hu_range`;
+    NoduleInputError naming the path and the reason."""
     if os.path.isdir(path):
         try:
-            series = ct_series.load_ct_series(path, series_uids)
+            series = ct_series.load_ct_series(path, series_uids, around)
         except ct_series.SeriesError as e:
             raise NoduleInputError(f"unreadable CT {path}: {e}") from e
         image = series.image
