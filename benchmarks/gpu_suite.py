@@ -37,8 +37,9 @@ CARRIED = ("grain", "array_record", "ml_collections", "tensorflow-datasets", "te
 
 
 def jobs(dry_run: bool) -> list[tuple[str, list[str]]]:
-    """(name, command) per job, most important first: the checks, then the train and eval steps at batch 128, then
-    the other batch sizes."""
+    """(name, command) per job, most important first: the checks, then the train steps at batch 128 with the JAX
+    blocks scanned and unrolled (config.model.scan_layers' default is decided by these) and the eval step, then the
+    other batch sizes."""
     python = [sys.executable]
     if dry_run:
         config, gpu_flags = "configs/autorad_lung.py:tiny", []
@@ -51,10 +52,11 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str]]]:
         modes = ["full", "prompt"]
     out = [("checks", [*python, "benchmarks/gpu_checks.py", "--config", config, "--batch", batch])]
     for i, size in enumerate(train_sizes):
+        layouts = ["--jax_layouts", "scanned,unrolled"] if i == 0 else []
         for mode in modes:
             out.append((f"train_{mode.replace(',', '_')}_{size}", [*python, "benchmarks/train_throughput.py", "--config", config,
                                                   *gpu_flags, "--modes", mode, "--batch_sizes", size, "--torch",
-                                                  variants, "--rounds", rounds, "--warmup", "1"]))
+                                                  variants, "--rounds", rounds, "--warmup", "1", *layouts]))
         if i < len(eval_sizes):
             out.append((f"eval_{eval_sizes[i]}", [*python, "benchmarks/eval_throughput.py", "--config", config,
                                                   *gpu_flags, "--batch_sizes", eval_sizes[i], "--torch", variants,

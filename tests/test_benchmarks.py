@@ -24,14 +24,15 @@ def _run(script: str, *args: str) -> str:
 
 def test_gpu_suite_dry_run_checks_the_port_and_times_jax_and_pytorch(tmp_path):
     """The GPU suite's own jobs on the CPU with the tiny config: the port check against transformers and the train
-    (both modes) and eval comparisons, into suite.json and suite.md."""
+    (both modes, both block layouts) and eval comparisons, into suite.json and suite.md."""
     _run("gpu_suite.py", "--dry-run", "--out", str(tmp_path))
     result = json.loads((tmp_path / "suite.json").read_text())
     assert result["failed"] == {} and result["not_run"] == []
     assert max(result["checks"]["float32"].values()) <= 1e-5  # JAX port against transformers' Aimv2, float32
     assert result["checks"]["cudnn_attention"].startswith("skipped")
     rows = {(r["impl"], r["mode"]) for r in result["rows"]}
-    assert rows == {(impl, mode) for impl in ("jax", "torch eager") for mode in ("full", "prompt", "eval")}
+    assert rows == {(impl, mode) for impl in ("jax scanned", "jax unrolled", "torch eager")
+                    for mode in ("full", "prompt")} | {("jax", "eval"), ("torch eager", "eval")}
     assert all(r["images_per_s"] > 0 and r["tflops"] > 0 and r["compile_s"] >= 0 for r in result["rows"])
     jax_row = next(r for r in result["rows"] if r["impl"] == "jax" and r["mode"] == "eval")
     torch_row = next(r for r in result["rows"] if r["impl"] == "torch eager" and r["mode"] == "eval")
