@@ -59,7 +59,8 @@ def main() -> None:
     crop_size = int(args.config[4:].split('_')[0])
     with tempfile.TemporaryDirectory() as tmp:
         manual = os.path.join(tmp, 'manual')
-        dirs = tfds_lidc.synth.generate(manual, args.num_scans, seed=0, full_size=True, verbose=False)
+        dirs = tfds_lidc.synth.generate(manual, args.num_scans, seed=0, full_size=True, verbose=False,
+                                        num_workers=os.cpu_count() or 1)
         slices = [len(ct_series.dicom_files(d)) for d in dirs]
         stages = np.array([stage_seconds(d, crop_size)[:3] for d in dirs])
         rows = []

@@ -6,9 +6,10 @@ a DICOM series folder; the nodule is a sphere around the first reader-marked nod
 Timed, each in a fresh process, cold (the workdir's compilation cache emptied first) and warm (the cache the cold
 run filled; predict keeps its compiled forward pass in <workdir>/compilation_cache):
   end to end  `python run.py predict --workdir W --ct CT --center x,y,z --diameter d --json`, wall time;
-  parts       imports (autorad_jax.ct_input, autorad_jax.predictor and what they pull in), CT reading (DICOM -> HU volume), model load (the
-              checkpoint, on one device), radiomics (crop and pyradiomics features, the builder's code) and the
-              forward pass (preprocessing and model), each timed in that order by one process.
+  parts       imports (autorad_jax.ct_input, autorad_jax.predictor and what they pull in), CT reading (DICOM -> HU
+              volume, the slices around the centre as predict reads them), model load (the checkpoint, on one
+              device), radiomics (crop and pyradiomics features, the builder's code) and the forward pass
+              (preprocessing and model), each timed in that order by one process.
 
   python benchmarks/predict_latency.py --variants tiny,large
 """
@@ -69,7 +70,7 @@ def time_parts(workdir: str, ct: str, center: str, diameter: float) -> dict:
     marks = [("start", time.perf_counter())]
     from autorad_jax import ct_input, predictor as predictor_lib
     marks.append(("imports", time.perf_counter()))
-    image, series = ct_input.read_ct(ct)
+    image, series = ct_input.read_ct(ct, around=ct_input.sphere_region(center, diameter))  # as predict reads it
     marks.append(("ct_reading", time.perf_counter()))
     predictor = predictor_lib.load_predictor(workdir=workdir)
     marks.append(("model_load", time.perf_counter()))
