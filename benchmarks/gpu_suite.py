@@ -54,9 +54,9 @@ def jobs(dry_run: bool) -> list[tuple[str, list[str]]]:
     for i, size in enumerate(train_sizes):
         layouts = ["--jax_layouts", "scanned,unrolled"] if i == 0 else []
         for mode in modes:
-            out.append((f"train_{mode.replace(',', '_')}_{size}", [*python, "benchmarks/train_throughput.py", "--config", config,
-                                                  *gpu_flags, "--modes", mode, "--batch_sizes", size, "--torch",
-                                                  variants, "--rounds", rounds, "--warmup", "1", *layouts]))
+            out.append((f"train_{mode.replace(',', '_')}_{size}",
+                        [*python, "benchmarks/train_throughput.py", "--config", config, *gpu_flags, "--modes", mode,
+                         "--batch_sizes", size, "--torch", variants, "--rounds", rounds, "--warmup", "1", *layouts]))
         if i < len(eval_sizes):
             out.append((f"eval_{eval_sizes[i]}", [*python, "benchmarks/eval_throughput.py", "--config", config,
                                                   *gpu_flags, "--batch_sizes", eval_sizes[i], "--torch", variants,

@@ -57,7 +57,7 @@ class MetaNet(nnx.Module):
 def token_embeddings(tokens: PromptTokens, token_embedding: Array) -> tuple[Array, Array, Array]:
     """The class prompts' rows of the token table [V, D], in float32: (the ctx_init phrase [n_ctx, D], the SOS
     [C, s, D] (s = ctx_start, 1 or 0), the class words, '.', EOS and padding [C, L - s - n_ctx, D])."""
-    embedding = token_embedding[np.asarray(tokens.ids, np.int32)].astype(np.float32)  # [C, L, D]; numpy for a numpy table
+    embedding = token_embedding[np.asarray(tokens.ids, np.int32)].astype(np.float32)  # [C, L, D]; numpy in, numpy out
     start, end = tokens.ctx_start, tokens.ctx_start + tokens.n_ctx
     return embedding[0, start:end], embedding[:, :start], embedding[:, end:]
 
