@@ -93,7 +93,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # Scanned for `large` in both modes: on a 2-core CPU (docs/benchmarks.md) its steady step costs 7% more
         # (full) and 6% more (prompt) than unrolled, paired in one process, but model init plus compile is 2x lower
         # (about 10 s against 20-24 s; model init 19-23 s against 60 s), and the large config is for accelerators,
-        # where the scan's extra weight copies cost less of the step; the GPU suite times both layouts to settle it.
+        # where the scan's weight copies should cost less of the step (not measured: the GPU suite times both).
         scan_layers=not tiny,
         vision=_tower(64, 2, 2, 128, patch_size=14, image_size=image_size, use_head=True) if tiny
         else _tower(1024, 24, 8, 2816, patch_size=14, image_size=image_size, use_head=True),
