@@ -27,7 +27,7 @@ from autorad_jax.errors import PredictInputError
 from fault_checks import cli_exit
 from lidc_testdata import CONFIG, read_all, tiny_config
 from real_lidc import real_patient  # noqa: F401  (a fixture)
-from tfds_lidc import (ct_series, nodule_sample, orientation, radiomics_features, report, series_cache,
+from tfds_lidc import (crop, ct_series, nodule_sample, orientation, radiomics_features, report, series_cache,
                        series_examples)
 
 XML = "72.xml"
@@ -452,3 +452,16 @@ def test_hounsfield_units_are_read_as_simpleitk_rescales_the_slices(series_dir, 
     ours = sitk.GetArrayFromImage(ct_series.load_ct_series(folder).image)
     assert ours.dtype == np.int16
     np.testing.assert_array_equal(ours, np.clip(np.round(by_simpleitk), -32768, 32767))
+
+
+def test_the_crop_interpolates_the_int16_ct_as_its_float32_copy(series_dir):
+    """crop.resample_ct on the stored int16 HU equals SimpleITK's linear resampling of the float32 volume, rounded."""
+    ct, _ = ct_input.read_ct(series_dir)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        centre = ct.TransformContinuousIndexToPhysicalPoint(rng.uniform(0, np.array(ct.GetSize()) - 1).tolist())
+        grid = crop.Grid(tuple(np.asarray(centre) - 15.3), (32, 32, 32), 0.9, tuple(np.eye(3).ravel()))
+        reference = sitk.Resample(sitk.Cast(ct, sitk.sitkFloat32), grid.reference(), sitk.Transform(),
+                                  sitk.sitkLinear, float(crop.AIR_HU), sitk.sitkFloat32)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(crop.resample_ct(ct, grid)),
+                                      np.round(sitk.GetArrayFromImage(reference)))
