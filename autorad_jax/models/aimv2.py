@@ -23,12 +23,12 @@ from autorad_jax.models.towers import (
     Encoder,
     JointConfig,
     ProjectedImageTextModel,
+    SquarePatches,
     TextEmbeddings,
     TowerConfig,
     check_heads,
     check_square,
     embed_patches,
-    grid_size,
     interpolate_position_embedding,
     linear,
     padding_mask,
@@ -45,7 +45,7 @@ Array = jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
-class Aimv2VisionConfig(TowerConfig):
+class Aimv2VisionConfig(SquarePatches, TowerConfig):
     """Vision tower configuration (``model_type`` ``aimv2_vision_model``)."""
 
     hidden_size: int = 1024
@@ -72,10 +72,6 @@ class Aimv2VisionConfig(TowerConfig):
         if self.is_native:
             raise ValueError("is_native=True (sinusoidal position embeddings) is not supported")
         check_square(self)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return grid_size(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,12 +23,12 @@ from autorad_jax.models.towers import (
     Encoder,
     JointConfig,
     ProjectedImageTextModel,
+    SquarePatches,
     TextEmbeddings,
     TowerConfig,
     check_heads,
     check_square,
     embed_patches,
-    grid_size,
     interpolate_position_embedding,
     layer_norm,
     linear,
@@ -61,7 +61,7 @@ def check_tower(config) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ClipVisionConfig(TowerConfig):
+class ClipVisionConfig(SquarePatches, TowerConfig):
     """Vision tower configuration (``model_type`` ``clip_vision_model``)."""
 
     hidden_size: int = 768
@@ -84,10 +84,6 @@ class ClipVisionConfig(TowerConfig):
     def __post_init__(self):
         check_tower(self)
         check_square(self)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return grid_size(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,11 +27,11 @@ from autorad_jax.models.towers import (
     Encoder,
     ImageTextModel,
     JointConfig,
+    SquarePatches,
     TextEmbeddings,
     TowerConfig,
     check_square,
     embed_patches,
-    grid_size,
     interpolate_position_embedding,
     layer_norm,
     linear,
@@ -53,7 +53,7 @@ LOGIT_BIAS_INIT = -10.0
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipVisionConfig(TowerConfig):
+class SiglipVisionConfig(SquarePatches, TowerConfig):
     """Vision tower configuration (``model_type`` ``siglip_vision_model``)."""
 
     hidden_size: int = 768
@@ -74,10 +74,6 @@ class SiglipVisionConfig(TowerConfig):
     def __post_init__(self):
         check_tower(self)
         check_square(self)
-
-    @property
-    def grid_size(self) -> tuple[int, int]:
-        return grid_size(self)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -87,10 +87,13 @@ def check_square(config) -> None:
         raise ValueError(f"image_size/patch_size must be ints, got {config.image_size!r}/{config.patch_size!r}")
 
 
-def grid_size(config) -> tuple[int, int]:
-    """The patch grid of a vision config's ``image_size``."""
-    n = config.image_size // config.patch_size
-    return (n, n)
+class SquarePatches:
+    """The patch grid of a vision config of square images and patches (see `check_square`)."""
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        n = self.image_size // self.patch_size
+        return (n, n)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
